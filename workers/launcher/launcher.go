@@ -1,0 +1,436 @@
+// Package launcher turns a request ("boot this root filesystem with these shares, this much memory")
+// into a running microVM whose agent answers: it lays out the VM's state folder, makes the per-VM
+// writable disk, starts the vhost-user helpers (virtio-fs per share; for QEMU the hybrid-vsock
+// backend), starts the VMM through package vmm, and waits for the guest agent over vsock.
+//
+// Every process a VM owns is a child with a parent-death signal, recorded in a pid file in the VM's
+// folder; Reconcile reaps what a crashed virtkit left behind. A Launcher is safe for concurrent use;
+// each VM is owned by the caller that started it (Stop and Wait may be called from any goroutine).
+package launcher
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/rs/zerolog"
+
+	"github.com/virtkit/virtkit/agent/addr"
+	"github.com/virtkit/virtkit/workers/launcher/vmm"
+)
+
+// GuestCID is every guest's vsock CID: each VM has its own hybrid-vsock device and socket, so CIDs
+// never meet and need not be unique.
+const GuestCID = 3
+
+// Config configures a Launcher. Zero values take the documented defaults.
+type Config struct {
+	// StateDir holds one folder per VM under StateDir/vms/<name>.
+	StateDir string
+	// Kernel is the guest vmlinux.
+	Kernel string
+	// VMM is auto, qemu or cloud-hypervisor.
+	VMM string
+	// Virtkit is the virtkit binary used to run helper processes (virtiofsd, vsockd).
+	// Default: the running executable.
+	Virtkit string
+	// NewDisk makes an empty ext4 image of size bytes at path (the per-VM writable layer).
+	NewDisk func(ctx context.Context, path string, size int64) error
+	// ReadyTimeout bounds boot-to-agent time (default 3 minutes: TCG is slow).
+	ReadyTimeout time.Duration
+	Logger       zerolog.Logger
+}
+
+// Share exposes a host folder in the guest over virtio-fs.
+type Share struct {
+	HostDir  string `json:"host_dir"`
+	GuestDir string `json:"guest_dir"`
+	ReadOnly bool   `json:"read_only,omitempty"`
+}
+
+// Request describes a VM to boot.
+type Request struct {
+	Name   string `json:"name"`
+	Rootfs string `json:"rootfs"` // read-only base image (ext4)
+	// OverlayMiB is the size of the per-VM writable disk stacked over Rootfs (default 4096, sparse).
+	OverlayMiB int `json:"overlay_mib,omitempty"`
+	// Disks are extra read-write data disks (fleet volumes), /dev/vdc onwards.
+	Disks     []string `json:"disks,omitempty"`
+	CPUs      int      `json:"cpus"`
+	MemoryMiB int      `json:"memory_mib"`
+	// Mode is the agent's mode: agent (default: serve only) or entrypoint (run the image's command).
+	Mode   string  `json:"mode,omitempty"`
+	Shares []Share `json:"shares,omitempty"`
+	// Net is the guest network: "" or "none" for none, "dhcp" to use the switch on vsock port 1025.
+	Net string `json:"net,omitempty"`
+	// Env adds virtkit.env entries for entrypoint mode.
+	Env []string `json:"env,omitempty"`
+	// Cmdline carries extra kernel command line words (virtkit.* keys).
+	Cmdline []string `json:"cmdline,omitempty"`
+}
+
+var nameRE = regexp.MustCompile(`^[a-z0-9][a-z0-9-]{0,62}$`)
+
+func (r *Request) validate() error {
+	if !nameRE.MatchString(r.Name) {
+		return fmt.Errorf("launcher: VM name %q: want 1-63 of a-z, 0-9 and -, starting with a letter or digit", r.Name)
+	}
+	if _, err := os.Stat(r.Rootfs); err != nil {
+		return fmt.Errorf("launcher: rootfs: %w", err)
+	}
+	for _, s := range r.Shares {
+		if !filepath.IsAbs(s.GuestDir) || strings.ContainsAny(s.GuestDir, " ,:\t\n") {
+			return fmt.Errorf("launcher: share guest path %q: must be absolute, without spaces, commas or colons", s.GuestDir)
+		}
+		fi, err := os.Stat(s.HostDir)
+		if err != nil {
+			return fmt.Errorf("launcher: share: %w", err)
+		}
+		if !fi.IsDir() {
+			return fmt.Errorf("launcher: share %s: not a folder", s.HostDir)
+		}
+	}
+	for _, e := range r.Env {
+		if !strings.Contains(e, "=") || strings.ContainsAny(e, " \t\n") {
+			return fmt.Errorf("launcher: env %q: want KEY=VALUE without white space (pass complex values through exec)", e)
+		}
+	}
+	return nil
+}
+
+// Launcher boots VMs.
+type Launcher struct {
+	cfg    Config
+	driver vmm.Driver
+	log    zerolog.Logger
+
+	mu  sync.Mutex
+	vms map[string]*VM
+}
+
+// New checks the configuration and picks the VMM driver.
+func New(cfg Config) (*Launcher, error) {
+	if cfg.StateDir == "" {
+		return nil, errors.New("launcher: StateDir is required")
+	}
+	if _, err := os.Stat(cfg.Kernel); err != nil {
+		return nil, fmt.Errorf("launcher: kernel: %w (build it with ./build-kernel.sh or set vm.kernel)", err)
+	}
+	if cfg.Virtkit == "" {
+		exe, err := os.Executable()
+		if err != nil {
+			return nil, fmt.Errorf("launcher: %w", err)
+		}
+		cfg.Virtkit = exe
+	}
+	if cfg.NewDisk == nil {
+		return nil, errors.New("launcher: NewDisk is required")
+	}
+	if cfg.ReadyTimeout == 0 {
+		cfg.ReadyTimeout = 3 * time.Minute
+	}
+	d, err := vmm.Select(cfg.VMM)
+	if err != nil {
+		return nil, err
+	}
+	if q, ok := d.(*vmm.QEMU); ok {
+		cfg.Logger.Info().Str("accel", q.Accel.Name).Str("why", q.Accel.Reason).Msg("qemu accelerator")
+	}
+	return &Launcher{cfg: cfg, driver: d, log: cfg.Logger, vms: map[string]*VM{}}, nil
+}
+
+// Driver is the VMM driver in use.
+func (l *Launcher) Driver() vmm.Driver { return l.driver }
+
+// VMDir is the state folder of the VM called name.
+func (l *Launcher) VMDir(name string) string { return filepath.Join(l.cfg.StateDir, "vms", name) }
+
+// VM is a booted microVM.
+type VM struct {
+	Name    string
+	Dir     string
+	Spec    vmm.Spec
+	Request Request
+	// ExecURL reaches the guest agent's exec server.
+	ExecURL string
+	// Timings of the boot.
+	Timings Timings
+
+	l       *Launcher
+	machine vmm.Machine
+	helpers []*helper
+	stop    sync.Once
+	stopErr error
+}
+
+// Timings splits boot-to-ready.
+type Timings struct {
+	Prepare time.Duration `json:"prepare"` // folder, overlay disk, helpers
+	VMM     time.Duration `json:"vmm"`     // VMM process start (+ API calls for CH)
+	Ready   time.Duration `json:"ready"`   // VMM started → agent accepted on vsock
+	Total   time.Duration `json:"total"`
+}
+
+// Start boots a VM and returns once its agent accepts connections. On error nothing is left behind.
+func (l *Launcher) Start(ctx context.Context, req Request) (vm *VM, err error) {
+	if err := req.validate(); err != nil {
+		return nil, err
+	}
+	if req.CPUs == 0 {
+		req.CPUs = 1
+	}
+	if req.MemoryMiB == 0 {
+		req.MemoryMiB = 512
+	}
+	if req.OverlayMiB == 0 {
+		req.OverlayMiB = 4096
+	}
+	if req.Mode == "" {
+		req.Mode = "agent"
+	}
+	l.mu.Lock()
+	if _, ok := l.vms[req.Name]; ok {
+		l.mu.Unlock()
+		return nil, fmt.Errorf("launcher: a VM called %q is running", req.Name)
+	}
+	vm = &VM{Name: req.Name, Dir: l.VMDir(req.Name), Request: req, l: l}
+	l.vms[req.Name] = vm
+	l.mu.Unlock()
+	t0 := time.Now()
+	log := l.log.With().Str("vm", req.Name).Logger()
+	defer func() {
+		if err != nil {
+			vm.teardown(context.Background())
+			err = fmt.Errorf("launcher: start %s: %w", req.Name, err)
+		}
+	}()
+
+	if _, err := os.Stat(filepath.Join(vm.Dir, "vm.json")); err == nil {
+		return nil, fmt.Errorf("state folder %s exists (a VM of that name is running elsewhere, or run `virtkit vm rm %s`)", vm.Dir, req.Name)
+	}
+	if err := os.MkdirAll(vm.Dir, 0o700); err != nil {
+		return nil, err
+	}
+	if b, err := json.MarshalIndent(req, "", "  "); err == nil {
+		os.WriteFile(filepath.Join(vm.Dir, "vm.json"), b, 0o600)
+	}
+	overlay := filepath.Join(vm.Dir, "overlay.ext4")
+	if err := l.cfg.NewDisk(ctx, overlay, int64(req.OverlayMiB)<<20); err != nil {
+		return nil, fmt.Errorf("overlay disk: %w", err)
+	}
+	spec := vmm.Spec{
+		Name: req.Name, Dir: vm.Dir, Kernel: l.cfg.Kernel, CPUs: req.CPUs, MemoryMiB: req.MemoryMiB,
+		Disks:    []vmm.Disk{{Path: req.Rootfs, ReadOnly: true}, {Path: overlay}},
+		VsockCID: GuestCID,
+	}
+	for _, d := range req.Disks {
+		spec.Disks = append(spec.Disks, vmm.Disk{Path: d})
+	}
+	cmdline := []string{"root=/dev/vda", "ro", "rootfstype=ext4", "init=/sbin/virtkit-agent",
+		"virtkit.overlay=/dev/vdb", "virtkit.mode=" + req.Mode, "virtkit.hostname=" + req.Name}
+	if req.Net != "" && req.Net != "none" {
+		cmdline = append(cmdline, "virtkit.net="+req.Net)
+	}
+	var fsKeys []string
+	for i, s := range req.Shares {
+		tag := "vkfs" + strconv.Itoa(i)
+		sock := filepath.Join(vm.Dir, tag+".sock")
+		args := []string{"virtiofsd", "--socket-path", sock, "--shared-dir", s.HostDir}
+		if s.ReadOnly {
+			args = append(args, "--readonly")
+		}
+		if _, err := vm.startHelper(ctx, tag, sock, args...); err != nil {
+			return nil, err
+		}
+		spec.Shares = append(spec.Shares, vmm.Share{Tag: tag, Socket: sock})
+		k := tag + ":" + s.GuestDir
+		if s.ReadOnly {
+			k += ":ro"
+		}
+		fsKeys = append(fsKeys, k)
+	}
+	if len(fsKeys) > 0 {
+		cmdline = append(cmdline, "virtkit.fs="+strings.Join(fsKeys, ","))
+	}
+	for _, e := range req.Env {
+		cmdline = append(cmdline, "virtkit.env="+e)
+	}
+	cmdline = append(cmdline, req.Cmdline...)
+	spec.Cmdline = strings.Join(cmdline, " ")
+	if l.driver.Name() == "qemu" {
+		sock := filepath.Join(vm.Dir, "vsock.vhost")
+		if _, err := vm.startHelper(ctx, "vsockd", sock, "vsockd", "--socket", sock, "--uds", spec.VsockSocket(), "--cid", strconv.Itoa(GuestCID)); err != nil {
+			return nil, err
+		}
+		spec.VsockBackend = sock
+	}
+	vm.Spec = spec
+	vm.ExecURL = fmt.Sprintf("hvsock://%s:%d", spec.VsockSocket(), addr.PortExec)
+	vm.Timings.Prepare = time.Since(t0)
+
+	t1 := time.Now()
+	m, err := l.driver.Start(ctx, spec)
+	if err != nil {
+		return nil, err
+	}
+	vm.machine = m
+	vm.Timings.VMM = time.Since(t1)
+	t2 := time.Now()
+	if err := vm.waitAgent(ctx); err != nil {
+		return nil, err
+	}
+	vm.Timings.Ready = time.Since(t2)
+	vm.Timings.Total = time.Since(t0)
+	log.Info().Dur("prepare", vm.Timings.Prepare).Dur("vmm", vm.Timings.VMM).Dur("ready", vm.Timings.Ready).Msg("vm ready")
+	return vm, nil
+}
+
+// waitAgent dials the agent's exec port until the guest accepts, the VMM dies or time runs out.
+func (vm *VM) waitAgent(ctx context.Context) error {
+	ctx, cancel := context.WithTimeout(ctx, vm.l.cfg.ReadyTimeout)
+	defer cancel()
+	for {
+		dctx, dcancel := context.WithTimeout(ctx, 2*time.Second)
+		c, err := addr.Dial(dctx, vm.ExecURL)
+		dcancel()
+		if err == nil {
+			c.Close()
+			return nil
+		}
+		select {
+		case <-vm.machine.Done():
+			return fmt.Errorf("VMM exited before the agent answered: %v\nconsole:\n%s", vm.machine.Wait(), vmm.ConsoleTail(vm.Spec, 30))
+		case <-ctx.Done():
+			return fmt.Errorf("agent did not answer on %s: %w\nconsole:\n%s", vm.ExecURL, ctx.Err(), vmm.ConsoleTail(vm.Spec, 30))
+		case <-time.After(25 * time.Millisecond):
+		}
+		for _, h := range vm.helpers {
+			if h.exited() {
+				return fmt.Errorf("helper %s exited: %s", h.name, tailLog(h.log))
+			}
+		}
+	}
+}
+
+// Done is closed when the VMM exits.
+func (vm *VM) Done() <-chan struct{} { return vm.machine.Done() }
+
+// Wait blocks until the VMM exits, then tears the VM down and reports the VMM's exit.
+func (vm *VM) Wait() error {
+	err := vm.machine.Wait()
+	vm.teardown(context.Background())
+	return err
+}
+
+// PID is the VMM's process id.
+func (vm *VM) PID() int { return vm.machine.PID() }
+
+// ConsoleTail returns the last lines of the guest console.
+func (vm *VM) ConsoleTail(lines int) string { return vmm.ConsoleTail(vm.Spec, lines) }
+
+// Stop powers the VM off (politely, then firmly within ctx), stops its helpers and removes its
+// state folder. It is safe to call more than once.
+func (vm *VM) Stop(ctx context.Context) error { return vm.teardown(ctx) }
+
+// Kill stops the VMM at once (used when the VM is lost or for fault tests), then tears down.
+func (vm *VM) Kill() error {
+	if vm.machine != nil {
+		vm.machine.Kill()
+	}
+	return vm.teardown(context.Background())
+}
+
+func (vm *VM) teardown(ctx context.Context) error {
+	vm.stop.Do(func() {
+		if vm.machine != nil {
+			sctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+			vm.stopErr = vm.machine.Shutdown(sctx)
+			cancel()
+		}
+		for _, h := range vm.helpers {
+			h.kill()
+		}
+		if err := os.RemoveAll(vm.Dir); err != nil && vm.stopErr == nil {
+			vm.stopErr = err
+		}
+		vm.l.mu.Lock()
+		delete(vm.l.vms, vm.Name)
+		vm.l.mu.Unlock()
+	})
+	return vm.stopErr
+}
+
+// helper is a vhost-user backend process of a VM.
+type helper struct {
+	name string
+	cmd  *exec.Cmd
+	log  string
+	done chan struct{}
+}
+
+func (h *helper) exited() bool {
+	select {
+	case <-h.done:
+		return true
+	default:
+		return false
+	}
+}
+
+func (h *helper) kill() {
+	syscall.Kill(-h.cmd.Process.Pid, syscall.SIGTERM)
+	select {
+	case <-h.done:
+	case <-time.After(3 * time.Second):
+		syscall.Kill(-h.cmd.Process.Pid, syscall.SIGKILL)
+		<-h.done
+	}
+}
+
+// startHelper runs `virtkit ARGS…` as a child of this process and waits for its socket to appear.
+func (vm *VM) startHelper(ctx context.Context, name, socket string, args ...string) (*helper, error) {
+	logPath := filepath.Join(vm.Dir, name+".log")
+	logf, err := os.OpenFile(logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
+	if err != nil {
+		return nil, err
+	}
+	defer logf.Close()
+	cmd := exec.Command(vm.l.cfg.Virtkit, args...)
+	cmd.Stdout, cmd.Stderr = logf, logf
+	cmd.Env = append(os.Environ(), "VIRTKIT_LOG_LEVEL=info")
+	if err := vmm.StartChild(cmd); err != nil {
+		return nil, fmt.Errorf("helper %s: %w", name, err)
+	}
+	h := &helper{name: name, cmd: cmd, log: logPath, done: make(chan struct{})}
+	go func() { cmd.Wait(); close(h.done) }()
+	vm.helpers = append(vm.helpers, h)
+	os.WriteFile(filepath.Join(vm.Dir, name+".pid"), []byte(strconv.Itoa(cmd.Process.Pid)+"\n"), 0o600)
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		if fi, err := os.Stat(socket); err == nil && fi.Mode()&os.ModeSocket != 0 {
+			return h, nil
+		}
+		if h.exited() || time.Now().After(deadline) || ctx.Err() != nil {
+			return nil, fmt.Errorf("helper %s did not listen on %s: %s", name, socket, tailLog(logPath))
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+func tailLog(path string) string {
+	b, _ := os.ReadFile(path)
+	if len(b) > 2048 {
+		b = b[len(b)-2048:]
+	}
+	return strings.TrimSpace(string(b))
+}
