@@ -70,6 +70,9 @@ func (q *QEMU) Args(s Spec) []string {
 		a = append(a, "-cpu", "host")
 	}
 	cmdline := []string{"console=ttyS0", "reboot=t", "panic=-1", "i8042.noaux", "i8042.nomux", "i8042.nopnp", "i8042.dumbkbd"}
+	if microvm {
+		cmdline = append(cmdline, "pci=off")
+	}
 	if q.Accel.Name == "tcg" && microvm {
 		if khz := hostKHz(); khz > 0 {
 			cmdline = append(cmdline, "tsc_early_khz="+strconv.Itoa(khz))
