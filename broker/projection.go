@@ -1,0 +1,539 @@
+package broker
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/rs/zerolog"
+)
+
+// The state tables. Each row is the fold of its aggregate's events in log order (Seq is the last
+// one applied); times come from the events, so replaying the log gives identical rows.
+
+// VM is a row of vk_vms.
+type VM struct {
+	ID         string    `json:"id"`
+	Phase      string    `json:"phase"` // starting, ready, stopped, failed
+	Host       string    `json:"host,omitempty"`
+	Image      string    `json:"image,omitempty"`
+	VMM        string    `json:"vmm,omitempty"`
+	CPUs       int       `json:"cpus,omitempty"`
+	MemoryMiB  int       `json:"memory_mib,omitempty"`
+	Job        string    `json:"job,omitempty"`
+	IP         string    `json:"ip,omitempty"`
+	BootMillis int64     `json:"boot_ms,omitempty"`
+	ExitCode   int       `json:"exit_code,omitempty"`
+	Reason     string    `json:"reason,omitempty"`
+	Error      string    `json:"error,omitempty"`
+	Created    time.Time `json:"created"`
+	Updated    time.Time `json:"updated"`
+	Seq        uint64    `json:"seq"`
+}
+
+// Image is a row of vk_images.
+type Image struct {
+	ID        string    `json:"id"`
+	Phase     string    `json:"phase"` // converting, ready, failed
+	Ref       string    `json:"ref,omitempty"`
+	Host      string    `json:"host,omitempty"`
+	Digest    string    `json:"digest,omitempty"`
+	Path      string    `json:"path,omitempty"`
+	SizeBytes int64     `json:"size_bytes,omitempty"`
+	FSUUID    string    `json:"fs_uuid,omitempty"`
+	Error     string    `json:"error,omitempty"`
+	Updated   time.Time `json:"updated"`
+	Seq       uint64    `json:"seq"`
+}
+
+// Job is a row of vk_jobs.
+type Job struct {
+	ID       string    `json:"id"`
+	Phase    string    `json:"phase"` // queued, running, succeeded, failed, canceled
+	Image    string    `json:"image,omitempty"`
+	Command  []string  `json:"command,omitempty"`
+	Origin   string    `json:"origin,omitempty"`
+	Host     string    `json:"host,omitempty"`
+	VM       string    `json:"vm,omitempty"`
+	ExitCode int       `json:"exit_code,omitempty"`
+	Error    string    `json:"error,omitempty"`
+	System   bool      `json:"system,omitempty"`
+	Queued   time.Time `json:"queued,omitzero"`
+	Started  time.Time `json:"started,omitzero"`
+	Finished time.Time `json:"finished,omitzero"`
+	Seq      uint64    `json:"seq"`
+}
+
+// Host is a row of vk_hosts.
+type Host struct {
+	ID       string         `json:"id"`
+	Version  string         `json:"version,omitempty"`
+	Started  time.Time      `json:"started"`
+	LastSeen time.Time      `json:"last_seen"`
+	Capacity int            `json:"capacity"`
+	Running  int            `json:"running"`
+	Workers  []WorkerStatus `json:"workers,omitempty"`
+	TTL      Duration       `json:"ttl"`
+	Seq      uint64         `json:"seq"`
+}
+
+// State is the four tables in memory. The zero value is not usable; use NewState.
+type State struct {
+	VMs    map[string]*VM    `json:"vms"`
+	Images map[string]*Image `json:"images"`
+	Jobs   map[string]*Job   `json:"jobs"`
+	Hosts  map[string]*Host  `json:"hosts"`
+}
+
+// NewState returns empty tables.
+func NewState() *State {
+	return &State{VMs: map[string]*VM{}, Images: map[string]*Image{}, Jobs: map[string]*Job{}, Hosts: map[string]*Host{}}
+}
+
+// Apply folds one event into the tables. Events at or below a row's Seq are already in it and are
+// ignored, so applying a log twice, or overlapping replays, is harmless. It reports whether a row
+// changed.
+func (s *State) Apply(env *Envelope, ev Event) bool {
+	id := env.Subject
+	stale := func(seq uint64) bool { return env.Seq != 0 && env.Seq <= seq }
+	switch e := ev.(type) {
+	case *VMStarting, *VMReady, *VMStopped, *VMFailed:
+		r := s.VMs[id]
+		if r == nil {
+			r = &VM{ID: id, Created: env.Time}
+		} else if stale(r.Seq) {
+			return false
+		}
+		switch e := e.(type) {
+		case *VMStarting:
+			*r = VM{ID: id, Phase: "starting", Host: e.Host, Image: e.Image, VMM: e.VMM, CPUs: e.CPUs, MemoryMiB: e.MemoryMiB, Job: e.Job, Created: env.Time}
+		case *VMReady:
+			r.Phase, r.IP, r.BootMillis = "ready", e.IP, e.BootMillis
+		case *VMStopped:
+			r.Phase, r.ExitCode, r.Reason = "stopped", e.ExitCode, e.Reason
+		case *VMFailed:
+			r.Phase, r.Error = "failed", e.Error
+		}
+		r.Updated, r.Seq = env.Time, env.Seq
+		s.VMs[id] = r
+	case *ImageConverting, *ImageConverted, *ImageFailed:
+		r := s.Images[id]
+		if r == nil {
+			r = &Image{ID: id}
+		} else if stale(r.Seq) {
+			return false
+		}
+		switch e := e.(type) {
+		case *ImageConverting:
+			*r = Image{ID: id, Phase: "converting", Ref: e.Ref, Host: e.Host}
+		case *ImageConverted:
+			r.Phase, r.Ref, r.Digest, r.Path, r.SizeBytes, r.FSUUID, r.Error = "ready", e.Ref, e.Digest, e.Path, e.SizeBytes, e.FSUUID, ""
+		case *ImageFailed:
+			r.Phase, r.Error = "failed", e.Error
+			if e.Ref != "" {
+				r.Ref = e.Ref
+			}
+		}
+		r.Updated, r.Seq = env.Time, env.Seq
+		s.Images[id] = r
+	case *JobQueued, *JobStarted, *JobSucceeded, *JobFailed, *JobCanceled:
+		r := s.Jobs[id]
+		if r == nil {
+			r = &Job{ID: id}
+		} else if stale(r.Seq) {
+			return false
+		}
+		switch e := e.(type) {
+		case *JobQueued:
+			*r = Job{ID: id, Phase: "queued", Image: e.Image, Command: e.Command, Origin: e.Origin, Queued: env.Time}
+		case *JobStarted:
+			r.Phase, r.Host, r.VM, r.Started = "running", e.Host, e.VM, env.Time
+		case *JobSucceeded:
+			r.Phase, r.ExitCode, r.Finished = "succeeded", 0, env.Time
+		case *JobFailed:
+			r.Phase, r.ExitCode, r.Error, r.System, r.Finished = "failed", e.ExitCode, e.Error, e.System, env.Time
+		case *JobCanceled:
+			r.Phase, r.Error, r.Finished = "canceled", e.Reason, env.Time
+		}
+		r.Seq = env.Seq
+		s.Jobs[id] = r
+	case *HostHeartbeat:
+		if r := s.Hosts[id]; r != nil && stale(r.Seq) {
+			return false
+		}
+		s.Hosts[id] = &Host{ID: id, Version: e.Version, Started: e.Started, LastSeen: env.Time, Capacity: e.Capacity,
+			Running: e.Running, Workers: e.Workers, TTL: e.TTL, Seq: env.Seq}
+	case *HostStopped:
+		r := s.Hosts[id]
+		if r == nil || stale(r.Seq) {
+			return false
+		}
+		delete(s.Hosts, id)
+	default:
+		return false
+	}
+	return true
+}
+
+// bucketOf maps an aggregate to its KV bucket.
+func bucketOf(aggregate string) string {
+	switch aggregate {
+	case "vm":
+		return BucketVMs
+	case "image":
+		return BucketImages
+	case "job":
+		return BucketJobs
+	case "host":
+		return BucketHosts
+	}
+	return ""
+}
+
+// row returns the JSON of one row, or nil if absent.
+func (s *State) row(bucket, id string) ([]byte, error) {
+	var v any
+	switch bucket {
+	case BucketVMs:
+		if r, ok := s.VMs[id]; ok {
+			v = r
+		}
+	case BucketImages:
+		if r, ok := s.Images[id]; ok {
+			v = r
+		}
+	case BucketJobs:
+		if r, ok := s.Jobs[id]; ok {
+			v = r
+		}
+	case BucketHosts:
+		if r, ok := s.Hosts[id]; ok {
+			v = r
+		}
+	}
+	if v == nil {
+		return nil, nil
+	}
+	return json.Marshal(v)
+}
+
+// load puts one row (JSON from KV) into the tables.
+func (s *State) load(bucket, id string, data []byte) error {
+	var err error
+	switch bucket {
+	case BucketVMs:
+		r := &VM{}
+		if err = json.Unmarshal(data, r); err == nil {
+			s.VMs[id] = r
+		}
+	case BucketImages:
+		r := &Image{}
+		if err = json.Unmarshal(data, r); err == nil {
+			s.Images[id] = r
+		}
+	case BucketJobs:
+		r := &Job{}
+		if err = json.Unmarshal(data, r); err == nil {
+			s.Jobs[id] = r
+		}
+	case BucketHosts:
+		r := &Host{}
+		if err = json.Unmarshal(data, r); err == nil {
+			s.Hosts[id] = r
+		}
+	default:
+		return fmt.Errorf("broker: unknown bucket %q", bucket)
+	}
+	if err != nil {
+		return fmt.Errorf("broker: row %s/%s: %w", bucket, id, err)
+	}
+	return nil
+}
+
+// Replay folds VIRTKIT_EVENTS from the first event up to the last one present when it starts.
+func Replay(ctx context.Context, c *Client) (*State, error) {
+	s := NewState()
+	str, err := c.js.Stream(ctx, EventsStream)
+	if err != nil {
+		return nil, fmt.Errorf("broker: replay: %w", err)
+	}
+	last := str.CachedInfo().State.LastSeq
+	if str.CachedInfo().State.Msgs == 0 {
+		return s, nil
+	}
+	cons, err := c.js.OrderedConsumer(ctx, EventsStream, jetstream.OrderedConsumerConfig{})
+	if err != nil {
+		return nil, fmt.Errorf("broker: replay: %w", err)
+	}
+	it, err := cons.Messages(jetstream.PullMaxMessages(1024))
+	if err != nil {
+		return nil, fmt.Errorf("broker: replay: %w", err)
+	}
+	defer it.Stop()
+	stop := context.AfterFunc(ctx, it.Stop)
+	defer stop()
+	for {
+		msg, err := it.Next()
+		if err != nil {
+			if ctx.Err() != nil {
+				return nil, fmt.Errorf("broker: replay: %w", ctx.Err())
+			}
+			return nil, fmt.Errorf("broker: replay: %w", err)
+		}
+		md, err := msg.Metadata()
+		if err != nil {
+			return nil, fmt.Errorf("broker: replay: %w", err)
+		}
+		if env, ev, err := decodeMsg(msg); err == nil {
+			s.Apply(env, ev)
+		} else {
+			c.log.Warn().Err(err).Uint64("seq", md.Sequence.Stream).Msg("broker: replay: skip event")
+		}
+		if md.Sequence.Stream >= last || md.NumPending == 0 {
+			return s, nil
+		}
+	}
+}
+
+// ReadProjection reads the four KV tables.
+func ReadProjection(ctx context.Context, c *Client) (*State, error) {
+	s := NewState()
+	for _, b := range []string{BucketVMs, BucketImages, BucketJobs, BucketHosts} {
+		kv, err := c.js.KeyValue(ctx, b)
+		if err != nil {
+			return nil, fmt.Errorf("broker: read %s: %w", b, err)
+		}
+		w, err := kv.WatchAll(ctx, jetstream.IgnoreDeletes())
+		if err != nil {
+			return nil, fmt.Errorf("broker: read %s: %w", b, err)
+		}
+		err = func() error {
+			defer w.Stop()
+			for {
+				select {
+				case e, ok := <-w.Updates():
+					if !ok {
+						return errors.New("watcher closed")
+					}
+					if e == nil {
+						return nil
+					}
+					if err := s.load(b, e.Key(), e.Value()); err != nil {
+						return err
+					}
+				case <-ctx.Done():
+					return ctx.Err()
+				}
+			}
+		}()
+		if err != nil {
+			return nil, fmt.Errorf("broker: read %s: %w", b, err)
+		}
+	}
+	return s, nil
+}
+
+// RebuildProjection replaces the KV tables with a replay of the log. Rows are written with their
+// Seq, so a projector running at the same time only skips what is already there.
+func RebuildProjection(ctx context.Context, c *Client) (*State, error) {
+	s, err := Replay(ctx, c)
+	if err != nil {
+		return nil, err
+	}
+	for _, b := range []string{BucketVMs, BucketImages, BucketJobs, BucketHosts} {
+		str, err := c.js.Stream(ctx, "KV_"+b)
+		if err != nil {
+			return nil, fmt.Errorf("broker: rebuild %s: %w", b, err)
+		}
+		if err := str.Purge(ctx); err != nil {
+			return nil, fmt.Errorf("broker: rebuild %s: purge: %w", b, err)
+		}
+		kv, err := c.js.KeyValue(ctx, b)
+		if err != nil {
+			return nil, fmt.Errorf("broker: rebuild %s: %w", b, err)
+		}
+		for _, id := range s.ids(b) {
+			data, err := s.row(b, id)
+			if err != nil {
+				return nil, fmt.Errorf("broker: rebuild %s/%s: %w", b, id, err)
+			}
+			if _, err := kv.Put(ctx, id, data); err != nil {
+				return nil, fmt.Errorf("broker: rebuild %s/%s: %w", b, id, err)
+			}
+		}
+	}
+	return s, nil
+}
+
+func (s *State) ids(bucket string) []string {
+	var out []string
+	switch bucket {
+	case BucketVMs:
+		for k := range s.VMs {
+			out = append(out, k)
+		}
+	case BucketImages:
+		for k := range s.Images {
+			out = append(out, k)
+		}
+	case BucketJobs:
+		for k := range s.Jobs {
+			out = append(out, k)
+		}
+	case BucketHosts:
+		for k := range s.Hosts {
+			out = append(out, k)
+		}
+	}
+	return out
+}
+
+// Projector keeps the KV tables up to date from VIRTKIT_EVENTS. Every host may run one: each
+// follows the log through its own durable consumer (projector-<host>) and writes rows with
+// compare-and-set, skipping events a row already contains, so several projectors agree and a
+// restarted one resumes where it stopped. It is a workers.Worker.
+type Projector struct {
+	c     *Client
+	log   zerolog.Logger
+	cache map[string]cached
+}
+
+type cached struct {
+	state *State
+	rev   uint64
+}
+
+// NewProjector returns the projector of this client's host.
+func NewProjector(c *Client, log zerolog.Logger) *Projector {
+	return &Projector{c: c, log: log.With().Str("worker", "projector").Logger(), cache: map[string]cached{}}
+}
+
+// Name is the worker name.
+func (p *Projector) Name() string { return "projector" }
+
+// ProjectorConsumer is the durable consumer name of host's projector.
+func ProjectorConsumer(host string) string { return "projector-" + host }
+
+// ProjectionLag is how many events host's projector has not applied yet.
+func ProjectionLag(ctx context.Context, c *Client, host string) (uint64, error) {
+	cons, err := c.js.Consumer(ctx, EventsStream, ProjectorConsumer(host))
+	if err != nil {
+		return 0, fmt.Errorf("broker: projection lag: %w", err)
+	}
+	info, err := cons.Info(ctx)
+	if err != nil {
+		return 0, fmt.Errorf("broker: projection lag: %w", err)
+	}
+	return info.NumPending + uint64(info.NumAckPending), nil
+}
+
+// Run applies events until ctx ends, then finishes the events already fetched and returns.
+func (p *Projector) Run(ctx context.Context) error {
+	cons, err := p.c.js.CreateOrUpdateConsumer(ctx, EventsStream, jetstream.ConsumerConfig{
+		Durable:           ProjectorConsumer(p.c.host),
+		Description:       "KV projection of host " + p.c.host,
+		DeliverPolicy:     jetstream.DeliverAllPolicy,
+		AckPolicy:         jetstream.AckAllPolicy,
+		AckWait:           time.Minute,
+		MaxAckPending:     4096,
+		InactiveThreshold: 7 * 24 * time.Hour,
+	})
+	if err != nil {
+		return fmt.Errorf("broker: projector: %w", err)
+	}
+	it, err := cons.Messages(jetstream.PullMaxMessages(512))
+	if err != nil {
+		return fmt.Errorf("broker: projector: %w", err)
+	}
+	stop := context.AfterFunc(ctx, it.Drain)
+	defer stop()
+	wctx := context.WithoutCancel(ctx)
+	for {
+		msg, err := it.Next()
+		if err != nil {
+			if errors.Is(err, jetstream.ErrMsgIteratorClosed) {
+				return nil
+			}
+			return fmt.Errorf("broker: projector: %w", err)
+		}
+		env, ev, err := decodeMsg(msg)
+		if err != nil {
+			p.log.Warn().Err(err).Str("subject", msg.Subject()).Msg("skip event")
+			_ = msg.Ack()
+			continue
+		}
+		if err := p.apply(wctx, env, ev); err != nil {
+			// Leave it unacked: it comes back after AckWait, and the seq check makes that safe.
+			it.Stop()
+			return fmt.Errorf("broker: projector: event %d (%s %s): %w", env.Seq, env.Type, env.Subject, err)
+		}
+		_ = msg.Ack()
+	}
+}
+
+// apply writes one event into its row with compare-and-set, retrying on conflicts.
+func (p *Projector) apply(ctx context.Context, env *Envelope, ev Event) error {
+	bucket := bucketOf(env.Aggregate())
+	if bucket == "" {
+		return nil
+	}
+	kv, err := p.c.js.KeyValue(ctx, bucket)
+	if err != nil {
+		return err
+	}
+	key := bucket + "/" + env.Subject
+	for attempt := 0; ; attempt++ {
+		cur, ok := p.cache[key]
+		if !ok {
+			cur = cached{state: NewState()}
+			e, err := kv.Get(ctx, env.Subject)
+			switch {
+			case errors.Is(err, jetstream.ErrKeyNotFound):
+			case err != nil:
+				return err
+			default:
+				if err := cur.state.load(bucket, env.Subject, e.Value()); err != nil {
+					return err
+				}
+				cur.rev = e.Revision()
+			}
+		}
+		if !cur.state.Apply(env, ev) {
+			return nil
+		}
+		data, err := cur.state.row(bucket, env.Subject)
+		if err != nil {
+			return err
+		}
+		var rev uint64
+		switch {
+		case data == nil && cur.rev != 0:
+			err = kv.Delete(ctx, env.Subject, jetstream.LastRevision(cur.rev))
+		case data == nil:
+		case cur.rev == 0:
+			rev, err = kv.Create(ctx, env.Subject, data)
+		default:
+			rev, err = kv.Update(ctx, env.Subject, data, cur.rev)
+		}
+		if err == nil {
+			if len(p.cache) > 50000 {
+				clear(p.cache)
+			}
+			if data == nil {
+				delete(p.cache, key)
+			} else {
+				p.cache[key] = cached{state: cur.state, rev: rev}
+			}
+			return nil
+		}
+		delete(p.cache, key)
+		conflict := errors.Is(err, jetstream.ErrKeyExists) || errors.Is(err, jetstream.ErrKeyRevisionMismatch)
+		if !conflict || attempt >= 10 {
+			return err
+		}
+		// Someone else wrote the row (another host's projector): read it again.
+	}
+}
