@@ -1,0 +1,370 @@
+// Package netrelay is the guest half of virtkit's network: it creates a tap device, connects to the
+// host switch (over vsock in a VM, or any endpoint URL of package addr), relays Ethernet frames
+// both ways with the switch's length-prefixed framing, configures the interface (DHCP from the
+// switch, or a static address) without needing any tool in the guest, and reconnects whenever the
+// host side goes away.
+//
+// It runs inside the guest agent, so it must not depend on gVisor, NATS or zerolog: it uses only
+// the gVisor-free switch/frame and switch/dhcp packages. Run owns every goroutine it starts and
+// returns when its context ends.
+package netrelay
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/virtkit/virtkit/agent/addr"
+	"github.com/virtkit/virtkit/switch/dhcp"
+	"github.com/virtkit/virtkit/switch/frame"
+)
+
+// Modes of address configuration.
+const (
+	ModeDHCP   = "dhcp"   // ask the switch (built-in client)
+	ModeStatic = "static" // Config.Address/Gateway/DNS
+	ModeNone   = "none"   // only bring the link up (an external DHCP client such as udhcpc configures it)
+)
+
+// Config configures the relay. Zero values are defaults.
+type Config struct {
+	// Connect is the switch endpoint (addr URL); default vsock://2:1025.
+	Connect string
+	// Tap is the device name; default vk0.
+	Tap string
+	// MTU of the tap; 0 takes the MTU the switch's DHCP offers (1500 without one).
+	MTU int
+	// MAC of the tap; empty keeps the kernel's random one.
+	MAC net.HardwareAddr
+	// Mode is ModeDHCP (default), ModeStatic or ModeNone.
+	Mode string
+	// Static configuration (ModeStatic).
+	Address netip.Prefix
+	Gateway netip.Addr
+	DNS     []netip.Addr
+	Search  string
+	// ResolvConf is written with the DNS servers and search domain; empty leaves it alone.
+	ResolvConf string
+	// Hostname is sent in DHCP requests.
+	Hostname string
+	// Logf receives progress and errors; nil discards them.
+	Logf func(format string, args ...any)
+	// Ready, if set, is called once the interface is configured the first time.
+	Ready func(Lease)
+}
+
+// Lease is the configuration applied to the interface.
+type Lease = dhcp.Lease
+
+// Run creates the tap and relays until ctx ends. Failures of the host side are retried forever;
+// only set-up errors (no tap, bad configuration) are returned.
+func Run(ctx context.Context, cfg Config) error {
+	if cfg.Connect == "" {
+		cfg.Connect = fmt.Sprintf("vsock://2:%d", addr.PortNet)
+	}
+	if cfg.Tap == "" {
+		cfg.Tap = "vk0"
+	}
+	if cfg.Mode == "" {
+		cfg.Mode = ModeDHCP
+	}
+	if cfg.Logf == nil {
+		cfg.Logf = func(string, ...any) {}
+	}
+	if cfg.MTU != 0 && (cfg.MTU < 576 || cfg.MTU > frame.MaxMTU) {
+		return fmt.Errorf("netrelay: mtu %d: want 576..%d", cfg.MTU, frame.MaxMTU)
+	}
+	switch cfg.Mode {
+	case ModeDHCP, ModeNone:
+	case ModeStatic:
+		if !cfg.Address.IsValid() || !cfg.Address.Addr().Is4() {
+			return fmt.Errorf("netrelay: static mode needs an IPv4 address/prefix")
+		}
+	default:
+		return fmt.Errorf("netrelay: mode %q: want dhcp, static or none", cfg.Mode)
+	}
+	if _, err := addr.Parse(cfg.Connect); err != nil {
+		return fmt.Errorf("netrelay: %w", err)
+	}
+	tap, err := openTap(cfg.Tap)
+	if err != nil {
+		return err
+	}
+	defer tap.Close()
+	r := &relay{cfg: cfg, tap: tap}
+	if len(cfg.MAC) > 0 {
+		m, ok := frame.MACFrom(cfg.MAC)
+		if !ok {
+			return fmt.Errorf("netrelay: MAC %s is not an Ethernet address", cfg.MAC)
+		}
+		if err := setLinkMAC(cfg.Tap, m); err != nil {
+			return err
+		}
+	}
+	if r.mac, err = linkMAC(cfg.Tap); err != nil {
+		return err
+	}
+	mtu := cfg.MTU
+	if mtu == 0 {
+		mtu = 1500
+	}
+	if err := setMTU(cfg.Tap, mtu); err != nil {
+		return err
+	}
+	if err := setUp(cfg.Tap); err != nil {
+		return err
+	}
+	if cfg.Mode == ModeStatic {
+		l := dhcp.Lease{IP: cfg.Address, Router: cfg.Gateway, DNS: cfg.DNS, Domain: cfg.Search, MTU: cfg.MTU}
+		if err := r.apply(l); err != nil {
+			return err
+		}
+	}
+	return r.loop(ctx)
+}
+
+type relay struct {
+	cfg     Config
+	tap     *os.File
+	mac     frame.MAC
+	applied *dhcp.Lease
+	ready   bool
+}
+
+func (r *relay) loop(ctx context.Context) error {
+	backoff := 50 * time.Millisecond
+	for {
+		c, err := addr.Dial(ctx, r.cfg.Connect)
+		if err != nil {
+			if ctx.Err() != nil {
+				return nil
+			}
+			r.cfg.Logf("netrelay: connect %s: %v (retrying in %v)", r.cfg.Connect, err, backoff)
+			select {
+			case <-ctx.Done():
+				return nil
+			case <-time.After(backoff):
+			}
+			backoff = min(2*backoff, time.Second)
+			continue
+		}
+		backoff = 50 * time.Millisecond
+		start := time.Now()
+		err = r.session(ctx, c)
+		c.Close()
+		if ctx.Err() != nil {
+			return nil
+		}
+		r.cfg.Logf("netrelay: switch connection ended after %v: %v; reconnecting", time.Since(start).Round(time.Millisecond), err)
+	}
+}
+
+// session serves one connection to the switch.
+func (r *relay) session(ctx context.Context, c net.Conn) error {
+	stop := context.AfterFunc(ctx, func() { c.Close() })
+	defer stop()
+	rd := frame.NewReader(c, 0)
+	switch r.cfg.Mode {
+	case ModeDHCP:
+		l, err := r.dhcp(ctx, c, rd)
+		if err != nil {
+			return err
+		}
+		if r.applied == nil || !sameLease(*r.applied, l) {
+			if err := r.apply(l); err != nil {
+				return err
+			}
+		}
+	default:
+		if !r.ready {
+			r.ready = true
+			if r.cfg.Ready != nil {
+				r.cfg.Ready(dhcp.Lease{IP: r.cfg.Address, Router: r.cfg.Gateway, DNS: r.cfg.DNS, MTU: r.cfg.MTU})
+			}
+		}
+	}
+	errc := make(chan error, 2)
+	var wg sync.WaitGroup
+	wg.Add(2)
+	go func() { // switch → tap
+		defer wg.Done()
+		for {
+			f, err := rd.Next()
+			if err != nil {
+				errc <- fmt.Errorf("read from switch: %w", err)
+				return
+			}
+			if _, err := r.tap.Write(f); err != nil {
+				if errors.Is(err, os.ErrClosed) {
+					errc <- err
+					return
+				}
+				// EINVAL for a frame above the tap MTU, ENOBUFS under pressure: drop the frame.
+			}
+		}
+	}()
+	go func() { // tap → switch
+		defer wg.Done()
+		buf := make([]byte, frame.HeaderLen+frame.MaxLen)
+		for {
+			n, err := r.tap.Read(buf[frame.HeaderLen:])
+			if err != nil {
+				if errors.Is(err, os.ErrDeadlineExceeded) {
+					errc <- nil
+					return
+				}
+				errc <- fmt.Errorf("read from tap: %w", err)
+				return
+			}
+			if n < frame.MinLen {
+				continue
+			}
+			frame.PutHeader(buf, n)
+			if _, err := c.Write(buf[:frame.HeaderLen+n]); err != nil {
+				errc <- fmt.Errorf("write to switch: %w", err)
+				return
+			}
+		}
+	}()
+	err := <-errc
+	c.Close()
+	r.tap.SetReadDeadline(time.Unix(1, 0)) // wake the tap reader
+	wg.Wait()
+	r.tap.SetReadDeadline(time.Time{})
+	return err
+}
+
+// dhcp runs the built-in client over the fresh connection, before frames are relayed.
+func (r *relay) dhcp(ctx context.Context, c net.Conn, rd *frame.Reader) (dhcp.Lease, error) {
+	defer c.SetDeadline(time.Time{})
+	var xb [4]byte
+	rand.Read(xb[:])
+	xid := binary.BigEndian.Uint32(xb[:])
+	for attempt := 0; attempt < 5 && ctx.Err() == nil; attempt++ {
+		wait := time.Duration(1<<attempt) * 500 * time.Millisecond
+		offer, err := r.exchange(c, rd, dhcp.NewDiscover(r.mac, xid, r.cfg.Hostname), dhcp.Offer, wait)
+		if err != nil {
+			if isTimeout(err) {
+				continue
+			}
+			return dhcp.Lease{}, err
+		}
+		ack, err := r.exchange(c, rd, dhcp.NewRequest(offer, r.mac, r.cfg.Hostname), dhcp.Ack, wait)
+		if err != nil {
+			if isTimeout(err) {
+				continue
+			}
+			return dhcp.Lease{}, err
+		}
+		l, err := dhcp.LeaseFrom(ack)
+		if err != nil {
+			return dhcp.Lease{}, err
+		}
+		r.cfg.Logf("netrelay: dhcp lease %s router %s dns %v mtu %d", l.IP, l.Router, l.DNS, l.MTU)
+		return l, nil
+	}
+	return dhcp.Lease{}, fmt.Errorf("dhcp: no answer from the switch")
+}
+
+func isTimeout(err error) bool {
+	var ne net.Error
+	return errors.As(err, &ne) && ne.Timeout()
+}
+
+var errNak = errors.New("dhcp: the switch refused the request (NAK)")
+
+// exchange sends m and waits up to wait for a reply of type want with the same transaction id.
+func (r *relay) exchange(c net.Conn, rd *frame.Reader, m *dhcp.Message, want uint8, wait time.Duration) (*dhcp.Message, error) {
+	c.SetWriteDeadline(time.Now().Add(5 * time.Second))
+	if _, err := c.Write(frame.Append(nil, dhcp.ClientFrame(m))); err != nil {
+		return nil, fmt.Errorf("dhcp: send: %w", err)
+	}
+	c.SetReadDeadline(time.Now().Add(wait))
+	for {
+		f, err := rd.Next()
+		if err != nil {
+			return nil, fmt.Errorf("dhcp: %w", err)
+		}
+		rep, _, ok, err := dhcp.ParseFrame(f, dhcp.ClientPort)
+		if !ok || err != nil || rep.Op != 2 || rep.XID != m.XID || rep.CHAddr != r.mac {
+			continue // not ours; nothing else may reach the unconfigured interface anyway
+		}
+		switch rep.Type() {
+		case want:
+			return rep, nil
+		case dhcp.Nak:
+			return nil, errNak
+		}
+	}
+}
+
+func sameLease(a, b dhcp.Lease) bool {
+	return a.IP == b.IP && a.Router == b.Router && a.MTU == b.MTU && a.Domain == b.Domain &&
+		fmt.Sprint(a.DNS) == fmt.Sprint(b.DNS)
+}
+
+// apply configures the interface from l.
+func (r *relay) apply(l dhcp.Lease) error {
+	name := r.cfg.Tap
+	if r.cfg.MTU == 0 && l.MTU >= 576 && l.MTU <= frame.MaxMTU {
+		if err := setMTU(name, l.MTU); err != nil {
+			return err
+		}
+	}
+	if err := setAddr(name, l.IP); err != nil {
+		return err
+	}
+	if err := setUp(name); err != nil {
+		return err
+	}
+	if l.Router.IsValid() {
+		if err := setDefaultRoute(name, l.Router); err != nil {
+			return err
+		}
+	}
+	if r.cfg.ResolvConf != "" && len(l.DNS) > 0 {
+		var b strings.Builder
+		b.WriteString("# written by virtkit-agent net\n")
+		if l.Domain != "" {
+			fmt.Fprintf(&b, "search %s\n", l.Domain)
+		}
+		for _, d := range l.DNS {
+			fmt.Fprintf(&b, "nameserver %s\n", d)
+		}
+		if err := writeFileAtomic(r.cfg.ResolvConf, []byte(b.String())); err != nil {
+			return err
+		}
+	}
+	r.applied = &l
+	r.cfg.Logf("netrelay: %s configured: %s via %s", name, l.IP, l.Router)
+	if !r.ready {
+		r.ready = true
+		if r.cfg.Ready != nil {
+			r.cfg.Ready(l)
+		}
+	}
+	return nil
+}
+
+// writeFileAtomic replaces path; where path is a bind mount (a rename would fail) it writes in place.
+func writeFileAtomic(path string, b []byte) error {
+	tmp := path + ".vk-tmp"
+	if err := os.WriteFile(tmp, b, 0o644); err == nil {
+		if err := os.Rename(tmp, path); err == nil {
+			return nil
+		}
+		os.Remove(tmp)
+	}
+	if err := os.WriteFile(path, b, 0o644); err != nil {
+		return fmt.Errorf("netrelay: write %s: %w", path, err)
+	}
+	return nil
+}

@@ -1,0 +1,179 @@
+package frame
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"net/netip"
+)
+
+// ErrMalformed is wrapped by every packet parsing error.
+var ErrMalformed = errors.New("frame: malformed packet")
+
+func malformed(format string, args ...any) error {
+	return fmt.Errorf("%w: "+format, append([]any{ErrMalformed}, args...)...)
+}
+
+// ARP is an Ethernet/IPv4 ARP packet.
+type ARP struct {
+	Op        uint16 // 1 request, 2 reply
+	SenderMAC MAC
+	SenderIP  netip.Addr
+	TargetMAC MAC
+	TargetIP  netip.Addr
+}
+
+// ARP operations.
+const (
+	ARPRequest = 1
+	ARPReply   = 2
+)
+
+// ParseARP parses the ARP packet in the Ethernet frame f.
+func ParseARP(f []byte) (ARP, error) {
+	if len(f) < EthHeaderLen+28 {
+		return ARP{}, malformed("arp: %d bytes", len(f))
+	}
+	p := f[EthHeaderLen:]
+	if binary.BigEndian.Uint16(p[0:2]) != 1 || binary.BigEndian.Uint16(p[2:4]) != TypeIPv4 || p[4] != 6 || p[5] != 4 {
+		return ARP{}, malformed("arp: not Ethernet/IPv4")
+	}
+	var a ARP
+	a.Op = binary.BigEndian.Uint16(p[6:8])
+	copy(a.SenderMAC[:], p[8:14])
+	a.SenderIP = netip.AddrFrom4([4]byte(p[14:18]))
+	copy(a.TargetMAC[:], p[18:24])
+	a.TargetIP = netip.AddrFrom4([4]byte(p[24:28]))
+	return a, nil
+}
+
+// IP protocol numbers.
+const (
+	ProtoICMP = 1
+	ProtoTCP  = 6
+	ProtoUDP  = 17
+)
+
+// IPv4 is the part of an IPv4 header the switch inspects.
+type IPv4 struct {
+	Src, Dst netip.Addr
+	Proto    uint8
+	TTL      uint8
+	// Fragment is true for any fragment but the first (no transport header).
+	Fragment bool
+}
+
+// ParseIPv4 parses the IPv4 packet in the Ethernet frame f and returns its header and payload.
+func ParseIPv4(f []byte) (IPv4, []byte, error) {
+	if len(f) < EthHeaderLen+20 {
+		return IPv4{}, nil, malformed("ipv4: %d bytes", len(f))
+	}
+	p := f[EthHeaderLen:]
+	if p[0]>>4 != 4 {
+		return IPv4{}, nil, malformed("ipv4: version %d", p[0]>>4)
+	}
+	hl := int(p[0]&0xf) * 4
+	tl := int(binary.BigEndian.Uint16(p[2:4]))
+	if hl < 20 || tl < hl || tl > len(p) {
+		return IPv4{}, nil, malformed("ipv4: header %d, total %d, have %d", hl, tl, len(p))
+	}
+	h := IPv4{
+		Src:      netip.AddrFrom4([4]byte(p[12:16])),
+		Dst:      netip.AddrFrom4([4]byte(p[16:20])),
+		Proto:    p[9],
+		TTL:      p[8],
+		Fragment: binary.BigEndian.Uint16(p[6:8])&0x1fff != 0,
+	}
+	return h, p[hl:tl], nil
+}
+
+// UDP is a parsed UDP datagram.
+type UDP struct {
+	SrcPort, DstPort uint16
+	Payload          []byte
+}
+
+// ParseUDP parses a UDP datagram (the payload of ParseIPv4).
+func ParseUDP(p []byte) (UDP, error) {
+	if len(p) < 8 {
+		return UDP{}, malformed("udp: %d bytes", len(p))
+	}
+	n := int(binary.BigEndian.Uint16(p[4:6]))
+	if n < 8 || n > len(p) {
+		return UDP{}, malformed("udp: length %d, have %d", n, len(p))
+	}
+	return UDP{
+		SrcPort: binary.BigEndian.Uint16(p[0:2]),
+		DstPort: binary.BigEndian.Uint16(p[2:4]),
+		Payload: p[8:n],
+	}, nil
+}
+
+// BuildUDP4 returns an Ethernet frame carrying payload in a UDP/IPv4 datagram, checksums filled in.
+func BuildUDP4(dstMAC, srcMAC MAC, src, dst netip.AddrPort, payload []byte) []byte {
+	f := make([]byte, EthHeaderLen+20+8+len(payload))
+	PutEth(f, dstMAC, srcMAC, TypeIPv4)
+	ip := f[EthHeaderLen:]
+	ip[0] = 0x45
+	binary.BigEndian.PutUint16(ip[2:4], uint16(20+8+len(payload)))
+	ip[8] = 64
+	ip[9] = ProtoUDP
+	s4, d4 := src.Addr().As4(), dst.Addr().As4()
+	copy(ip[12:16], s4[:])
+	copy(ip[16:20], d4[:])
+	binary.BigEndian.PutUint16(ip[10:12], ^checksum(ip[:20], 0))
+	u := ip[20:]
+	binary.BigEndian.PutUint16(u[0:2], src.Port())
+	binary.BigEndian.PutUint16(u[2:4], dst.Port())
+	binary.BigEndian.PutUint16(u[4:6], uint16(8+len(payload)))
+	copy(u[8:], payload)
+	// Pseudo-header sum.
+	var ph [12]byte
+	copy(ph[0:4], s4[:])
+	copy(ph[4:8], d4[:])
+	ph[9] = ProtoUDP
+	binary.BigEndian.PutUint16(ph[10:12], uint16(8+len(payload)))
+	cs := ^checksum(u, checksum(ph[:], 0))
+	if cs == 0 {
+		cs = 0xffff
+	}
+	binary.BigEndian.PutUint16(u[6:8], cs)
+	return f
+}
+
+// checksum folds the ones' complement sum of b into initial.
+func checksum(b []byte, initial uint16) uint16 {
+	sum := uint32(initial)
+	for len(b) >= 2 {
+		sum += uint32(binary.BigEndian.Uint16(b))
+		b = b[2:]
+	}
+	if len(b) == 1 {
+		sum += uint32(b[0]) << 8
+	}
+	for sum > 0xffff {
+		sum = sum>>16 + sum&0xffff
+	}
+	return uint16(sum)
+}
+
+// Checksum returns the Internet checksum of b (0 when b carries a valid checksum).
+func Checksum(b []byte) uint16 { return ^checksum(b, 0) }
+
+// BuildIPv4 returns an Ethernet frame carrying payload in an IPv4 packet of protocol proto, the
+// header checksum filled in (the payload's own checksum is the caller's).
+func BuildIPv4(dstMAC, srcMAC MAC, src, dst netip.Addr, proto uint8, payload []byte) []byte {
+	f := make([]byte, EthHeaderLen+20+len(payload))
+	PutEth(f, dstMAC, srcMAC, TypeIPv4)
+	ip := f[EthHeaderLen:]
+	ip[0] = 0x45
+	binary.BigEndian.PutUint16(ip[2:4], uint16(20+len(payload)))
+	ip[8] = 64
+	ip[9] = proto
+	s4, d4 := src.As4(), dst.As4()
+	copy(ip[12:16], s4[:])
+	copy(ip[16:20], d4[:])
+	binary.BigEndian.PutUint16(ip[10:12], ^checksum(ip[:20], 0))
+	copy(ip[20:], payload)
+	return f
+}

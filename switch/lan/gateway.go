@@ -1,0 +1,233 @@
+package lan
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"sync"
+
+	"gvisor.dev/gvisor/pkg/buffer"
+	"gvisor.dev/gvisor/pkg/tcpip"
+	"gvisor.dev/gvisor/pkg/tcpip/adapters/gonet"
+	"gvisor.dev/gvisor/pkg/tcpip/header"
+	"gvisor.dev/gvisor/pkg/tcpip/network/arp"
+	"gvisor.dev/gvisor/pkg/tcpip/network/ipv4"
+	"gvisor.dev/gvisor/pkg/tcpip/stack"
+	"gvisor.dev/gvisor/pkg/tcpip/transport/icmp"
+	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
+	"gvisor.dev/gvisor/pkg/tcpip/transport/udp"
+
+	"github.com/virtkit/virtkit/switch/frame"
+)
+
+const nicID tcpip.NICID = 1
+
+// startGateway builds the netstack, attaches it to the switch and starts DNS and egress.
+func (s *Switch) startGateway() error {
+	st := stack.New(stack.Options{
+		NetworkProtocols:   []stack.NetworkProtocolFactory{ipv4.NewProtocol, arp.NewProtocol},
+		TransportProtocols: []stack.TransportProtocolFactory{tcp.NewProtocol, udp.NewProtocol, icmp.NewProtocol4},
+	})
+	s.stack = st
+	opts := []tcpip.SettableTransportProtocolOption{
+		ptr(tcpip.TCPSACKEnabled(true)),
+		ptr(tcpip.TCPModerateReceiveBufferOption(true)),
+		&tcpip.TCPReceiveBufferSizeRangeOption{Min: 4 << 10, Default: 1 << 20, Max: 8 << 20},
+		&tcpip.TCPSendBufferSizeRangeOption{Min: 4 << 10, Default: 1 << 20, Max: 8 << 20},
+	}
+	for _, o := range opts {
+		if err := st.SetTransportProtocolOption(tcp.ProtocolNumber, o); err != nil {
+			return fmt.Errorf("lan: gateway tcp option %T: %s", o, err)
+		}
+	}
+	s.link = &linkEndpoint{sw: s, mtu: uint32(s.cfg.MTU), mac: tcpip.LinkAddress(s.gwMAC[:])}
+	if err := st.CreateNICWithOptions(nicID, s.link, stack.NICOptions{Name: "gw"}); err != nil {
+		return fmt.Errorf("lan: gateway nic: %s", err)
+	}
+	pa := tcpip.ProtocolAddress{
+		Protocol:          ipv4.ProtocolNumber,
+		AddressWithPrefix: tcpip.AddressWithPrefix{Address: tcpip.AddrFrom4(s.cfg.Gateway.As4()), PrefixLen: s.cfg.Subnet.Bits()},
+	}
+	if err := st.AddProtocolAddress(nicID, pa, stack.AddressProperties{}); err != nil {
+		return fmt.Errorf("lan: gateway address: %s", err)
+	}
+	st.SetRouteTable([]tcpip.Route{{Destination: header.IPv4EmptySubnet, NIC: nicID}})
+	// Promiscuous + spoofing: the gateway accepts packets for any destination (egress) and can
+	// answer as that destination.
+	if err := st.SetPromiscuousMode(nicID, true); err != nil {
+		return fmt.Errorf("lan: gateway promiscuous: %s", err)
+	}
+	if err := st.SetSpoofing(nicID, true); err != nil {
+		return fmt.Errorf("lan: gateway spoofing: %s", err)
+	}
+	tf := tcp.NewForwarder(st, 0, 4096, s.egressTCP)
+	st.SetTransportProtocolHandler(tcp.ProtocolNumber, tf.HandlePacket)
+	uf := udp.NewForwarder(st, s.egressUDP)
+	st.SetTransportProtocolHandler(udp.ProtocolNumber, uf.HandlePacket)
+
+	dnsConn, err := gonet.DialUDP(st, &tcpip.FullAddress{NIC: nicID, Addr: tcpip.AddrFrom4(s.cfg.Gateway.As4()), Port: 53}, nil, ipv4.ProtocolNumber)
+	if err != nil {
+		return fmt.Errorf("lan: gateway dns listener: %w", err)
+	}
+	s.wg.Add(2)
+	go func() {
+		defer s.wg.Done()
+		<-s.ctx.Done()
+		dnsConn.Close()
+	}()
+	go s.serveDNS(dnsConn)
+	return nil
+}
+
+func ptr[T any](v T) *T { return &v }
+
+// serveDNS answers queries to the gateway's port 53, each on its own goroutine (bounded).
+func (s *Switch) serveDNS(c *gonet.UDPConn) {
+	defer s.wg.Done()
+	sem := make(chan struct{}, 64)
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	buf := make([]byte, 65535)
+	for {
+		n, from, err := c.ReadFrom(buf)
+		if err != nil {
+			return
+		}
+		q := append([]byte(nil), buf[:n]...)
+		select {
+		case sem <- struct{}{}:
+		default:
+			continue // overloaded: the client retries
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			defer func() { <-sem }()
+			resp, err := s.dns.Answer(s.ctx, q)
+			if err != nil {
+				s.log.Debug().Err(err).Str("from", from.String()).Msg("dns query")
+				return
+			}
+			c.WriteTo(resp, from)
+		}()
+	}
+}
+
+// linkEndpoint attaches the netstack to the switch: frames for the gateway MAC are delivered to
+// the stack, and the stack's frames go back through Switch.output.
+type linkEndpoint struct {
+	sw  *Switch
+	mac tcpip.LinkAddress
+
+	mu         sync.RWMutex
+	mtu        uint32
+	dispatcher stack.NetworkDispatcher
+}
+
+var _ stack.LinkEndpoint = (*linkEndpoint)(nil)
+
+func (e *linkEndpoint) deliver(f []byte) {
+	e.mu.RLock()
+	d := e.dispatcher
+	e.mu.RUnlock()
+	if d == nil {
+		return
+	}
+	pkt := stack.NewPacketBuffer(stack.PacketBufferOptions{Payload: buffer.MakeWithData(f)})
+	defer pkt.DecRef()
+	if !e.ParseHeader(pkt) {
+		return
+	}
+	eth := header.Ethernet(pkt.LinkHeader().Slice())
+	if string(eth.DestinationAddress()) == string(frame.Broadcast[:]) {
+		pkt.PktType = tcpip.PacketBroadcast
+	} else {
+		pkt.PktType = tcpip.PacketHost
+	}
+	d.DeliverNetworkPacket(eth.Type(), pkt)
+}
+
+func (e *linkEndpoint) MTU() uint32 {
+	e.mu.RLock()
+	defer e.mu.RUnlock()
+	return e.mtu
+}
+func (e *linkEndpoint) SetMTU(m uint32) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	e.mtu = m
+}
+func (e *linkEndpoint) MaxHeaderLength() uint16                 { return header.EthernetMinimumSize }
+func (e *linkEndpoint) LinkAddress() tcpip.LinkAddress          { return e.mac }
+func (e *linkEndpoint) SetLinkAddress(tcpip.LinkAddress)        {}
+func (e *linkEndpoint) ARPHardwareType() header.ARPHardwareType { return header.ARPHardwareEther }
+func (e *linkEndpoint) Wait()                                   {}
+func (e *linkEndpoint) Close()                                  {}
+func (e *linkEndpoint) SetOnCloseAction(func())                 {}
+
+// Capabilities: frames come from guests over a reliable stream whose kernels already verified
+// nothing was corrupted in flight, so the gateway skips receive checksum verification.
+func (e *linkEndpoint) Capabilities() stack.LinkEndpointCapabilities {
+	return stack.CapabilityResolutionRequired | stack.CapabilityRXChecksumOffload
+}
+
+func (e *linkEndpoint) Attach(d stack.NetworkDispatcher) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	e.dispatcher = d
+}
+
+func (e *linkEndpoint) IsAttached() bool {
+	e.mu.RLock()
+	defer e.mu.RUnlock()
+	return e.dispatcher != nil
+}
+
+func (e *linkEndpoint) AddHeader(pkt *stack.PacketBuffer) {
+	eth := header.Ethernet(pkt.LinkHeader().Push(header.EthernetMinimumSize))
+	eth.Encode(&header.EthernetFields{
+		SrcAddr: e.mac,
+		DstAddr: pkt.EgressRoute.RemoteLinkAddress,
+		Type:    pkt.NetworkProtocolNumber,
+	})
+}
+
+func (e *linkEndpoint) ParseHeader(pkt *stack.PacketBuffer) bool {
+	_, ok := pkt.LinkHeader().Consume(header.EthernetMinimumSize)
+	return ok
+}
+
+func (e *linkEndpoint) WritePackets(pkts stack.PacketBufferList) (int, tcpip.Error) {
+	n := 0
+	for _, pkt := range pkts.AsSlice() {
+		b := getBuf(pkt.Size())
+		off := frame.HeaderLen
+		for _, sl := range pkt.AsSlices() {
+			off += copy(b.b[off:], sl)
+		}
+		e.sw.output(b)
+		n++
+	}
+	return n, nil
+}
+
+// addrFrom converts a netstack address.
+func addrFrom(a tcpip.Address) netip.Addr {
+	if a.Len() == 4 {
+		return netip.AddrFrom4(a.As4())
+	}
+	return netip.AddrFrom16(a.As16()).Unmap()
+}
+
+// dialGuest opens a TCP connection from the gateway to a guest.
+func (s *Switch) dialGuest(ctx context.Context, ip netip.Addr, port uint16) (net.Conn, error) {
+	c, err := gonet.DialContextTCP(ctx, s.stack, tcpip.FullAddress{NIC: nicID, Addr: tcpip.AddrFrom4(ip.As4()), Port: port}, ipv4.ProtocolNumber)
+	if err != nil {
+		return nil, fmt.Errorf("lan: dial guest %s:%d: %w", ip, port, err)
+	}
+	return c, nil
+}
+
+var errForbidden = errors.New("forbidden by policy")

@@ -1,0 +1,327 @@
+package lan
+
+import (
+	"errors"
+	"net"
+	"net/netip"
+	"sort"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/virtkit/virtkit/switch/frame"
+)
+
+// Drop reasons, as they appear in PortCounters.Drops and the metrics.
+const (
+	DropSpoofMAC   = "spoof-mac"      // source MAC is not the port's
+	DropSpoofIP    = "spoof-ip"       // source IPv4/ARP sender is not the port's lease
+	DropEtherType  = "ethertype"      // neither IPv4 nor ARP
+	DropMalformed  = "malformed"      // truncated or inconsistent headers
+	DropQueueFull  = "queue-full"     // the receiving port's queue was full
+	DropNoDest     = "no-destination" // unicast to a MAC nobody has
+	DropBadLength  = "bad-length"     // length prefix out of range: the connection is closed
+	DropPolicy     = "policy"         // destination forbidden by policy
+	DropDisconnect = "disconnected"   // queued for a port whose guest is not connected
+)
+
+var dropNames = [...]string{DropSpoofMAC, DropSpoofIP, DropEtherType, DropMalformed, DropQueueFull, DropNoDest, DropBadLength, DropPolicy, DropDisconnect}
+
+type dropReason int
+
+const (
+	dSpoofMAC dropReason = iota
+	dSpoofIP
+	dEtherType
+	dMalformed
+	dQueueFull
+	dNoDest
+	dBadLength
+	dPolicy
+	dDisconnect
+	numDrops
+)
+
+type counters struct {
+	rxFrames, rxBytes, txFrames, txBytes atomic.Uint64
+	drops                                [numDrops]atomic.Uint64
+	connects                             atomic.Uint64
+}
+
+// PortCounters is a snapshot of one port. Rx is from the guest into the switch, Tx from the switch
+// to the guest.
+type PortCounters struct {
+	Name      string
+	MAC       string
+	IP        netip.Addr
+	Connected bool
+	Connects  uint64
+	RxFrames  uint64
+	RxBytes   uint64
+	TxFrames  uint64
+	TxBytes   uint64
+	Drops     map[string]uint64 // by reason; only non-zero reasons
+}
+
+func (c *counters) snapshot() PortCounters {
+	pc := PortCounters{
+		RxFrames: c.rxFrames.Load(), RxBytes: c.rxBytes.Load(),
+		TxFrames: c.txFrames.Load(), TxBytes: c.txBytes.Load(),
+		Connects: c.connects.Load(), Drops: map[string]uint64{},
+	}
+	for i := range c.drops {
+		if v := c.drops[i].Load(); v != 0 {
+			pc.Drops[dropNames[i]] = v
+		}
+	}
+	return pc
+}
+
+func sortCounters(cs []PortCounters) {
+	sort.Slice(cs, func(i, j int) bool { return cs[i].Name < cs[j].Name })
+}
+
+// pbuf is a frame with room for its length prefix in b[:4].
+type pbuf struct{ b []byte }
+
+const smallBuf = 2048
+
+var (
+	smallPool = sync.Pool{New: func() any { return &pbuf{b: make([]byte, 0, smallBuf)} }}
+	bigPool   = sync.Pool{New: func() any { return &pbuf{b: make([]byte, 0, frame.HeaderLen+frame.MaxLen)} }}
+)
+
+// getBuf returns a buffer for an n-byte frame, its prefix filled in; the frame goes in b[4:].
+func getBuf(n int) *pbuf {
+	var p *pbuf
+	if n+frame.HeaderLen <= smallBuf {
+		p = smallPool.Get().(*pbuf)
+	} else {
+		p = bigPool.Get().(*pbuf)
+	}
+	p.b = p.b[:frame.HeaderLen+n]
+	frame.PutHeader(p.b, n)
+	return p
+}
+
+func copyBuf(f []byte) *pbuf {
+	p := getBuf(len(f))
+	copy(p.b[frame.HeaderLen:], f)
+	return p
+}
+
+func putBuf(p *pbuf) {
+	if cap(p.b) <= smallBuf {
+		smallPool.Put(p)
+	} else {
+		bigPool.Put(p)
+	}
+}
+
+// Port is one switch port: a lease and, while a guest is connected, its stream connection.
+type Port struct {
+	sw        *Switch
+	name      string
+	ip        netip.Addr
+	ephemeral bool // removed when its connection ends (AddPort)
+
+	mac atomic.Uint64 // 1<<63 | MAC once known
+
+	out chan *pbuf
+	ctr counters
+
+	mu     sync.Mutex
+	conn   net.Conn
+	stop   chan struct{} // closed when conn is replaced or the port closes
+	closed bool
+	done   chan struct{} // closed when the port is removed
+}
+
+func newPort(s *Switch, name string, mac frame.MAC, ip netip.Addr) *Port {
+	p := &Port{sw: s, name: name, ip: ip, out: make(chan *pbuf, s.cfg.QueueLen), done: make(chan struct{})}
+	if !mac.IsZero() {
+		p.setMAC(mac)
+	}
+	return p
+}
+
+// Name returns the port's name.
+func (p *Port) Name() string { return p.name }
+
+// IP returns the port's leased address.
+func (p *Port) IP() netip.Addr { return p.ip }
+
+// MAC returns the port's MAC, zero until learned.
+func (p *Port) MAC() frame.MAC {
+	v := p.mac.Load()
+	if v == 0 {
+		return frame.MAC{}
+	}
+	var m frame.MAC
+	for i := 5; i >= 0; i-- {
+		m[i] = byte(v)
+		v >>= 8
+	}
+	return m
+}
+
+func (p *Port) setMAC(m frame.MAC) bool {
+	var v uint64
+	for _, b := range m {
+		v = v<<8 | uint64(b)
+	}
+	return p.mac.CompareAndSwap(0, 1<<63|v)
+}
+
+// Done is closed when the port has been removed.
+func (p *Port) Done() <-chan struct{} { return p.done }
+
+// Counters returns a snapshot of the port's counters.
+func (p *Port) Counters() PortCounters {
+	c := p.ctr.snapshot()
+	c.Name, c.IP = p.name, p.ip
+	if m := p.MAC(); !m.IsZero() {
+		c.MAC = m.String()
+	}
+	p.mu.Lock()
+	c.Connected = p.conn != nil
+	p.mu.Unlock()
+	return c
+}
+
+func (p *Port) drop(r dropReason) { p.ctr.drops[r].Add(1) }
+
+// attach makes c the port's connection, replacing (and closing) any previous one.
+func (p *Port) attach(c net.Conn) {
+	p.mu.Lock()
+	if p.closed {
+		p.mu.Unlock()
+		c.Close()
+		return
+	}
+	if p.conn != nil {
+		p.conn.Close()
+		close(p.stop)
+	}
+	stop := make(chan struct{})
+	p.conn, p.stop = c, stop
+	p.sw.wg.Add(2)
+	p.mu.Unlock()
+	p.ctr.connects.Add(1)
+	p.sw.log.Debug().Str("port", p.name).Msg("port connected")
+	go p.writeLoop(c, stop)
+	go p.readLoop(c)
+}
+
+// detach forgets c if it is still the port's connection.
+func (p *Port) detach(c net.Conn) {
+	p.mu.Lock()
+	if p.conn == c {
+		p.conn = nil
+		close(p.stop)
+	}
+	p.mu.Unlock()
+	c.Close()
+	if p.ephemeral {
+		p.sw.RemovePort(p.name)
+	}
+}
+
+func (p *Port) close() {
+	p.mu.Lock()
+	if p.closed {
+		p.mu.Unlock()
+		return
+	}
+	p.closed = true
+	close(p.done)
+	if p.conn != nil {
+		p.conn.Close()
+		close(p.stop)
+		p.conn = nil
+	}
+	p.mu.Unlock()
+}
+
+func (p *Port) readLoop(c net.Conn) {
+	defer p.sw.wg.Done()
+	defer p.detach(c)
+	r := frame.NewReader(c, 0)
+	for {
+		f, err := r.Next()
+		if err != nil {
+			var le *frame.LengthError
+			if errors.As(err, &le) {
+				p.drop(dBadLength)
+				p.sw.log.Warn().Str("port", p.name).Err(err).Msg("closing port connection: bad frame length")
+			}
+			return
+		}
+		p.ctr.rxFrames.Add(1)
+		p.ctr.rxBytes.Add(uint64(len(f)))
+		p.sw.input(p, f)
+	}
+}
+
+// writeLoop sends queued frames, batching whatever is queued into one writev.
+func (p *Port) writeLoop(c net.Conn, stop chan struct{}) {
+	defer p.sw.wg.Done()
+	batch := make([]*pbuf, 0, 64)
+	var bufs net.Buffers
+	for {
+		var first *pbuf
+		select {
+		case first = <-p.out:
+		case <-stop:
+			return
+		}
+		batch = append(batch[:0], first)
+	more:
+		for len(batch) < cap(batch) {
+			select {
+			case b := <-p.out:
+				batch = append(batch, b)
+			default:
+				break more
+			}
+		}
+		bufs = bufs[:0]
+		var n uint64
+		for _, b := range batch {
+			bufs = append(bufs, b.b)
+			n += uint64(len(b.b) - frame.HeaderLen)
+		}
+		_, err := bufs.WriteTo(c)
+		for _, b := range batch {
+			putBuf(b)
+		}
+		if err != nil {
+			c.Close() // the reader notices and detaches
+			return
+		}
+		p.ctr.txFrames.Add(uint64(len(batch)))
+		p.ctr.txBytes.Add(n)
+	}
+}
+
+// enqueue queues b for the guest, taking ownership. With wait it blocks briefly for room (the
+// gateway's TCP senders are better slowed than dropped); without it a full queue drops.
+func (p *Port) enqueue(b *pbuf, wait bool) {
+	select {
+	case p.out <- b:
+		return
+	default:
+	}
+	if wait {
+		t := time.NewTimer(200 * time.Millisecond)
+		defer t.Stop()
+		select {
+		case p.out <- b:
+			return
+		case <-t.C:
+		case <-p.done:
+		}
+	}
+	p.drop(dQueueFull)
+	putBuf(b)
+}
