@@ -1,0 +1,366 @@
+// Package imagetest builds container images for imaging tests: tar layers described as data, images
+// pushed to an in-process registry, OCI layouts, docker archives, and a debootstrap'd Debian root
+// filesystem cached outside the repository. It also reads tar streams back for comparisons.
+//
+// Helpers take a testing.TB and fail it on error; they are safe for concurrent use by parallel tests.
+package imagetest
+
+import (
+	"archive/tar"
+	"bytes"
+	"compress/gzip"
+	"crypto/sha256"
+	"encoding/hex"
+	"fmt"
+	"io"
+	"log"
+	"net/http/httptest"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sort"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/google/go-containerregistry/pkg/name"
+	"github.com/google/go-containerregistry/pkg/registry"
+	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"github.com/google/go-containerregistry/pkg/v1/empty"
+	"github.com/google/go-containerregistry/pkg/v1/mutate"
+	"github.com/google/go-containerregistry/pkg/v1/remote"
+	"github.com/google/go-containerregistry/pkg/v1/static"
+	"github.com/google/go-containerregistry/pkg/v1/types"
+
+	"github.com/virtkit/virtkit/cmd/cmdtest"
+)
+
+// File describes one tar entry. Type defaults to a regular file (a directory when Name ends in
+// "/"); Mode defaults to 0644 for files and 0755 for directories.
+type File struct {
+	Name   string
+	Type   byte
+	Body   string
+	Link   string // symlink or hard link target
+	Mode   int64
+	UID    int
+	GID    int
+	Xattrs map[string]string
+	// Size, when not zero, overrides the header's size (to forge lying headers).
+	Size int64
+}
+
+// Dir, Reg, Symlink, Hardlink and Whiteout are shorthands for File values.
+func Dir(name string) File             { return File{Name: strings.TrimSuffix(name, "/") + "/", Type: tar.TypeDir} }
+func Reg(name, body string) File       { return File{Name: name, Body: body} }
+func Symlink(name, target string) File { return File{Name: name, Type: tar.TypeSymlink, Link: target} }
+func Hardlink(name, target string) File {
+	return File{Name: name, Type: tar.TypeLink, Link: target}
+}
+func Whiteout(name string) File {
+	return File{Name: filepath.Join(filepath.Dir(name), ".wh."+filepath.Base(name))}
+}
+func Opaque(dir string) File { return File{Name: filepath.Join(dir, ".wh..wh..opq")} }
+
+// Tar returns an uncompressed tar of files, in order, with a fixed mtime.
+func Tar(t testing.TB, files ...File) []byte {
+	t.Helper()
+	var b bytes.Buffer
+	tw := tar.NewWriter(&b)
+	for _, f := range files {
+		h := &tar.Header{Name: f.Name, Typeflag: f.Type, Linkname: f.Link, Mode: f.Mode, Uid: f.UID, Gid: f.GID,
+			ModTime: time.Unix(1700000000, 0), Format: tar.FormatPAX}
+		if h.Typeflag == 0 {
+			h.Typeflag = tar.TypeReg
+			if strings.HasSuffix(f.Name, "/") {
+				h.Typeflag = tar.TypeDir
+			}
+		}
+		if h.Mode == 0 {
+			h.Mode = 0o644
+			if h.Typeflag == tar.TypeDir {
+				h.Mode = 0o755
+			}
+		}
+		if h.Typeflag == tar.TypeReg {
+			h.Size = int64(len(f.Body))
+		}
+		if f.Size != 0 {
+			h.Size = f.Size
+		}
+		for k, v := range f.Xattrs {
+			if h.PAXRecords == nil {
+				h.PAXRecords = map[string]string{}
+			}
+			h.PAXRecords["SCHILY.xattr."+k] = v
+		}
+		if err := tw.WriteHeader(h); err != nil {
+			t.Fatalf("imagetest: tar %s: %v", f.Name, err)
+		}
+		if h.Typeflag == tar.TypeReg && f.Size == 0 {
+			if _, err := tw.Write([]byte(f.Body)); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	if err := tw.Close(); err != nil {
+		t.Fatal(err)
+	}
+	return b.Bytes()
+}
+
+// Gzip compresses b.
+func Gzip(t testing.TB, b []byte) []byte {
+	t.Helper()
+	var out bytes.Buffer
+	zw := gzip.NewWriter(&out)
+	if _, err := zw.Write(b); err != nil {
+		t.Fatal(err)
+	}
+	if err := zw.Close(); err != nil {
+		t.Fatal(err)
+	}
+	return out.Bytes()
+}
+
+// Digest returns "sha256:<hex>" of b.
+func Digest(b []byte) string {
+	s := sha256.Sum256(b)
+	return "sha256:" + hex.EncodeToString(s[:])
+}
+
+// Layer makes a gzip-compressed OCI layer from an uncompressed tar.
+func Layer(t testing.TB, tarball []byte) v1.Layer {
+	t.Helper()
+	return static.NewLayer(Gzip(t, tarball), types.OCILayer)
+}
+
+// Image stacks layers (uncompressed tars, bottom first) onto an empty image with cfg, for platform
+// linux/amd64 unless cfg says otherwise. DiffIDs in the config are the real ones.
+func Image(t testing.TB, cfg v1.Config, layers ...[]byte) v1.Image {
+	t.Helper()
+	img := mutate.MediaType(empty.Image, types.OCIManifestSchema1)
+	img = mutate.ConfigMediaType(img, types.OCIConfigJSON)
+	for _, l := range layers {
+		var err error
+		img, err = mutate.Append(img, mutate.Addendum{Layer: Layer(t, l), MediaType: types.OCILayer})
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	cf, err := img.ConfigFile()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cf = cf.DeepCopy()
+	cf.Config = cfg
+	if cf.OS == "" {
+		cf.OS, cf.Architecture = "linux", "amd64"
+	}
+	cf.Created = v1.Time{Time: time.Unix(1700000000, 0).UTC()}
+	img, err = mutate.ConfigFile(img, cf)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return img
+}
+
+// WithPlatform sets the image's platform in its config.
+func WithPlatform(t testing.TB, img v1.Image, os, arch string) v1.Image {
+	t.Helper()
+	cf, err := img.ConfigFile()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cf = cf.DeepCopy()
+	cf.OS, cf.Architecture = os, arch
+	img, err = mutate.ConfigFile(img, cf)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return img
+}
+
+// Index makes a multi-platform index of images, each with the platform of its config.
+func Index(t testing.TB, imgs ...v1.Image) v1.ImageIndex {
+	t.Helper()
+	idx := mutate.IndexMediaType(empty.Index, types.OCIImageIndex)
+	for _, img := range imgs {
+		cf, err := img.ConfigFile()
+		if err != nil {
+			t.Fatal(err)
+		}
+		idx = mutate.AppendManifests(idx, mutate.IndexAddendum{Add: img, Descriptor: v1.Descriptor{
+			Platform: &v1.Platform{OS: cf.OS, Architecture: cf.Architecture, Variant: cf.Variant}}})
+	}
+	return idx
+}
+
+// Registry starts an in-process registry for the test and returns its host:port.
+func Registry(t testing.TB) string {
+	t.Helper()
+	s := httptest.NewServer(registry.New(registry.Logger(discardLogger())))
+	t.Cleanup(s.Close)
+	return strings.TrimPrefix(s.URL, "http://")
+}
+
+// Push writes an image or an index to ref on an insecure (plain HTTP) registry.
+func Push(t testing.TB, ref string, x remote.Taggable) {
+	t.Helper()
+	r, err := name.ParseReference(ref, name.Insecure)
+	if err != nil {
+		t.Fatal(err)
+	}
+	switch v := x.(type) {
+	case v1.Image:
+		err = remote.Write(r, v)
+	case v1.ImageIndex:
+		err = remote.WriteIndex(r, v)
+	default:
+		t.Fatalf("imagetest: push %T", x)
+	}
+	if err != nil {
+		t.Fatalf("imagetest: push %s: %v", ref, err)
+	}
+}
+
+// DebianRootfs returns a tar of a minimal Debian bookworm (debootstrap --variant=minbase), built
+// once and cached under ~/.cache/virtkit/fixtures (or $VIRTKIT_FIXTURES). It needs root, network
+// access to a Debian mirror the first time, and takes a few minutes then.
+func DebianRootfs(t testing.TB) string {
+	t.Helper()
+	dir := os.Getenv("VIRTKIT_FIXTURES")
+	if dir == "" {
+		h, err := os.UserHomeDir()
+		if err != nil {
+			t.Fatal(err)
+		}
+		dir = filepath.Join(h, ".cache", "virtkit", "fixtures")
+	}
+	out := filepath.Join(dir, "debian-bookworm-minbase.tar")
+	if _, err := os.Stat(out); err == nil {
+		return out
+	}
+	cmdtest.RequireRoot(t)
+	deb := cmdtest.Tool(t, "debootstrap")
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	lock, err := os.OpenFile(out+".lock", os.O_CREATE|os.O_RDWR, 0o644)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer lock.Close()
+	if err := syscall.Flock(int(lock.Fd()), syscall.LOCK_EX); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(out); err == nil {
+		return out
+	}
+	work, err := os.MkdirTemp(dir, "debootstrap-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer os.RemoveAll(work)
+	root := filepath.Join(work, "root")
+	t.Logf("imagetest: debootstrap --variant=minbase bookworm (once, cached in %s)", out)
+	if b, err := exec.Command(deb, "--variant=minbase", "bookworm", root, "http://deb.debian.org/debian").CombinedOutput(); err != nil {
+		t.Fatalf("imagetest: debootstrap: %v\n%s", err, b)
+	}
+	tmp := out + ".tmp"
+	if b, err := exec.Command("tar", "--sort=name", "--numeric-owner", "--xattrs", "--mtime=@1700000000", "--clamp-mtime",
+		"-C", root, "-cf", tmp, ".").CombinedOutput(); err != nil {
+		t.Fatalf("imagetest: tar debian rootfs: %v\n%s", err, b)
+	}
+	if err := os.Rename(tmp, out); err != nil {
+		t.Fatal(err)
+	}
+	return out
+}
+
+// Meta is what a comparison looks at for one path of a root filesystem.
+type Meta struct {
+	Type     byte
+	Mode     int64
+	UID, GID int
+	Size     int64
+	Link     string // symlink target
+	Digest   string // of the content, regular files only
+	Dev      string // "major,minor" for devices
+}
+
+func (m Meta) String() string {
+	return fmt.Sprintf("type=%c mode=%o uid=%d gid=%d size=%d link=%q digest=%.19s dev=%s", m.Type, m.Mode, m.UID, m.GID, m.Size, m.Link, m.Digest, m.Dev)
+}
+
+// ReadTar reads a tar stream into path -> Meta, resolving hard links to their target's content.
+// Names are cleaned ("./a/" becomes "a"; the root is ".").
+func ReadTar(t testing.TB, r io.Reader) map[string]Meta {
+	t.Helper()
+	out := map[string]Meta{}
+	tr := tar.NewReader(r)
+	for {
+		h, err := tr.Next()
+		if err == io.EOF {
+			return out
+		}
+		if err != nil {
+			t.Fatalf("imagetest: read tar: %v", err)
+		}
+		n := Clean(h.Name)
+		m := Meta{Type: h.Typeflag, Mode: h.Mode & 0o7777, UID: h.Uid, GID: h.Gid}
+		switch h.Typeflag {
+		case tar.TypeReg, tar.TypeRegA:
+			m.Type = tar.TypeReg
+			s := sha256.New()
+			if _, err := io.Copy(s, tr); err != nil {
+				t.Fatal(err)
+			}
+			m.Size, m.Digest = h.Size, hex.EncodeToString(s.Sum(nil))
+		case tar.TypeLink:
+			tgt, ok := out[Clean(h.Linkname)]
+			if !ok {
+				t.Fatalf("imagetest: hard link %s -> %s before its target", h.Name, h.Linkname)
+			}
+			m = tgt
+		case tar.TypeSymlink:
+			m.Link = h.Linkname
+		case tar.TypeChar, tar.TypeBlock:
+			m.Dev = fmt.Sprintf("%d,%d", h.Devmajor, h.Devminor)
+		}
+		out[n] = m
+	}
+}
+
+// Clean normalises a tar name.
+func Clean(n string) string {
+	n = strings.Trim(filepath.Clean("/"+n), "/")
+	if n == "" {
+		return "."
+	}
+	return n
+}
+
+// Diff lists the differences between two trees, sorted; empty when equal.
+func Diff(want, got map[string]Meta) []string {
+	var d []string
+	for k, w := range want {
+		g, ok := got[k]
+		switch {
+		case !ok:
+			d = append(d, "missing "+k+": "+w.String())
+		case g != w:
+			d = append(d, "differs "+k+":\n   want "+w.String()+"\n   got  "+g.String())
+		}
+	}
+	for k, g := range got {
+		if _, ok := want[k]; !ok {
+			d = append(d, "extra "+k+": "+g.String())
+		}
+	}
+	sort.Strings(d)
+	return d
+}
+
+func discardLogger() *log.Logger { return log.New(io.Discard, "", 0) }

@@ -1,0 +1,262 @@
+package rootfs
+
+import (
+	"archive/tar"
+	"bufio"
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"encoding/gob"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"hash"
+	"io"
+	"strings"
+
+	"github.com/klauspost/compress/gzip"
+	"github.com/klauspost/compress/zstd"
+)
+
+// tocVersion changes whenever Entry or the way a TOC is computed changes, so cached TOCs of an
+// older layout are recomputed rather than misread.
+const tocVersion = 1
+
+// Entry is one tar header of a layer, reduced to what the flattener and the output need.
+type Entry struct {
+	Name     string
+	Linkname string
+	Type     byte
+	Mode     int64
+	UID, GID int
+	Uname    string
+	Gname    string
+	ModTime  int64 // Unix nanoseconds
+	Size     int64
+	Devmajor int64
+	Devminor int64
+	// Xattrs holds the SCHILY.xattr.* PAX records, keyed without the prefix.
+	Xattrs map[string]string
+}
+
+// TOC is the table of contents of one layer: every tar header in archive order, plus the digests
+// that were verified while reading it. A TOC is a pure function of the layer's bytes, so it can be
+// cached by the layer's digest.
+type TOC struct {
+	Version int
+	// Digest is sha256 of the layer blob as stored (compressed or not), "sha256:<hex>".
+	Digest string
+	// Size is the length of the blob as stored.
+	Size int64
+	// DiffID is sha256 of the uncompressed tar stream, "sha256:<hex>".
+	DiffID string
+	// Uncompressed is the length of the uncompressed tar stream.
+	Uncompressed int64
+	Entries      []Entry
+}
+
+// MarshalBinary encodes the TOC for a cache.
+func (t *TOC) MarshalBinary() ([]byte, error) {
+	var b bytes.Buffer
+	type plain TOC // without the methods, so gob does not call MarshalBinary again
+	if err := gob.NewEncoder(&b).Encode((*plain)(t)); err != nil {
+		return nil, fmt.Errorf("rootfs: encode toc: %w", err)
+	}
+	return b.Bytes(), nil
+}
+
+// UnmarshalTOC decodes a TOC written by MarshalBinary. A TOC of another version is an error, so
+// callers treat it as a cache miss.
+func UnmarshalTOC(data []byte) (*TOC, error) {
+	type plain TOC
+	var t TOC
+	if err := gob.NewDecoder(bytes.NewReader(data)).Decode((*plain)(&t)); err != nil {
+		return nil, fmt.Errorf("rootfs: decode toc: %w", err)
+	}
+	if t.Version != tocVersion {
+		return nil, fmt.Errorf("rootfs: decode toc: version %d, want %d", t.Version, tocVersion)
+	}
+	return &t, nil
+}
+
+func entryOf(h *tar.Header) Entry {
+	e := Entry{
+		Name:     h.Name,
+		Linkname: h.Linkname,
+		Type:     h.Typeflag,
+		Mode:     h.Mode,
+		UID:      h.Uid,
+		GID:      h.Gid,
+		Uname:    h.Uname,
+		Gname:    h.Gname,
+		ModTime:  h.ModTime.UnixNano(),
+		Size:     h.Size,
+		Devmajor: h.Devmajor,
+		Devminor: h.Devminor,
+	}
+	if e.Type == tar.TypeRegA || e.Type == tar.TypeGNUSparse {
+		e.Type = tar.TypeReg
+	}
+	for k, v := range h.PAXRecords {
+		if x, ok := strings.CutPrefix(k, "SCHILY.xattr."); ok {
+			if e.Xattrs == nil {
+				e.Xattrs = map[string]string{}
+			}
+			e.Xattrs[x] = v
+		}
+	}
+	return e
+}
+
+// sameHeader reports whether a header read on the second pass is the one the TOC recorded.
+func (e *Entry) sameHeader(h *tar.Header) bool {
+	t := h.Typeflag
+	if t == tar.TypeRegA || t == tar.TypeGNUSparse {
+		t = tar.TypeReg
+	}
+	return e.Name == h.Name && e.Type == t && e.Size == h.Size && e.Linkname == h.Linkname
+}
+
+// Limits bound what a layer may cost, so a hostile layer (a zip bomb, a sparse bomb, millions of
+// tiny entries) fails with a clear error instead of exhausting the host. Zero fields take defaults.
+type Limits struct {
+	// MaxBytes bounds the uncompressed bytes of one layer and, separately, the sum of the file sizes
+	// its headers declare (sparse files expand to their declared size). Default 32 GiB.
+	MaxBytes int64
+	// MaxEntries bounds the entries of one layer and of the merged tree. Default 4 Mi.
+	MaxEntries int
+}
+
+func (l Limits) fill() Limits {
+	if l.MaxBytes <= 0 {
+		l.MaxBytes = 32 << 30
+	}
+	if l.MaxEntries <= 0 {
+		l.MaxEntries = 4 << 20
+	}
+	return l
+}
+
+// ErrLimit is wrapped by errors for input over a Limits bound.
+var ErrLimit = errors.New("over limit")
+
+// ErrDigest is wrapped by errors for a blob whose size or digest is not the one expected.
+var ErrDigest = errors.New("digest mismatch")
+
+// BuildTOC reads a whole layer blob (plain, gzip or zstd tar), checks it against the expected digest
+// and diffID when they are not empty, and returns its table of contents. It reads r to the end.
+func BuildTOC(ctx context.Context, r io.Reader, digest, diffID string, lim Limits) (*TOC, error) {
+	lim = lim.fill()
+	toc := &TOC{Version: tocVersion}
+	err := scan(ctx, r, lim, func(h *tar.Header, _ io.Reader) error {
+		if len(toc.Entries) >= lim.MaxEntries {
+			return fmt.Errorf("more than %d entries: %w", lim.MaxEntries, ErrLimit)
+		}
+		toc.Entries = append(toc.Entries, entryOf(h))
+		return nil
+	}, func(d digests) error {
+		toc.Digest, toc.Size, toc.DiffID, toc.Uncompressed = d.blob, d.blobSize, d.diff, d.diffSize
+		return d.check(digest, diffID)
+	})
+	if err != nil {
+		return nil, err
+	}
+	return toc, nil
+}
+
+type digests struct {
+	blob, diff         string
+	blobSize, diffSize int64
+}
+
+func (d digests) check(digest, diffID string) error {
+	if digest != "" && d.blob != digest {
+		return fmt.Errorf("blob is %s (%d bytes), want %s: %w", d.blob, d.blobSize, digest, ErrDigest)
+	}
+	if diffID != "" && d.diff != diffID {
+		return fmt.Errorf("uncompressed content is %s, want diff_id %s: %w", d.diff, diffID, ErrDigest)
+	}
+	return nil
+}
+
+// countingHash hashes and counts what passes through it and stops at a byte limit.
+type countingHash struct {
+	r     io.Reader
+	h     hash.Hash
+	n     int64
+	limit int64 // 0: none
+	what  string
+}
+
+func (c *countingHash) Read(p []byte) (int, error) {
+	n, err := c.r.Read(p)
+	c.h.Write(p[:n])
+	c.n += int64(n)
+	if c.limit > 0 && c.n > c.limit {
+		return n, fmt.Errorf("%s exceeds %d bytes: %w", c.what, c.limit, ErrLimit)
+	}
+	return n, err
+}
+
+func (c *countingHash) sum() string { return "sha256:" + hex.EncodeToString(c.h.Sum(nil)) }
+
+// scan decompresses a layer blob and calls fn for each tar header with a reader of its data, then
+// drains the streams, computes their digests and calls done. Errors name no layer: callers do.
+func scan(ctx context.Context, r io.Reader, lim Limits, fn func(*tar.Header, io.Reader) error, done func(digests) error) error {
+	raw := &countingHash{r: r, h: sha256.New()}
+	br := bufio.NewReaderSize(raw, 1<<16)
+	magic, _ := br.Peek(4)
+	var dec io.Reader = br
+	switch {
+	case len(magic) >= 2 && magic[0] == 0x1f && magic[1] == 0x8b:
+		zr, err := gzip.NewReader(br)
+		if err != nil {
+			return fmt.Errorf("gzip: %w", err)
+		}
+		defer zr.Close()
+		dec = zr
+	case len(magic) == 4 && bytes.Equal(magic, []byte{0x28, 0xb5, 0x2f, 0xfd}):
+		zr, err := zstd.NewReader(br, zstd.WithDecoderConcurrency(1), zstd.WithDecoderMaxWindow(1<<27), zstd.WithDecoderLowmem(true))
+		if err != nil {
+			return fmt.Errorf("zstd: %w", err)
+		}
+		defer zr.Close()
+		dec = zr
+	}
+	plain := &countingHash{r: dec, h: sha256.New(), limit: lim.MaxBytes, what: "uncompressed layer"}
+	tr := tar.NewReader(plain)
+	var declared int64
+	for i := 0; ; i++ {
+		if i&255 == 0 {
+			if err := ctx.Err(); err != nil {
+				return err
+			}
+		}
+		h, err := tr.Next()
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			return fmt.Errorf("read tar entry %d: %w", i, err)
+		}
+		if h.Size < 0 {
+			return fmt.Errorf("tar entry %q: negative size", h.Name)
+		}
+		declared += h.Size
+		if declared > lim.MaxBytes || declared < 0 {
+			return fmt.Errorf("declared file sizes exceed %d bytes: %w", lim.MaxBytes, ErrLimit)
+		}
+		if err := fn(h, tr); err != nil {
+			return err
+		}
+	}
+	// The diff_id covers the whole uncompressed stream, padding included; draining the decompressor
+	// to EOF also checks the gzip CRC / zstd checksum.
+	if _, err := io.Copy(io.Discard, plain); err != nil {
+		return fmt.Errorf("read layer: %w", err)
+	}
+	if _, err := io.Copy(io.Discard, br); err != nil {
+		return fmt.Errorf("read layer: %w", err)
+	}
+	return done(digests{blob: raw.sum(), blobSize: raw.n, diff: plain.sum(), diffSize: plain.n})
+}
