@@ -26,7 +26,7 @@ func (s *Switch) egressTCP(r *tcp.ForwarderRequest) {
 	id := r.ID()
 	dst := netip.AddrPortFrom(addrFrom(id.LocalAddress), id.LocalPort)
 	src := netip.AddrPortFrom(addrFrom(id.RemoteAddress), id.RemotePort)
-	target, ok := s.policy.target(dst)
+	target, ok := s.policy.Load().target(dst)
 	if !ok {
 		s.policyDrops.Add(1)
 		s.log.Debug().Str("src", src.String()).Str("dst", dst.String()).Msg("tcp egress refused by policy")
@@ -106,7 +106,7 @@ func (s *Switch) splice(a, b halfCloser) {
 func (s *Switch) egressUDP(r *udp.ForwarderRequest) bool {
 	id := r.ID()
 	dst := netip.AddrPortFrom(addrFrom(id.LocalAddress), id.LocalPort)
-	target, ok := s.policy.target(dst)
+	target, ok := s.policy.Load().target(dst)
 	if !ok {
 		s.policyDrops.Add(1)
 		return true // swallow silently: no ICMP hint about what is there
@@ -215,7 +215,7 @@ func (s *Switch) pingOut(p *Port, ip frame.IPv4, payload []byte) {
 	if ip.Fragment || len(payload) < 8 || payload[0] != 8 || payload[1] != 0 {
 		return
 	}
-	if !s.policy.permit(ip.Dst) {
+	if !s.policy.Load().permit(ip.Dst) {
 		p.drop(dPolicy)
 		s.policyDrops.Add(1)
 		return

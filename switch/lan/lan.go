@@ -120,7 +120,7 @@ type Switch struct {
 	cfg    Config
 	log    zerolog.Logger
 	gwMAC  frame.MAC
-	policy *policy
+	policy atomic.Pointer[policy]
 	dns    *dns.Server
 	stack  *stack.Stack
 	link   *linkEndpoint
@@ -185,8 +185,8 @@ func New(cfg Config) (*Switch, error) {
 	}
 	s.macs.Store(&map[frame.MAC]*Port{})
 	s.gwMAC = frame.MAC{0x5a, 0x94, 0xef, 0xe4, 0x0c, 0xdd} // fixed, locally administered: stable across restarts
-	s.policy = newPolicy(cfg)
-	d, err := dns.New(dns.Config{Domain: cfg.Domain, Upstream: cfg.DNSUpstream, Forbidden: func(a netip.Addr) bool { return !s.policy.permit(a) }})
+	s.policy.Store(newPolicy(cfg))
+	d, err := dns.New(dns.Config{Domain: cfg.Domain, Upstream: cfg.DNSUpstream, Forbidden: func(a netip.Addr) bool { return !s.policy.Load().permit(a) }})
 	if err != nil {
 		return nil, fmt.Errorf("lan: %w", err)
 	}
@@ -246,6 +246,14 @@ func (s *Switch) Close() error {
 	s.stack.Close()
 	s.stack.Wait()
 	return nil
+}
+
+// SetPolicy replaces the egress policy (Config.AllowHostLoopback, Allow and Deny) for new flows;
+// established flows are not cut.
+func (s *Switch) SetPolicy(allowHostLoopback bool, allow, deny []netip.Prefix) {
+	cfg := s.cfg
+	cfg.AllowHostLoopback, cfg.Allow, cfg.Deny = allowHostLoopback, allow, deny
+	s.policy.Store(newPolicy(cfg))
 }
 
 // Gateway returns the gateway's address and MAC.
