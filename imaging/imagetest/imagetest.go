@@ -30,7 +30,7 @@ import (
 	"github.com/google/go-containerregistry/pkg/v1/empty"
 	"github.com/google/go-containerregistry/pkg/v1/mutate"
 	"github.com/google/go-containerregistry/pkg/v1/remote"
-	"github.com/google/go-containerregistry/pkg/v1/static"
+	"github.com/google/go-containerregistry/pkg/v1/tarball"
 	"github.com/google/go-containerregistry/pkg/v1/types"
 
 	"github.com/virtkit/virtkit/cmd/cmdtest"
@@ -131,9 +131,14 @@ func Digest(b []byte) string {
 }
 
 // Layer makes a gzip-compressed OCI layer from an uncompressed tar.
-func Layer(t testing.TB, tarball []byte) v1.Layer {
+func Layer(t testing.TB, tb []byte) v1.Layer {
 	t.Helper()
-	return static.NewLayer(Gzip(t, tarball), types.OCILayer)
+	l, err := tarball.LayerFromOpener(func() (io.ReadCloser, error) { return io.NopCloser(bytes.NewReader(tb)), nil },
+		tarball.WithMediaType(types.OCILayer))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return l
 }
 
 // Image stacks layers (uncompressed tars, bottom first) onto an empty image with cfg, for platform
@@ -364,3 +369,88 @@ func Diff(want, got map[string]Meta) []string {
 }
 
 func discardLogger() *log.Logger { return log.New(io.Discard, "", 0) }
+
+// ReadDir reads an unpacked root filesystem (e.g. umoci's) into path -> Meta, like ReadTar.
+func ReadDir(t testing.TB, root string) map[string]Meta {
+	t.Helper()
+	out := map[string]Meta{}
+	err := filepath.Walk(root, func(p string, fi os.FileInfo, err error) error {
+		if err != nil {
+			return err
+		}
+		rel, _ := filepath.Rel(root, p)
+		st := fi.Sys().(*syscall.Stat_t)
+		m := Meta{Mode: int64(fi.Mode().Perm()), UID: int(st.Uid), GID: int(st.Gid)}
+		if fi.Mode()&os.ModeSetuid != 0 {
+			m.Mode |= 0o4000
+		}
+		if fi.Mode()&os.ModeSetgid != 0 {
+			m.Mode |= 0o2000
+		}
+		if fi.Mode()&os.ModeSticky != 0 {
+			m.Mode |= 0o1000
+		}
+		switch {
+		case fi.IsDir():
+			m.Type = tar.TypeDir
+		case fi.Mode()&os.ModeSymlink != 0:
+			m.Type = tar.TypeSymlink
+			m.Link, err = os.Readlink(p)
+			if err != nil {
+				return err
+			}
+		case fi.Mode()&os.ModeDevice != 0:
+			m.Type = tar.TypeBlock
+			if fi.Mode()&os.ModeCharDevice != 0 {
+				m.Type = tar.TypeChar
+			}
+			m.Dev = fmt.Sprintf("%d,%d", unixMajor(st.Rdev), unixMinor(st.Rdev))
+		case fi.Mode()&os.ModeNamedPipe != 0:
+			m.Type = tar.TypeFifo
+		case fi.Mode().IsRegular():
+			m.Type = tar.TypeReg
+			f, err := os.Open(p)
+			if err != nil {
+				return err
+			}
+			s := sha256.New()
+			_, err = io.Copy(s, f)
+			f.Close()
+			if err != nil {
+				return err
+			}
+			m.Size, m.Digest = fi.Size(), hex.EncodeToString(s.Sum(nil))
+		default:
+			return fmt.Errorf("%s: unexpected file type %v", p, fi.Mode())
+		}
+		out[Clean(rel)] = m
+		return nil
+	})
+	if err != nil {
+		t.Fatalf("imagetest: read dir: %v", err)
+	}
+	return out
+}
+
+func unixMajor(dev uint64) uint64 { return (dev >> 8) & 0xfff }
+func unixMinor(dev uint64) uint64 { return (dev & 0xff) | ((dev >> 12) & 0xfff00) }
+
+// Umoci unpacks an image from a registry (through skopeo, as a user would script it) and returns
+// its root filesystem folder. It needs root, skopeo and umoci.
+func Umoci(t testing.TB, ref string) string {
+	t.Helper()
+	cmdtest.RequireRoot(t)
+	skopeo, umoci := cmdtest.Tool(t, "skopeo"), cmdtest.Tool(t, "umoci")
+	dir := t.TempDir()
+	if b, err := exec.Command(skopeo, "copy", "--src-tls-verify=false", "--override-os", "linux", "--override-arch", "amd64",
+		"docker://"+ref, "oci:"+filepath.Join(dir, "layout")+":img").CombinedOutput(); err != nil {
+		t.Fatalf("imagetest: skopeo copy %s: %v\n%s", ref, err, b)
+	}
+	if b, err := exec.Command(umoci, "unpack", "--image", filepath.Join(dir, "layout")+":img", filepath.Join(dir, "bundle")).CombinedOutput(); err != nil {
+		t.Fatalf("imagetest: umoci unpack: %v\n%s", err, b)
+	}
+	return filepath.Join(dir, "bundle", "rootfs")
+}
+
+// Heavy marks a test that builds large fixtures (see cmdtest.Heavy).
+func Heavy(t testing.TB) { t.Helper(); cmdtest.Heavy(t) }

@@ -224,8 +224,11 @@ func header(e *Entry, name string) *tar.Header {
 		Devmajor: e.Devmajor,
 		Devminor: e.Devminor,
 	}
-	if e.Type == tar.TypeReg {
+	switch e.Type {
+	case tar.TypeReg:
 		h.Size = e.Size
+	case tar.TypeSymlink:
+		h.Mode = h.Mode&^0o7777 | 0o777 // a symlink's permissions are always 0777 on Linux
 	}
 	if e.Type != tar.TypeChar && e.Type != tar.TypeBlock {
 		h.Devmajor, h.Devminor = 0, 0

@@ -58,7 +58,9 @@ func fileMode(body string, mode int64) imagetest.Meta {
 
 var (
 	d   = imagetest.Meta{Type: tar.TypeDir, Mode: 0o755}
-	lnk = func(target string) imagetest.Meta { return imagetest.Meta{Type: tar.TypeSymlink, Mode: 0o644, Link: target} }
+	lnk = func(target string) imagetest.Meta {
+		return imagetest.Meta{Type: tar.TypeSymlink, Mode: 0o777, Link: target}
+	}
 )
 
 func TestFlatten(t *testing.T) {
