@@ -130,7 +130,10 @@ func (s *Server) Answer(ctx context.Context, q []byte) ([]byte, error) {
 		return nil, fmt.Errorf("%w: %v", ErrMalformed, err)
 	}
 	if h.OpCode != 0 || len(qs) != 1 {
-		return s.reply(h, qs, dnsmessage.RCodeNotImplemented, nil)
+		return s.reply(h, nil, dnsmessage.RCodeNotImplemented, nil)
+	}
+	if !wellFormed(qs[0].Name) {
+		return s.reply(h, nil, dnsmessage.RCodeFormatError, nil)
 	}
 	name := strings.ToLower(qs[0].Name.String())
 	if name == s.domain || strings.HasSuffix(name, "."+s.domain) {
@@ -178,6 +181,34 @@ func (s *Server) authoritative(h dnsmessage.Header, q dnsmessage.Question, rc dn
 		Answers:   ans,
 	}
 	return msg.Pack()
+}
+
+// wellFormed reports whether a question name survives being written back: labels of 1..63 bytes
+// with no dots inside (a label holding a dot would be split when answered).
+func wellFormed(n dnsmessage.Name) bool {
+	str := n.String()
+	if str == "." {
+		return true
+	}
+	if len(str) > 254 || !strings.HasSuffix(str, ".") {
+		return false
+	}
+	for _, l := range strings.Split(strings.TrimSuffix(str, "."), ".") {
+		if l == "" || len(l) > 63 {
+			return false
+		}
+	}
+	// The wire form must have as many labels as the dotted form.
+	b, err := (&dnsmessage.Message{Questions: []dnsmessage.Question{{Name: n, Type: dnsmessage.TypeA, Class: dnsmessage.ClassINET}}}).Pack()
+	if err != nil {
+		return false
+	}
+	var p dnsmessage.Parser
+	if _, err := p.Start(b); err != nil {
+		return false
+	}
+	q, err := p.Question()
+	return err == nil && q.Name.String() == str
 }
 
 // forward asks the upstream resolvers in turn and filters the answer.

@@ -437,7 +437,7 @@ func (s *Switch) usable(a netip.Addr) bool {
 }
 
 func validName(n string) bool {
-	if len(n) > 63 {
+	if n == "" || len(n) > 63 {
 		return false
 	}
 	for i, c := range n {

@@ -1,0 +1,136 @@
+package frame
+
+import (
+	"bytes"
+	"errors"
+	"io"
+	"net/netip"
+	"testing"
+)
+
+func TestReaderRoundTrip(t *testing.T) {
+	var buf bytes.Buffer
+	w := NewWriter(&buf)
+	frames := [][]byte{make([]byte, MinLen), bytes.Repeat([]byte{7}, 1514), bytes.Repeat([]byte{9}, MaxLen)}
+	for _, f := range frames {
+		if err := w.Write(f); err != nil {
+			t.Fatal(err)
+		}
+	}
+	r := NewReader(&buf, 0)
+	for i, want := range frames {
+		got, err := r.Next()
+		if err != nil {
+			t.Fatalf("frame %d: %v", i, err)
+		}
+		if !bytes.Equal(got, want) {
+			t.Fatalf("frame %d: got %d bytes, want %d", i, len(got), len(want))
+		}
+	}
+	if _, err := r.Next(); err != io.EOF {
+		t.Fatalf("after the last frame: %v, want EOF", err)
+	}
+}
+
+func TestReaderBadLengths(t *testing.T) {
+	for _, tc := range []struct {
+		in   []byte
+		want error
+	}{
+		{[]byte{0xff, 0xff, 0xff, 0xff}, ErrTooLarge},
+		{[]byte{0, 1, 0, 0xe}, ErrTooLarge},
+		{[]byte{0, 0, 0, 13}, ErrTooSmall},
+		{[]byte{0, 0, 0, 0}, ErrTooSmall},
+		{[]byte{0, 0, 0, 20, 1, 2}, io.ErrUnexpectedEOF},
+		{[]byte{0, 0}, io.ErrUnexpectedEOF},
+	} {
+		_, err := NewReader(bytes.NewReader(tc.in), 0).Next()
+		if !errors.Is(err, tc.want) {
+			t.Errorf("%x: %v, want %v", tc.in, err, tc.want)
+		}
+	}
+}
+
+func TestParseARP(t *testing.T) {
+	f := make([]byte, EthHeaderLen+28)
+	PutEth(f, Broadcast, MAC{2, 0, 0, 0, 0, 1}, TypeARP)
+	copy(f[EthHeaderLen:], []byte{0, 1, 8, 0, 6, 4, 0, 1, 2, 0, 0, 0, 0, 1, 10, 0, 0, 2, 0, 0, 0, 0, 0, 0, 10, 0, 0, 1})
+	a, err := ParseARP(f)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if a.Op != ARPRequest || a.SenderMAC != (MAC{2, 0, 0, 0, 0, 1}) || a.SenderIP != netip.MustParseAddr("10.0.0.2") || a.TargetIP != netip.MustParseAddr("10.0.0.1") {
+		t.Errorf("%+v", a)
+	}
+	if _, err := ParseARP(f[:30]); !errors.Is(err, ErrMalformed) {
+		t.Errorf("truncated: %v", err)
+	}
+}
+
+func TestBuildUDP4(t *testing.T) {
+	src := netip.MustParseAddrPort("10.0.0.1:67")
+	dst := netip.MustParseAddrPort("10.0.0.2:68")
+	f := BuildUDP4(MAC{2, 0, 0, 0, 0, 2}, MAC{2, 0, 0, 0, 0, 1}, src, dst, []byte("hello"))
+	ip, p, err := ParseIPv4(f)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ip.Src != src.Addr() || ip.Dst != dst.Addr() || ip.Proto != ProtoUDP {
+		t.Errorf("%+v", ip)
+	}
+	if Checksum(f[EthHeaderLen:EthHeaderLen+20]) != 0 {
+		t.Error("bad IPv4 header checksum")
+	}
+	u, err := ParseUDP(p)
+	if err != nil || u.SrcPort != 67 || u.DstPort != 68 || string(u.Payload) != "hello" {
+		t.Errorf("%+v %v", u, err)
+	}
+}
+
+// FuzzReader: any byte stream yields frames within bounds or an error, never a panic.
+func FuzzReader(f *testing.F) {
+	f.Add([]byte{0, 0, 0, 14, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14})
+	f.Add([]byte{0xff, 0xff, 0xff, 0xff})
+	f.Add([]byte{0, 0, 0, 20, 1})
+	f.Add(Append(Append(nil, make([]byte, 60)), make([]byte, 14)))
+	f.Fuzz(func(t *testing.T, b []byte) {
+		r := NewReader(bytes.NewReader(b), 0)
+		total := 0
+		for {
+			fr, err := r.Next()
+			if err != nil {
+				return
+			}
+			if len(fr) < MinLen || len(fr) > MaxLen {
+				t.Fatalf("frame of %d bytes", len(fr))
+			}
+			total += len(fr) + HeaderLen
+			if total > len(b) {
+				t.Fatalf("read %d bytes from %d", total, len(b))
+			}
+		}
+	})
+}
+
+// FuzzPackets runs the ARP, IPv4 and UDP parsers on arbitrary frames.
+func FuzzPackets(f *testing.F) {
+	f.Add(BuildUDP4(Broadcast, MAC{2}, netip.MustParseAddrPort("0.0.0.0:68"), netip.MustParseAddrPort("255.255.255.255:67"), []byte("x")))
+	arp := make([]byte, EthHeaderLen+28)
+	PutEth(arp, Broadcast, MAC{2}, TypeARP)
+	copy(arp[EthHeaderLen:], []byte{0, 1, 8, 0, 6, 4, 0, 1})
+	f.Add(arp)
+	f.Add(make([]byte, 34))
+	f.Fuzz(func(t *testing.T, b []byte) {
+		ParseARP(b)
+		ip, p, err := ParseIPv4(b)
+		if err != nil {
+			return
+		}
+		if len(p) > len(b) || !ip.Src.Is4() {
+			t.Fatalf("payload %d of %d", len(p), len(b))
+		}
+		if u, err := ParseUDP(p); err == nil && len(u.Payload) > len(p)-8 {
+			t.Fatalf("udp payload %d of %d", len(u.Payload), len(p))
+		}
+	})
+}
