@@ -74,8 +74,31 @@ func lookPath(name, path string) (string, error) {
 	return "", fmt.Errorf("%q: %w in PATH %s", name, fs.ErrNotExist, path)
 }
 
-// command builds the process for an exec request.
+// command builds the process for an exec request, applying the allow-list and wrapper.
 func (s *Server) command(req proto.Exec) (*exec.Cmd, string, error) {
+	cmd, code, err := BuildCommand(s.cfg.Env, req)
+	if err != nil {
+		return nil, code, err
+	}
+	prog := cmd.Path
+	if len(s.cfg.Allow) > 0 && !slices.Contains(s.cfg.Allow, prog) && !slices.Contains(s.cfg.Allow, req.Argv[0]) {
+		return nil, proto.CodeDenied, fmt.Errorf("exec: %s is not on the agent's allow-list", prog)
+	}
+	if len(s.cfg.Wrapper) > 0 {
+		cmd.Args = append(slices.Clone(s.cfg.Wrapper), append([]string{prog}, cmd.Args[1:]...)...)
+		cmd.Path = cmd.Args[0]
+		if p, err := lookPath(cmd.Path, getenv(cmd.Env, "PATH")); err == nil {
+			cmd.Path = p
+		}
+	}
+	return cmd, "", nil
+}
+
+// BuildCommand resolves an exec request into a process (not started) the way sessions run: env
+// is the base environment (PATH defaulted), the user's HOME/USER/LOGNAME are set, argv[0] is
+// resolved through the resulting PATH, and Dir defaults to the user's home (or /). The error
+// code is a proto.Code* value.
+func BuildCommand(env []string, req proto.Exec) (*exec.Cmd, string, error) {
 	if len(req.Argv) == 0 || req.Argv[0] == "" {
 		return nil, proto.CodeExec, errors.New("exec: empty argv")
 	}
@@ -83,7 +106,7 @@ func (s *Server) command(req proto.Exec) (*exec.Cmd, string, error) {
 	if err != nil {
 		return nil, proto.CodeNotFound, fmt.Errorf("exec: %w", err)
 	}
-	env := mergeEnv(s.cfg.Env, []string{"HOME=" + id.home})
+	env = mergeEnv(baseEnv(env), []string{"HOME=" + id.home})
 	if id.name != "" {
 		env = mergeEnv(env, []string{"USER=" + id.name, "LOGNAME=" + id.name})
 	}
@@ -94,14 +117,6 @@ func (s *Server) command(req proto.Exec) (*exec.Cmd, string, error) {
 	prog, err := lookPath(req.Argv[0], getenv(env, "PATH"))
 	if err != nil {
 		return nil, proto.CodeNotFound, fmt.Errorf("exec: %w", err)
-	}
-	if len(s.cfg.Allow) > 0 && !slices.Contains(s.cfg.Allow, prog) && !slices.Contains(s.cfg.Allow, req.Argv[0]) {
-		return nil, proto.CodeDenied, fmt.Errorf("exec: %s is not on the agent's allow-list", prog)
-	}
-	argv := slices.Clone(req.Argv)
-	argv[0] = prog
-	if len(s.cfg.Wrapper) > 0 {
-		argv = append(slices.Clone(s.cfg.Wrapper), argv...)
 	}
 	dir := req.Dir
 	if dir == "" {
@@ -115,8 +130,7 @@ func (s *Server) command(req proto.Exec) (*exec.Cmd, string, error) {
 	} else if !fi.IsDir() {
 		return nil, proto.CodeNotFound, fmt.Errorf("exec: working directory %s is not a folder", dir)
 	}
-	cmd := &exec.Cmd{Path: argv[0], Args: argv, Env: env, Dir: dir}
-	cmd.Args[0] = req.Argv[0]
+	cmd := &exec.Cmd{Path: prog, Args: slices.Clone(req.Argv), Env: env, Dir: dir}
 	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: id.cred}
 	return cmd, "", nil
 }

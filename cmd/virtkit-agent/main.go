@@ -40,6 +40,11 @@ func main() {
 	if filepath.Base(os.Args[0]) == "virtctl" {
 		os.Exit(runVirtctl(os.Args[1:]))
 	}
+	// The kernel starts init= with no arguments: as PID 1 with no subcommand, be the init. (It may
+	// pass unknown "key=value" words as arguments; those are not subcommands either.)
+	if os.Getpid() == 1 && (len(os.Args) < 2 || subcommands[os.Args[1]].run == nil) {
+		os.Exit(runInit(context.Background(), nil))
+	}
 	if len(os.Args) < 2 || os.Args[1] == "-h" || os.Args[1] == "--help" || os.Args[1] == "help" {
 		usage()
 		if len(os.Args) < 2 {

@@ -1,0 +1,321 @@
+package initproc_test
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/virtkit/virtkit/agent/client"
+	"github.com/virtkit/virtkit/cmd/cmdtest"
+)
+
+// console collects what the guest init writes to its console (stdout/stderr).
+type console struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (c *console) Write(p []byte) (int, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.b.Write(p)
+}
+
+func (c *console) String() string {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.b.String()
+}
+
+func (c *console) waitFor(t *testing.T, s string) {
+	t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	for !strings.Contains(c.String(), s) {
+		if time.Now().After(deadline) {
+			t.Fatalf("console never showed %q; console:\n%s", s, c.String())
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// busyboxRoot builds a root filesystem folder: Debian's busybox-static with its applets, a
+// passwd/group, and the agent at /sbin/virtkit-agent.
+func busyboxRoot(t *testing.T) string {
+	t.Helper()
+	cmdtest.RequireRoot(t)
+	bb := cmdtest.Tool(t, "busybox")
+	agent := cmdtest.Binary(t, "virtkit-agent")
+	root := filepath.Join(t.TempDir(), "root")
+	for _, d := range []string{"bin", "sbin", "etc/virtkit", "proc", "sys", "dev", "run", "tmp", "root", ".virtkit", "usr/bin"} {
+		if err := os.MkdirAll(filepath.Join(root, d), 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	copyFile(t, bb, filepath.Join(root, "bin/busybox"))
+	copyFile(t, agent, filepath.Join(root, "sbin/virtkit-agent"))
+	out, err := exec.Command(bb, "--list").Output()
+	if err != nil {
+		t.Fatalf("busybox --list: %v", err)
+	}
+	for _, applet := range strings.Fields(string(out)) {
+		p := filepath.Join(root, "bin", applet)
+		if _, err := os.Lstat(p); err == nil {
+			continue
+		}
+		if err := os.Symlink("busybox", p); err != nil {
+			t.Fatal(err)
+		}
+	}
+	os.WriteFile(filepath.Join(root, "etc/passwd"), []byte("root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n"), 0o644)
+	os.WriteFile(filepath.Join(root, "etc/group"), []byte("root:x:0:\ntty:x:5:\nnogroup:x:65534:\n"), 0o644)
+	return root
+}
+
+func copyFile(t *testing.T, src, dst string) {
+	t.Helper()
+	b, err := os.ReadFile(src)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(dst, b, 0o755); err != nil {
+		t.Fatal(err)
+	}
+}
+
+type guest struct {
+	cmd  *exec.Cmd
+	con  *console
+	done chan struct{}
+	err  error
+	root string
+}
+
+// boot starts /sbin/virtkit-agent with no arguments as PID 1 of new pid, mount, uts, ipc and
+// net namespaces chrooted into root, configured only by root/etc/virtkit/agent.conf.
+func boot(t *testing.T, root, conf string) *guest {
+	t.Helper()
+	if err := os.WriteFile(filepath.Join(root, "etc/virtkit/agent.conf"), []byte(conf), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	g := &guest{con: &console{}, done: make(chan struct{}), root: root}
+	cmd := exec.Command("/sbin/virtkit-agent")
+	cmd.Env = []string{"PATH=/bin:/sbin"}
+	cmd.Stdout, cmd.Stderr = g.con, g.con
+	cmd.SysProcAttr = &syscall.SysProcAttr{
+		Cloneflags:   syscall.CLONE_NEWPID | syscall.CLONE_NEWUTS | syscall.CLONE_NEWNET | syscall.CLONE_NEWIPC,
+		Unshareflags: syscall.CLONE_NEWNS, // Go makes / rprivate first: nothing leaks to the host
+		Chroot:       root,
+		Pdeathsig:    syscall.SIGKILL,
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatalf("start init: %v", err)
+	}
+	g.cmd = cmd
+	go func() {
+		g.err = cmd.Wait()
+		close(g.done)
+	}()
+	t.Cleanup(func() {
+		select {
+		case <-g.done:
+		default:
+			cmd.Process.Kill()
+			<-g.done
+		}
+		if t.Failed() || testing.Verbose() {
+			t.Logf("guest console:\n%s", g.con.String())
+		}
+	})
+	return g
+}
+
+// wait waits for init to end and returns how.
+func (g *guest) wait(t *testing.T) *os.ProcessState {
+	t.Helper()
+	select {
+	case <-g.done:
+	case <-time.After(30 * time.Second):
+		t.Fatalf("init did not end; console:\n%s", g.con.String())
+	}
+	return g.cmd.ProcessState
+}
+
+// poweredOff checks the kernel ended the namespace the way reboot(POWER_OFF) from its init does.
+func poweredOff(t *testing.T, st *os.ProcessState) {
+	t.Helper()
+	ws := st.Sys().(syscall.WaitStatus)
+	if !ws.Signaled() || ws.Signal() != syscall.SIGINT {
+		t.Fatalf("init ended with %v, want the pid namespace's power-off (killed by SIGINT)", st)
+	}
+}
+
+func (g *guest) dial(t *testing.T) *client.Client {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	c, err := client.WaitReady(ctx, "unix://"+filepath.Join(g.root, ".virtkit/agent.sock"))
+	if err != nil {
+		t.Fatalf("agent never answered: %v; console:\n%s", err, g.con.String())
+	}
+	t.Cleanup(func() { c.Close() })
+	return c
+}
+
+func sh(t *testing.T, c *client.Client, script string) string {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	var out, errb bytes.Buffer
+	st, err := c.Exec(ctx, client.ExecRequest{Argv: []string{"sh", "-c", script}}, nil, &out, &errb)
+	if err != nil || st.Code != 0 {
+		t.Fatalf("sh -c %q: %+v %v; stderr %s", script, st, err, errb.String())
+	}
+	return out.String()
+}
+
+const agentConf = `# written by the test
+virtkit.mode=agent
+virtkit.hostname=vk-test
+virtkit.net=none
+listen=unix:///.virtkit/agent.sock
+virtkit.dns=10.0.2.3
+`
+
+func TestInitAgentMode(t *testing.T) {
+	root := busyboxRoot(t)
+	g := boot(t, root, agentConf)
+	c := g.dial(t)
+
+	mounts := sh(t, c, "cat /proc/mounts")
+	for _, want := range []string{" /proc proc ", " /sys sysfs ", " /dev devtmpfs ", " /dev/pts devpts ", " /dev/shm tmpfs ", " /run tmpfs ", " /tmp tmpfs ", " /sys/fs/cgroup cgroup2 "} {
+		if !strings.Contains(mounts, want) {
+			t.Errorf("mount %q missing:\n%s", want, mounts)
+		}
+	}
+	if got := sh(t, c, "hostname; cat /proc/1/cmdline | tr '\\0' ' '; echo; cat /sys/class/net/lo/flags; grep vk-test /etc/hosts; cat /etc/resolv.conf"); !strings.Contains(got, "vk-test\n/sbin/virtkit-agent \n0x9\n127.0.1.1\tvk-test\nnameserver 10.0.2.3\n") {
+		t.Errorf("identity: %q", got)
+	}
+	// A terminal works in the guest's own devpts.
+	var out bytes.Buffer
+	st, err := c.Exec(context.Background(), client.ExecRequest{Argv: []string{"sh", "-c", "tty; stty size"}, TTY: true, Rows: 33, Cols: 77}, nil, &out, nil)
+	if err != nil || st.Code != 0 || !strings.Contains(out.String(), "/dev/pts/0") || !strings.Contains(out.String(), "33 77") {
+		t.Errorf("tty in the guest: %q %+v %v", out.String(), st, err)
+	}
+
+	// Orphans re-parented to PID 1 are reaped.
+	sh(t, c, "for i in 1 2 3 4 5 6 7 8 9 10; do (sleep 0.2 &) ; done")
+	time.Sleep(1500 * time.Millisecond)
+	procs := sh(t, c, "cat /proc/[0-9]*/stat")
+	if strings.Contains(procs, ") Z ") || strings.Contains(procs, "(sleep)") {
+		t.Errorf("zombies or orphans left:\n%s", procs)
+	}
+
+	in, err := c.Info(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	names := map[string]bool{}
+	for _, m := range in.Boot {
+		names[m.Name] = true
+	}
+	if !in.PID1 || in.Mode != "agent" || in.Hostname != "vk-test" || !names["mounts"] || !names["serving"] {
+		t.Errorf("info: %+v", in)
+	}
+	if !strings.Contains(g.con.String(), "virtkit: serving on unix:///.virtkit/agent.sock (boot: kernel") {
+		t.Errorf("no boot timings on the console:\n%s", g.con.String())
+	}
+
+	// Orderly shutdown: running sessions end, init powers off.
+	s, err := c.StartIO(context.Background(), client.ExecRequest{Argv: []string{"sleep", "1000"}}, nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Shutdown(context.Background(), true); err != nil {
+		t.Fatal(err)
+	}
+	poweredOff(t, g.wait(t))
+	if st, err := s.Wait(); err == nil && st.Signal == 0 {
+		t.Errorf("session survived shutdown: %+v", st)
+	}
+	for _, want := range []string{"virtkit: stopping all processes", "virtkit: power off"} {
+		if !strings.Contains(g.con.String(), want) {
+			t.Errorf("console lacks %q:\n%s", want, g.con.String())
+		}
+	}
+}
+
+func writeImage(t *testing.T, root, js string) {
+	t.Helper()
+	if err := os.WriteFile(filepath.Join(root, ".virtkit/image.json"), []byte(js), 0o644); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestInitEntrypointOverlay(t *testing.T) {
+	root := busyboxRoot(t)
+	writeImage(t, root, `{"entrypoint":["/bin/sh","-c"],"cmd":["echo FOO=$FOO; pwd; id -u; echo data > /etc/written && grep ' / overlay ' /proc/mounts >/dev/null && echo overlay-root; exit 7"],"env":["FOO=bar"],"workdir":"/tmp","user":"nobody"}`)
+	os.Chmod(filepath.Join(root, "etc"), 0o777) // nobody may write /etc in the overlay
+	g := boot(t, root, "virtkit.overlay=tmpfs\nvirtkit.net=none\nvirtkit.listen=unix:///run/agent.sock\n")
+	poweredOff(t, g.wait(t))
+	con := g.con.String()
+	for _, want := range []string{"FOO=bar\n/tmp\n65534\noverlay-root\n", "virtkit: exit-code 7\n", "virtkit: power off"} {
+		if !strings.Contains(con, want) {
+			t.Errorf("console lacks %q:\n%s", want, con)
+		}
+	}
+	if _, err := os.Stat(filepath.Join(root, "etc/written")); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("the guest's write reached the read-only base: %v", err)
+	}
+}
+
+func TestInitEntrypointSignalsAndWait(t *testing.T) {
+	root := busyboxRoot(t)
+	writeImage(t, root, `{"entrypoint":["sh","-c","trap 'echo got-term; exit 5' TERM; echo started; while :; do sleep 0.05; done"]}`)
+	g := boot(t, root, "virtkit.net=none\nvirtkit.listen=unix:///.virtkit/agent.sock\nvirtkit.linger=1s\n")
+	c := g.dial(t)
+	g.con.waitFor(t, "started\n")
+	type res struct {
+		st  client.ExitStatus
+		err error
+	}
+	waited := make(chan res, 1)
+	go func() {
+		st, err := c.WaitEntrypoint(context.Background())
+		waited <- res{st, err}
+	}()
+	time.Sleep(100 * time.Millisecond)
+	// A signal to PID 1 is forwarded to the entrypoint.
+	if err := g.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	r := <-waited
+	if r.err != nil || r.st.Code != 5 {
+		t.Fatalf("wait: %+v %v, want exit code 5", r.st, r.err)
+	}
+	in, err := c.Info(context.Background())
+	if err != nil || in.Entrypoint == nil || in.Entrypoint.Running || in.Entrypoint.Exit == nil || in.Entrypoint.Exit.Code != 5 {
+		t.Fatalf("info after exit: %+v %v", in.Entrypoint, err)
+	}
+	poweredOff(t, g.wait(t))
+	con := g.con.String()
+	if !strings.Contains(con, "got-term\n") || !strings.Contains(con, "virtkit: exit-code 5\n") {
+		t.Errorf("console:\n%s", con)
+	}
+}
+
+func TestInitNotPID1(t *testing.T) {
+	agent := cmdtest.Binary(t, "virtkit-agent")
+	out, err := exec.Command(agent, "init").CombinedOutput()
+	var ee *exec.ExitError
+	if !errors.As(err, &ee) || ee.ExitCode() != 2 || !strings.Contains(string(out), "not PID 1") {
+		t.Fatalf("init outside PID 1: %v %s", err, out)
+	}
+}

@@ -1,0 +1,132 @@
+package initproc
+
+import (
+	"context"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/virtkit/virtkit/agent/reaper"
+)
+
+// service is a supervised child: restarted with back-off when it exits, until stopped.
+type service struct {
+	name string
+	argv []string
+	env  []string
+
+	mu   sync.Mutex
+	proc *reaper.Proc
+}
+
+// supervise runs s until ctx ends, then sends SIGTERM (SIGKILL after grace) and returns.
+func (in *Init) supervise(ctx context.Context, wg *sync.WaitGroup, s *service) {
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		backoff := 250 * time.Millisecond
+		for ctx.Err() == nil {
+			cmd := exec.Command(s.argv[0], s.argv[1:]...)
+			cmd.Env = s.env
+			cmd.Stdout, cmd.Stderr = in.console, in.console
+			cmd.SysProcAttr = &unix.SysProcAttr{Setsid: true}
+			started := time.Now()
+			p, err := in.reaper.Start(cmd)
+			if err != nil {
+				in.log("%s: start: %v", s.name, err)
+			} else {
+				s.mu.Lock()
+				s.proc = p
+				s.mu.Unlock()
+				select {
+				case <-p.Done():
+					in.log("%s exited: %s", s.name, p.Wait())
+				case <-ctx.Done():
+					_ = unix.Kill(p.Pid, unix.SIGTERM)
+					select {
+					case <-p.Done():
+					case <-time.After(3 * time.Second):
+						_ = unix.Kill(p.Pid, unix.SIGKILL)
+						<-p.Done()
+					}
+					return
+				}
+			}
+			if time.Since(started) > 30*time.Second {
+				backoff = 250 * time.Millisecond
+			}
+			select {
+			case <-ctx.Done():
+				return
+			case <-time.After(backoff):
+			}
+			backoff = min(backoff*2, 30*time.Second)
+		}
+	}()
+}
+
+// relayArgv is the network relay command (agent/netrelay, the "net" subcommand).
+func (in *Init) relayArgv() []string {
+	argv := []string{in.self, "net", "--connect", in.cfg.Relay, "--tap", in.cfg.Tap}
+	n := in.cfg.Net
+	switch n.Mode {
+	case "static":
+		argv = append(argv, "--mode", "static", "--ip", n.Address.String())
+		if n.Gateway.IsValid() {
+			argv = append(argv, "--gateway", n.Gateway.String())
+		}
+	default:
+		argv = append(argv, "--mode", "dhcp")
+	}
+	if len(in.cfg.DNS) > 0 {
+		var s []string
+		for _, a := range in.cfg.DNS {
+			s = append(s, a.String())
+		}
+		argv = append(argv, "--dns", strings.Join(s, ","))
+	}
+	if h, err := os.Hostname(); err == nil {
+		argv = append(argv, "--hostname", h)
+	}
+	return argv
+}
+
+// prepareSSH installs the authorized keys and host keys; it returns sshd's argv, or nil when the
+// image has no sshd.
+func (in *Init) prepareSSH() []string {
+	sshd := ""
+	for _, p := range []string{"/usr/sbin/sshd", "/usr/bin/sshd", "/sbin/sshd"} {
+		if _, err := os.Stat(p); err == nil {
+			sshd = p
+			break
+		}
+	}
+	if sshd == "" {
+		in.log("ssh keys given but the image has no sshd")
+		return nil
+	}
+	if err := os.MkdirAll("/root/.ssh", 0o700); err != nil {
+		in.log("ssh: %v", err)
+		return nil
+	}
+	if err := os.WriteFile("/root/.ssh/authorized_keys", []byte(strings.Join(in.cfg.SSHKeys, "\n")+"\n"), 0o600); err != nil {
+		in.log("ssh: %v", err)
+		return nil
+	}
+	_ = os.MkdirAll("/run/sshd", 0o755)
+	if keys, _ := filepath.Glob("/etc/ssh/ssh_host_*_key"); len(keys) == 0 {
+		if kg, err := exec.LookPath("ssh-keygen"); err == nil {
+			cmd := exec.Command(kg, "-A")
+			cmd.Stdout, cmd.Stderr = in.console, in.console
+			if p, err := in.reaper.Start(cmd); err == nil {
+				p.Wait()
+			}
+		}
+	}
+	return []string{sshd, "-D", "-e"}
+}
