@@ -26,6 +26,8 @@ import (
 	"github.com/rs/zerolog"
 
 	"github.com/virtkit/virtkit/agent/addr"
+	"github.com/virtkit/virtkit/agent/client"
+	"github.com/virtkit/virtkit/agent/proto"
 	"github.com/virtkit/virtkit/workers/launcher/vmm"
 )
 
@@ -71,10 +73,9 @@ type Request struct {
 	// Mode is the agent's mode: agent (default: serve only) or entrypoint (run the image's command).
 	Mode   string  `json:"mode,omitempty"`
 	Shares []Share `json:"shares,omitempty"`
-	// Net is the guest network: "" or "none" for none, "dhcp" to use the switch on vsock port 1025.
+	// Net is the guest network (virtkit.net): "" or "none" for none, "dhcp" to use the switch on
+	// vsock port 1025, or static:IP/PREFIX[,GW].
 	Net string `json:"net,omitempty"`
-	// Env adds virtkit.env entries for entrypoint mode.
-	Env []string `json:"env,omitempty"`
 	// Cmdline carries extra kernel command line words (virtkit.* keys).
 	Cmdline []string `json:"cmdline,omitempty"`
 }
@@ -98,11 +99,6 @@ func (r *Request) validate() error {
 		}
 		if !fi.IsDir() {
 			return fmt.Errorf("launcher: share %s: not a folder", s.HostDir)
-		}
-	}
-	for _, e := range r.Env {
-		if !strings.Contains(e, "=") || strings.ContainsAny(e, " \t\n") {
-			return fmt.Errorf("launcher: env %q: want KEY=VALUE without white space (pass complex values through exec)", e)
 		}
 	}
 	return nil
@@ -238,9 +234,10 @@ func (l *Launcher) Start(ctx context.Context, req Request) (vm *VM, err error) {
 	}
 	cmdline := []string{"root=/dev/vda", "ro", "rootfstype=ext4", "init=/sbin/virtkit-agent",
 		"virtkit.overlay=/dev/vdb", "virtkit.mode=" + req.Mode, "virtkit.hostname=" + req.Name}
-	if req.Net != "" && req.Net != "none" {
-		cmdline = append(cmdline, "virtkit.net="+req.Net)
+	if req.Net == "" {
+		req.Net = "none"
 	}
+	cmdline = append(cmdline, "virtkit.net="+req.Net)
 	var fsKeys []string
 	for i, s := range req.Shares {
 		tag := "vkfs" + strconv.Itoa(i)
@@ -261,9 +258,6 @@ func (l *Launcher) Start(ctx context.Context, req Request) (vm *VM, err error) {
 	}
 	if len(fsKeys) > 0 {
 		cmdline = append(cmdline, "virtkit.fs="+strings.Join(fsKeys, ","))
-	}
-	for _, e := range req.Env {
-		cmdline = append(cmdline, "virtkit.env="+e)
 	}
 	cmdline = append(cmdline, req.Cmdline...)
 	spec.Cmdline = strings.Join(cmdline, " ")
@@ -301,11 +295,15 @@ func (vm *VM) waitAgent(ctx context.Context) error {
 	defer cancel()
 	for {
 		dctx, dcancel := context.WithTimeout(ctx, 2*time.Second)
-		c, err := addr.Dial(dctx, vm.ExecURL)
+		c, err := client.Dial(dctx, vm.ExecURL)
 		dcancel()
 		if err == nil {
 			c.Close()
 			return nil
+		}
+		var pe *proto.VersionError
+		if errors.As(err, &pe) {
+			return err // an agent of another protocol version: waiting will not help
 		}
 		select {
 		case <-vm.machine.Done():
@@ -350,12 +348,38 @@ func (vm *VM) Kill() error {
 	return vm.teardown(context.Background())
 }
 
+// PowerOff asks the guest agent for an orderly power-off (sync, unmount) and waits for the VMM to
+// exit, up to ctx; then the VMM is asked (ACPI, QMP/API) and finally killed.
+func (vm *VM) PowerOff(ctx context.Context) error {
+	if vm.machine == nil {
+		return nil
+	}
+	select {
+	case <-vm.machine.Done():
+		return nil
+	default:
+	}
+	actx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	if c, err := client.Dial(actx, vm.ExecURL); err == nil {
+		c.Shutdown(actx, true)
+		c.Close()
+		select {
+		case <-vm.machine.Done():
+			cancel()
+			return nil
+		case <-actx.Done():
+		}
+	}
+	cancel()
+	sctx, scancel := context.WithTimeout(ctx, 5*time.Second)
+	defer scancel()
+	return vm.machine.Shutdown(sctx)
+}
+
 func (vm *VM) teardown(ctx context.Context) error {
 	vm.stop.Do(func() {
 		if vm.machine != nil {
-			sctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-			vm.stopErr = vm.machine.Shutdown(sctx)
-			cancel()
+			vm.stopErr = vm.PowerOff(ctx)
 		}
 		for _, h := range vm.helpers {
 			h.kill()

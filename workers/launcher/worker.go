@@ -1,0 +1,194 @@
+package launcher
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"regexp"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/rs/zerolog"
+	"golang.org/x/sync/errgroup"
+
+	"github.com/virtkit/virtkit/broker"
+)
+
+// Work kinds on a host's work subject (broker.HostWorkSubject(host, kind)).
+const (
+	KindLaunch = "vm.launch"
+	KindStop   = "vm.stop"
+)
+
+// StopRequest asks the host running VM Name to stop it.
+type StopRequest struct {
+	Name string `json:"name"`
+	// Kill skips the polite power-off.
+	Kill bool `json:"kill,omitempty"`
+}
+
+// Worker is the launcher as a daemon worker: it boots VMs for vm.launch work (shared, and aimed at
+// this host) and stops them for vm.stop work, publishing vm.starting, vm.ready, vm.stopped and
+// vm.failed. At start it reconciles leftovers of a crashed predecessor; at shutdown it stops the
+// VMs it runs (they cannot outlive the process anyway: their VMMs have a parent-death signal).
+type Worker struct {
+	l     *Launcher
+	c     *broker.Client
+	slots *broker.Slots
+	log   zerolog.Logger
+
+	mu      sync.Mutex
+	running map[string]*VM
+	// stopping marks VMs whose end was asked for, so their exit is a stop, not a failure.
+	stopping map[string]bool
+	wg       sync.WaitGroup
+}
+
+// NewWorker wraps a Launcher for the broker.
+func NewWorker(l *Launcher, c *broker.Client, slots *broker.Slots, log zerolog.Logger) *Worker {
+	return &Worker{l: l, c: c, slots: slots, log: log, running: map[string]*VM{}, stopping: map[string]bool{}}
+}
+
+// Name implements workers.Worker.
+func (w *Worker) Name() string { return "launcher" }
+
+// Running is the number of VMs this worker runs.
+func (w *Worker) Running() int { w.mu.Lock(); defer w.mu.Unlock(); return len(w.running) }
+
+// Run implements workers.Worker.
+func (w *Worker) Run(ctx context.Context) error {
+	left, err := w.l.Reconcile(ctx)
+	if err != nil {
+		return err
+	}
+	for _, lo := range left {
+		w.log.Warn().Str("vm", lo.Name).Ints("killed", lo.Killed).Msg("reaped a VM left by a previous virtkit")
+		w.publish(ctx, &broker.VMStopped{VM: lo.Name, ExitCode: -1, Reason: "reaped: its virtkit process ended"})
+	}
+	host := w.c.Host()
+	g, gctx := errgroup.WithContext(ctx)
+	for _, subj := range []string{broker.HostWorkSubject(host, KindLaunch), broker.HostWorkSubject(host, KindStop), broker.WorkVMLaunch} {
+		g.Go(func() error {
+			return w.c.RunWork(gctx, broker.WorkOptions{Subject: subj, Slots: w.slots, Log: w.log}, w.handle)
+		})
+	}
+	err = g.Wait()
+	// Shutdown: stop what we run, then let the watchers publish.
+	w.mu.Lock()
+	vms := make([]*VM, 0, len(w.running))
+	for name, vm := range w.running {
+		w.stopping[name] = true
+		vms = append(vms, vm)
+	}
+	w.mu.Unlock()
+	var sg sync.WaitGroup
+	for _, vm := range vms {
+		sg.Add(1)
+		go func() { defer sg.Done(); vm.Stop(context.Background()) }()
+	}
+	sg.Wait()
+	w.wg.Wait()
+	if errors.Is(err, context.Canceled) {
+		err = nil
+	}
+	return err
+}
+
+func (w *Worker) handle(ctx context.Context, wk *broker.Work) error {
+	switch {
+	case wk.Subject == broker.WorkVMLaunch || wk.Subject == broker.HostWorkSubject(w.c.Host(), KindLaunch):
+		var req Request
+		if err := wk.Decode(&req); err != nil {
+			return err
+		}
+		return w.launch(ctx, req)
+	case wk.Subject == broker.HostWorkSubject(w.c.Host(), KindStop):
+		var req StopRequest
+		if err := wk.Decode(&req); err != nil {
+			return err
+		}
+		return w.stop(ctx, req)
+	}
+	return broker.Permanent(fmt.Errorf("launcher: unexpected work subject %s", wk.Subject))
+}
+
+func (w *Worker) launch(ctx context.Context, req Request) error {
+	w.mu.Lock()
+	_, dup := w.running[req.Name]
+	w.mu.Unlock()
+	if dup {
+		return nil // a redelivery of work we did
+	}
+	w.publish(ctx, &broker.VMStarting{VM: req.Name, Host: w.c.Host(), Image: req.Rootfs, VMM: w.l.Driver().Name(), CPUs: req.CPUs, MemoryMiB: req.MemoryMiB})
+	vm, err := w.l.Start(ctx, req)
+	if err != nil {
+		w.publish(context.WithoutCancel(ctx), &broker.VMFailed{VM: req.Name, Error: err.Error()})
+		return broker.Permanent(err)
+	}
+	w.mu.Lock()
+	w.running[req.Name] = vm
+	w.mu.Unlock()
+	w.publish(ctx, &broker.VMReady{VM: req.Name, BootMillis: vm.Timings.Total.Milliseconds()})
+	w.wg.Add(1)
+	go w.watch(vm)
+	return nil
+}
+
+var exitLine = regexp.MustCompile(`virtkit: exit-code (-?\d+)`)
+
+// watch publishes the VM's end: vm.stopped when it was asked to stop or powered itself off,
+// vm.failed when its VMM died.
+func (w *Worker) watch(vm *VM) {
+	defer w.wg.Done()
+	<-vm.Done()
+	tail := vm.ConsoleTail(40)
+	vmmErr := vm.machine.Wait()
+	vm.teardown(context.Background())
+	w.mu.Lock()
+	asked := w.stopping[vm.Name]
+	delete(w.running, vm.Name)
+	delete(w.stopping, vm.Name)
+	w.mu.Unlock()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	code := -1
+	if m := exitLine.FindAllStringSubmatch(tail, -1); m != nil {
+		code, _ = strconv.Atoi(m[len(m)-1][1])
+	}
+	switch {
+	case asked:
+		w.publish(ctx, &broker.VMStopped{VM: vm.Name, ExitCode: code, Reason: "stopped"})
+	case vmmErr != nil:
+		w.publish(ctx, &broker.VMFailed{VM: vm.Name, Error: fmt.Sprintf("%v; console:\n%s", vmmErr, tail)})
+	default:
+		w.publish(ctx, &broker.VMStopped{VM: vm.Name, ExitCode: code, Reason: "powered off"})
+	}
+}
+
+func (w *Worker) stop(ctx context.Context, req StopRequest) error {
+	w.mu.Lock()
+	vm, ok := w.running[req.Name]
+	if ok {
+		w.stopping[req.Name] = true
+	}
+	w.mu.Unlock()
+	if !ok {
+		w.publish(ctx, &broker.VMStopped{VM: req.Name, ExitCode: -1, Reason: "not running"})
+		return nil
+	}
+	if req.Kill {
+		vm.machine.Kill()
+	} else {
+		sctx, cancel := context.WithTimeout(ctx, 15*time.Second)
+		vm.PowerOff(sctx)
+		cancel()
+	}
+	return nil // watch publishes vm.stopped
+}
+
+func (w *Worker) publish(ctx context.Context, ev broker.Event) {
+	if _, err := w.c.Publish(ctx, ev); err != nil {
+		w.log.Error().Err(err).Str("event", ev.EventType()).Msg("publish")
+	}
+}
