@@ -1,0 +1,240 @@
+package ext4
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"time"
+)
+
+// Inject adds a host file to the image (e.g. the agent as /sbin/virtkit-agent), owned by root,
+// after the input, so it replaces an entry of the same name.
+type Inject struct {
+	Src, Dst string
+	Mode     fs.FileMode
+}
+
+// Options shape the image. The zero value builds an automatically sized, journaled image with a
+// content-derived UUID.
+type Options struct {
+	Size      int64 // bytes; 0 = automatic (content + Free headroom)
+	Free      int64 // headroom bytes for automatic size; 0 = 10% of the content, at least 64 MiB
+	NoJournal bool  // no JBD2 journal (throwaway images)
+	Label     string
+	UUID      string // override; "" = content-derived
+	Inject    []Inject
+}
+
+// Result describes a written image.
+type Result struct {
+	UUID string
+	Size int64 // image bytes (the file is sparse)
+}
+
+func (o Options) check() error {
+	if len(o.Label) > 16 {
+		return fmt.Errorf("label %q longer than 16 bytes", o.Label)
+	}
+	if o.Size < 0 || o.Free < 0 {
+		return errors.New("negative size or free space")
+	}
+	if o.UUID != "" {
+		if _, err := parseUUID(o.UUID); err != nil {
+			return err
+		}
+	}
+	for _, in := range o.Inject {
+		if in.Src == "" || in.Dst == "" {
+			return fmt.Errorf("inject %q:%q: source and destination are required", in.Src, in.Dst)
+		}
+	}
+	return nil
+}
+
+// WriteTar builds out from a tar stream (plain, gzip or zstd, detected by magic).
+func WriteTar(ctx context.Context, r io.Reader, out string, opts Options) (Result, error) {
+	return write(ctx, out, opts, func(b *builder) error {
+		return b.readTar(r)
+	})
+}
+
+// WriteDir builds out from the tree at dir (which is not modified). Access times are taken from
+// the modification times: reading the tree would otherwise change the image.
+func WriteDir(ctx context.Context, dir, out string, opts Options) (Result, error) {
+	return write(ctx, out, opts, func(b *builder) error {
+		return b.readDir(dir)
+	})
+}
+
+// WriteEmpty builds an empty filesystem (only / and /lost+found, plus injected files): per-VM
+// writable disks and data volumes.
+func WriteEmpty(ctx context.Context, out string, opts Options) (Result, error) {
+	return write(ctx, out, opts, func(b *builder) error { return nil })
+}
+
+// Fingerprint returns the UUID WriteTar would give r with opts, without writing anything.
+func Fingerprint(ctx context.Context, r io.Reader, opts Options) (string, error) {
+	if err := opts.check(); err != nil {
+		return "", fmt.Errorf("mkext: %w", err)
+	}
+	b := &builder{ctx: ctx, opts: opts}
+	b.sum = newIdentity(opts)
+	if _, err := copyCtx(ctx, b.sum, r); err != nil {
+		return "", fmt.Errorf("mkext: fingerprint: read input: %w", err)
+	}
+	for _, in := range opts.Inject {
+		if err := hashInject(b, in); err != nil {
+			return "", fmt.Errorf("mkext: fingerprint: %w", err)
+		}
+	}
+	u, _, err := b.identity()
+	if err != nil {
+		return "", fmt.Errorf("mkext: %w", err)
+	}
+	return formatUUID(u), nil
+}
+
+// write runs fill into a temporary file next to out and renames it into place on success.
+func write(ctx context.Context, out string, opts Options, fill func(*builder) error) (res Result, err error) {
+	if err := opts.check(); err != nil {
+		return Result{}, fmt.Errorf("mkext: %w", err)
+	}
+	f, err := os.CreateTemp(filepath.Dir(out), "."+filepath.Base(out)+".tmp-*")
+	if err != nil {
+		return Result{}, fmt.Errorf("mkext: create output: %w", err)
+	}
+	defer func() {
+		if err != nil {
+			f.Close()
+			os.Remove(f.Name())
+		}
+	}()
+	b, err := newBuilder(ctx, f, opts)
+	if err != nil {
+		return Result{}, fmt.Errorf("mkext: %w", err)
+	}
+	if err := fill(b); err != nil {
+		return Result{}, fmt.Errorf("mkext: %w", err)
+	}
+	for _, in := range opts.Inject {
+		if err := b.inject(in); err != nil {
+			return Result{}, fmt.Errorf("mkext: %w", err)
+		}
+	}
+	if res, err = b.finish(); err != nil {
+		return Result{}, fmt.Errorf("mkext: %w", err)
+	}
+	if err := f.Chmod(0o644); err != nil {
+		return Result{}, fmt.Errorf("mkext: %w", err)
+	}
+	if err := f.Close(); err != nil {
+		return Result{}, fmt.Errorf("mkext: close output: %w", err)
+	}
+	if err := os.Rename(f.Name(), out); err != nil {
+		return Result{}, fmt.Errorf("mkext: %w", err)
+	}
+	return res, nil
+}
+
+// inject adds one host file.
+func (b *builder) inject(in Inject) error {
+	p, err := cleanPath(in.Dst)
+	if err != nil || p == "" {
+		return fmt.Errorf("inject %s: bad destination %q", in.Src, in.Dst)
+	}
+	f, err := os.Open(in.Src)
+	if err != nil {
+		return fmt.Errorf("inject: %w", err)
+	}
+	defer f.Close()
+	st, err := f.Stat()
+	if err != nil {
+		return fmt.Errorf("inject: %w", err)
+	}
+	if !st.Mode().IsRegular() {
+		return fmt.Errorf("inject %s: not a regular file", in.Src)
+	}
+	fmt.Fprintf(b.sum, "inject %q %o %d\n", p, modeBits(in.Mode), st.Size())
+	n := &node{mode: sIFREG | modeBits(in.Mode)}
+	if err := b.writeData(n, io.TeeReader(f, b.sum), st.Size()); err != nil {
+		return fmt.Errorf("inject %s: %w", in.Src, err)
+	}
+	b.put(p, n)
+	return nil
+}
+
+// hashInject mirrors inject's contribution to the identity hash.
+func hashInject(b *builder, in Inject) error {
+	p, err := cleanPath(in.Dst)
+	if err != nil || p == "" {
+		return fmt.Errorf("inject %s: bad destination %q", in.Src, in.Dst)
+	}
+	f, err := os.Open(in.Src)
+	if err != nil {
+		return fmt.Errorf("inject: %w", err)
+	}
+	defer f.Close()
+	st, err := f.Stat()
+	if err != nil {
+		return err
+	}
+	fmt.Fprintf(b.sum, "inject %q %o %d\n", p, modeBits(in.Mode), st.Size())
+	_, err = copyCtx(b.ctx, b.sum, f)
+	return err
+}
+
+// modeBits maps an fs.FileMode's permission and special bits to i_mode bits.
+func modeBits(m fs.FileMode) uint16 {
+	v := uint16(m.Perm())
+	if m&fs.ModeSetuid != 0 {
+		v |= 0o4000
+	}
+	if m&fs.ModeSetgid != 0 {
+		v |= 0o2000
+	}
+	if m&fs.ModeSticky != 0 {
+		v |= 0o1000
+	}
+	return v
+}
+
+func copyCtx(ctx context.Context, w io.Writer, r io.Reader) (int64, error) {
+	br := bufio.NewReaderSize(r, 1<<20)
+	var n int64
+	buf := make([]byte, 1<<20)
+	for {
+		if err := ctx.Err(); err != nil {
+			return n, err
+		}
+		k, err := br.Read(buf)
+		w.Write(buf[:k])
+		n += int64(k)
+		if err == io.EOF {
+			return n, nil
+		}
+		if err != nil {
+			return n, err
+		}
+	}
+}
+
+// toTimespec clamps t to what ext4's 34-bit seconds can hold.
+func toTimespec(t time.Time) timespec {
+	if t.IsZero() {
+		return timespec{}
+	}
+	s := t.Unix()
+	const lo, hi = -(1 << 31), 1<<34 - 1<<31 - 1
+	if s < lo {
+		return timespec{sec: lo}
+	}
+	if s > hi {
+		return timespec{sec: hi, nsec: 999999999}
+	}
+	return timespec{sec: s, nsec: uint32(t.Nanosecond())}
+}

@@ -1,0 +1,25 @@
+// Package ext4 writes ext4 filesystem images from a tar stream or a directory, as an ordinary user:
+// no mke2fs, no loop device, no root.
+//
+// The writer streams: file data goes straight into the image at increasing block addresses as it
+// is read (all-zero blocks become holes, so the output is sparse), while the metadata (inodes,
+// directories, extent trees, extended attributes) is kept in memory and laid out once the input
+// ends. Memory is therefore bounded by the number of entries and extents, never by data size.
+//
+// The image uses 4 KiB blocks, 256-byte inodes, extents, flex_bg placement of bitmaps and inode
+// tables (after the data), htree-indexed directories, 64-bit group descriptors, huge_file,
+// dir_nlink, extra_isize, metadata_csum (crc32c) and, unless disabled, an internal JBD2 journal.
+// Its UUID and htree hash seed derive from a SHA-256 over the input bytes, the options and
+// FormatVersion, and nothing else in the image depends on the clock or the host, so identical
+// input and options give a byte-identical image.
+//
+// Why not a library: go-diskfs and similar write ext4 through a random-access block-device model
+// that needs the whole tree up front and lacks htree, metadata_csum and journal support; hcsshim's
+// compactext4 streams but has no metadata_csum, no htree (directories are linear, so a 100,000-entry
+// directory is slow to look up in the guest) and no content-derived identity. Writing the format
+// here keeps the streaming layout, checksums and determinism under our control; e2fsck -fn in the
+// tests is the arbiter of correctness.
+//
+// Concurrency: WriteTar, WriteDir, WriteEmpty and Fingerprint may run concurrently on different
+// outputs; one call uses one goroutine and owns its output file until it returns.
+package ext4
