@@ -50,13 +50,19 @@ func (b *builder) readTar(r io.Reader) error {
 		return err
 	}
 	defer done()
-	t := tar.NewReader(tr)
+	z := &zeroTail{r: tr}
+	t := tar.NewReader(z)
 	for {
 		if err := b.ctx.Err(); err != nil {
 			return err
 		}
 		hdr, err := t.Next()
 		if err == io.EOF {
+			// archive/tar also reports a clean end when the stream stops between entries;
+			// only the end-of-archive marker (or an empty input) says nothing was lost.
+			if z.n > 0 && z.zeros < 1024 {
+				return fmt.Errorf("read tar: %w (no end-of-archive marker)", io.ErrUnexpectedEOF)
+			}
 			break
 		}
 		if err != nil {
@@ -186,4 +192,24 @@ func tarXattrs(h *tar.Header) ([]xattr, error) {
 		}
 	}
 	return sortXattrs(out), nil
+}
+
+// zeroTail counts the bytes read and how many of the last ones were zero.
+type zeroTail struct {
+	r     io.Reader
+	n     int64
+	zeros int64
+}
+
+func (z *zeroTail) Read(p []byte) (int, error) {
+	k, err := z.r.Read(p)
+	z.n += int64(k)
+	for i := k - 1; i >= 0; i-- {
+		if p[i] != 0 {
+			z.zeros = int64(k - 1 - i)
+			return k, err
+		}
+	}
+	z.zeros += int64(k)
+	return k, err
 }
