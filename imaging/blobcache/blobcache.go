@@ -60,6 +60,20 @@ func (c *Cache) Has(digest string) bool {
 	return err == nil
 }
 
+// Verify rehashes a cached blob and reports whether it still matches its digest.
+func (c *Cache) Verify(digest string) bool {
+	f, err := c.Open(digest)
+	if err != nil {
+		return false
+	}
+	defer f.Close()
+	h := sha256.New()
+	if _, err := io.Copy(h, f); err != nil {
+		return false
+	}
+	return "sha256:"+hex.EncodeToString(h.Sum(nil)) == digest
+}
+
 // Evict removes a blob and its TOC (after a later read found it corrupt).
 func (c *Cache) Evict(digest string) {
 	if p, err := c.path(digest); err == nil {

@@ -15,7 +15,6 @@ package oci
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"io"
 	"net/http"
@@ -131,7 +130,7 @@ func (im *image) prepare(ctx context.Context, o *Options, c *blobcache.Cache) ([
 				emit(Event{Phase: "index", Layer: i, Layers: len(im.layers), Total: ld.size})
 				toc, err := rootfs.ReadTOC(gctx, l, o.Limits)
 				if err != nil {
-					if ld.remote && errors.Is(err, rootfs.ErrDigest) {
+					if ld.remote && gctx.Err() == nil && !c.Verify(ld.digest) {
 						c.Evict(ld.digest)
 					}
 					return fmt.Errorf("oci: %s: layer %d (%s): %w", im.src, i, ld.digest, err)
@@ -162,10 +161,14 @@ func (im *image) flatten(ctx context.Context, o *Options, c *blobcache.Cache, la
 		o.progress(Event{Phase: "flatten", Layer: i, Layers: len(layers), Bytes: n, Total: im.layers[i].size})
 	}}
 	if err := tree.Write(ctx, layers, w, opts, &st); err != nil {
-		if errors.Is(err, rootfs.ErrDigest) {
+		if ctx.Err() == nil {
+			// A cached blob damaged on disk fails in any number of ways (digest, gzip CRC, tar
+			// framing): recheck the image's cached blobs and evict the bad ones, so they are
+			// downloaded again next time instead of failing forever.
 			for _, l := range im.layers {
-				if l.remote {
-					c.Evict(l.digest) // re-downloaded next time; the image's other layers are cheap to recheck
+				if l.remote && !c.Verify(l.digest) {
+					o.Log.Warn().Str("layer", l.digest).Msg("layer cache: evicted a corrupt blob")
+					c.Evict(l.digest)
 				}
 			}
 		}

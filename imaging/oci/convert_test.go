@@ -1,0 +1,257 @@
+package oci_test
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+
+	"github.com/google/go-containerregistry/pkg/registry"
+	v1 "github.com/google/go-containerregistry/pkg/v1"
+
+	"github.com/virtkit/virtkit/cmd/cmdtest"
+	"github.com/virtkit/virtkit/imaging/imagetest"
+	"github.com/virtkit/virtkit/imaging/oci"
+	"github.com/virtkit/virtkit/imaging/store"
+)
+
+// countingRegistry is an in-process registry that counts the requests it serves.
+type countingRegistry struct {
+	host string
+	n    atomic.Int64
+}
+
+func newCountingRegistry(t testing.TB) *countingRegistry {
+	c := &countingRegistry{}
+	inner := registry.New(registry.Logger(log.New(io.Discard, "", 0)))
+	s := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		c.n.Add(1)
+		inner.ServeHTTP(w, r)
+	}))
+	t.Cleanup(s.Close)
+	c.host = strings.TrimPrefix(s.URL, "http://")
+	return c
+}
+
+func convertOptions(t testing.TB) oci.ConvertOptions {
+	dir := t.TempDir()
+	return oci.ConvertOptions{
+		Options: oci.Options{Insecure: true, CacheDir: filepath.Join(dir, "cache")},
+		Store:   filepath.Join(dir, "images"),
+		Agent:   cmdtest.Binary(t, "virtkit-agent"),
+	}
+}
+
+// rdump reads an ext4 image back into a folder with debugfs, after e2fsck -fn says it is clean.
+func rdump(t *testing.T, img string) string {
+	t.Helper()
+	if b, err := exec.Command(cmdtest.Tool(t, "e2fsck"), "-fn", img).CombinedOutput(); err != nil {
+		t.Fatalf("e2fsck -fn %s: %v\n%s", img, err, b)
+	}
+	out := t.TempDir()
+	if b, err := exec.Command(cmdtest.Tool(t, "debugfs"), "-R", "rdump / "+out, img).CombinedOutput(); err != nil {
+		t.Fatalf("debugfs rdump: %v\n%s", err, b)
+	}
+	return out
+}
+
+// The bundle's ext4 holds, file for file, what skopeo + umoci produce, plus the agent and the
+// image config; image.json carries the config.
+func TestConvertMatchesUmoci(t *testing.T) {
+	cmdtest.RequireRoot(t) // debugfs rdump restores owners
+	host := imagetest.Registry(t)
+	ref := host + "/tricky:v1"
+	imagetest.Push(t, ref, tricky(t))
+	o := convertOptions(t)
+	b, built, err := oci.ConvertStatus(context.Background(), ref, o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !built || b.Rootfs != filepath.Join(b.Dir, "rootfs.ext4") || filepath.Dir(b.Dir) != o.Store {
+		t.Fatalf("bundle %+v built=%v", b, built)
+	}
+	c := b.Image
+	if strings.Join(c.Entrypoint, " ") != "/bin/app" || strings.Join(c.Cmd, " ") != "--serve" || c.WorkingDir != "/srv" ||
+		c.User != "1000:1000" || strings.Join(c.ExposedPorts, ",") != "53/udp,8080/tcp" || c.Labels["org.example"] != "yes" ||
+		len(c.Env) != 2 || c.Source != ref || !strings.HasPrefix(c.ManifestDigest, "sha256:") || c.Platform != "linux/amd64" {
+		t.Errorf("image config %+v", c)
+	}
+	root := filepath.Join(rdump(t, b.Rootfs), "")
+	got := imagetest.ReadDir(t, root)
+	agent := got["sbin/virtkit-agent"]
+	inImage, err := os.ReadFile(filepath.Join(root, ".virtkit", "image.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	beside, _ := os.ReadFile(filepath.Join(b.Dir, "image.json"))
+	if string(inImage) != string(beside) {
+		t.Errorf("/.virtkit/image.json differs from the bundle's image.json:\n%s\n%s", inImage, beside)
+	}
+	if agent.Mode != 0o755 || agent.Size == 0 {
+		t.Errorf("agent %v", agent)
+	}
+	for _, p := range []string{"sbin", "sbin/virtkit-agent", ".virtkit", ".virtkit/image.json", "lost+found"} {
+		delete(got, p)
+	}
+	want := imagetest.ReadDir(t, imagetest.Umoci(t, ref))
+	specialModes(t, b.Rootfs, want, got)
+	compare(t, want, got)
+}
+
+// specialModes takes setuid/setgid bits from the image itself: debugfs rdump chowns after its
+// chmod, which clears them on the dumped copy.
+func specialModes(t *testing.T, img string, want, got map[string]imagetest.Meta) {
+	for p, w := range want {
+		if w.Mode&0o6000 == 0 || w.Type != '0' {
+			continue
+		}
+		out, err := exec.Command(cmdtest.Tool(t, "debugfs"), "-R", "stat /"+p, img).Output()
+		if err != nil {
+			t.Fatal(err)
+		}
+		var mode int64
+		if i := strings.Index(string(out), "Mode:"); i >= 0 {
+			fmt.Sscanf(strings.TrimSpace(string(out[i+5:])), "%o", &mode)
+		}
+		g := got[p]
+		g.Mode = mode & 0o7777
+		got[p] = g
+	}
+}
+
+// A second conversion is a cache hit that reads no layer and, for a digest or a known tag, does
+// not touch the network; concurrent conversions build once.
+func TestConvertCache(t *testing.T) {
+	reg := newCountingRegistry(t)
+	ref := reg.host + "/img:1"
+	img := tricky(t)
+	imagetest.Push(t, ref, img)
+	d, _ := img.Digest()
+	o := convertOptions(t)
+
+	// Concurrent first conversions: one builds, the others wait and share the result.
+	var wg sync.WaitGroup
+	var builds atomic.Int32
+	fps := make([]string, 4)
+	for i := range fps {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			b, built, err := oci.ConvertStatus(context.Background(), ref, o)
+			if err != nil {
+				t.Error(err)
+				return
+			}
+			if built {
+				builds.Add(1)
+			}
+			fps[i] = b.Fingerprint
+		}()
+	}
+	wg.Wait()
+	if builds.Load() != 1 {
+		t.Errorf("%d builds for 4 concurrent conversions, want 1", builds.Load())
+	}
+	for _, fp := range fps[1:] {
+		if fp != fps[0] {
+			t.Errorf("fingerprints differ: %v", fps)
+		}
+	}
+
+	for _, tc := range []struct {
+		ref, pull string
+		maxRequests int64
+	}{
+		{ref, "", 0},
+		{ref, oci.PullNever, 0},
+		{ref, oci.PullAlways, 2}, // ping + HEAD
+		{reg.host + "/img@" + d.String(), oci.PullAlways, 0},
+	} {
+		// The digest reference was never seen: the first time resolves, the second is offline.
+		for range 2 {
+			before := reg.n.Load()
+			oo := o
+			oo.Pull = tc.pull
+			b, built, err := oci.ConvertStatus(context.Background(), tc.ref, oo)
+			if err != nil {
+				t.Fatalf("%s (%s): %v", tc.ref, tc.pull, err)
+			}
+			if built || b.Fingerprint != fps[0] {
+				t.Errorf("%s (%s): built=%v fingerprint %s, want a hit on %s", tc.ref, tc.pull, built, b.Fingerprint, fps[0])
+			}
+			n := reg.n.Load() - before
+			if n <= tc.maxRequests {
+				break
+			}
+			t.Logf("%s (%s): %d registry requests", tc.ref, tc.pull, n)
+		}
+	}
+	if n := reg.n.Load(); n > 0 {
+		before := n
+		if _, err := oci.Convert(context.Background(), reg.host+"/img@"+d.String(), o); err != nil {
+			t.Fatal(err)
+		}
+		if got := reg.n.Load() - before; got != 0 {
+			t.Errorf("a known digest reference made %d registry requests, want 0", got)
+		}
+	}
+
+	// Other options make another bundle.
+	oo := o
+	oo.NoJournal = true
+	b, built, err := oci.ConvertStatus(context.Background(), ref, oo)
+	if err != nil || !built || b.Fingerprint == fps[0] {
+		t.Errorf("no-journal conversion: built=%v err=%v", built, err)
+	}
+
+	// Pull never on an unknown tag fails clearly.
+	oo = o
+	oo.Pull = oci.PullNever
+	if _, err := oci.Convert(context.Background(), reg.host+"/other:1", oo); !errors.Is(err, oci.ErrNotPresent) {
+		t.Errorf("pull never, unknown tag: error %v", err)
+	}
+
+	// The store lists both bundles and prunes to the most recent one.
+	st, _ := store.Open(o.Store)
+	list, err := st.List()
+	if err != nil || len(list) != 2 {
+		t.Fatalf("list: %v %v", list, err)
+	}
+	removed, err := st.Prune(context.Background(), 1)
+	if err != nil || len(removed) != 1 {
+		t.Fatalf("prune: %v %v", removed, err)
+	}
+	if list, _ := st.List(); len(list) != 1 {
+		t.Errorf("after prune: %d bundles", len(list))
+	}
+}
+
+// A failed conversion leaves no bundle and no temporary folder behind.
+func TestConvertFailureLeavesNothing(t *testing.T) {
+	host := imagetest.Registry(t)
+	ref := host + "/bad:1"
+	imagetest.Push(t, ref, imagetest.Image(t, v1.Config{}, imagetest.Tar(t, reg("ok", "fine")), imagetest.Tar(t, reg("../escape", "x"))))
+	o := convertOptions(t)
+	if _, err := oci.Convert(context.Background(), ref, o); err == nil || !strings.Contains(err.Error(), "path traversal") {
+		t.Fatalf("error %v, want path traversal", err)
+	}
+	ents, _ := os.ReadDir(o.Store)
+	for _, e := range ents {
+		if !strings.HasPrefix(e.Name(), ".") {
+			t.Errorf("left behind: %s", e.Name())
+		}
+	}
+	if tmp, _ := os.ReadDir(filepath.Join(o.Store, ".tmp")); len(tmp) > 0 {
+		t.Errorf("temporary folders left: %v", tmp)
+	}
+}
