@@ -313,7 +313,7 @@ func DebootstrapTar(t testing.TB) string {
 		return out
 	}
 	tmp := out + ".tmp"
-	cmd := exec.Command(cmdtest.Tool(t, "tar"), "--numeric-owner", "--xattrs", "--xattrs-include=*", "--sort=name", "-C", dir, "-cf", tmp, ".")
+	cmd := exec.Command(cmdtest.Tool(t, "tar"), "--format=posix", "--numeric-owner", "--xattrs", "--xattrs-include=*", "--sort=name", "-C", dir, "-cf", tmp, ".")
 	if b, err := cmd.CombinedOutput(); err != nil {
 		os.Remove(tmp)
 		t.Fatalf("tar: %v\n%s", err, b)
@@ -322,4 +322,44 @@ func DebootstrapTar(t testing.TB) string {
 		t.Fatal(err)
 	}
 	return out
+}
+
+// Extent is one mapping of a file's logical blocks to image blocks.
+type Extent struct{ Logical, Physical, Len uint64 }
+
+// ExtentMap is a file's data mapping as debugfs reports it.
+type ExtentMap []Extent
+
+// Phys maps a logical block to its image block.
+func (m ExtentMap) Phys(l uint64) (uint64, bool) {
+	for _, e := range m {
+		if l >= e.Logical && l < e.Logical+e.Len {
+			return e.Physical + l - e.Logical, true
+		}
+	}
+	return 0, false
+}
+
+// Extents returns the leaf extents of path from `debugfs dump_extents -l`.
+func Extents(t testing.TB, img, path string) ExtentMap {
+	t.Helper()
+	out := Debugfs(t, img, "dump_extents -l "+quote(path))
+	var m ExtentMap
+	for _, l := range strings.Split(out, "\n") {
+		// " 1/ 1   1/  3     0 -    4     9 -    13      5 "
+		f := strings.Fields(strings.NewReplacer("/", " ", "-", " ").Replace(l))
+		if len(f) < 9 {
+			continue
+		}
+		lo, hi, p := atou(f[4]), atou(f[5]), atou(f[6])
+		n := atou(f[8])
+		if n == 0 || hi < lo {
+			continue
+		}
+		m = append(m, Extent{Logical: lo, Physical: p, Len: n})
+	}
+	if len(m) == 0 {
+		t.Fatalf("dump_extents %s: no extents in\n%s", path, out)
+	}
+	return m
 }
