@@ -169,7 +169,7 @@ func TestConvertCache(t *testing.T) {
 	}
 
 	for _, tc := range []struct {
-		ref, pull string
+		ref, pull   string
 		maxRequests int64
 	}{
 		{ref, "", 0},
