@@ -13,6 +13,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -28,6 +29,7 @@ import (
 	"github.com/virtkit/virtkit/agent/addr"
 	"github.com/virtkit/virtkit/agent/client"
 	"github.com/virtkit/virtkit/agent/proto"
+	"github.com/virtkit/virtkit/switch/lan"
 	"github.com/virtkit/virtkit/workers/launcher/vmm"
 )
 
@@ -48,6 +50,8 @@ type Config struct {
 	Virtkit string
 	// NewDisk makes an empty ext4 image of size bytes at path (the per-VM writable layer).
 	NewDisk func(ctx context.Context, path string, size int64) error
+	// LANs serve the VMs' networks; nil means VMs get no network.
+	LANs *LANs
 	// ReadyTimeout bounds boot-to-agent time (default 3 minutes: TCG is slow).
 	ReadyTimeout time.Duration
 	Logger       zerolog.Logger
@@ -73,11 +77,21 @@ type Request struct {
 	// Mode is the agent's mode: agent (default: serve only) or entrypoint (run the image's command).
 	Mode   string  `json:"mode,omitempty"`
 	Shares []Share `json:"shares,omitempty"`
-	// Net is the guest network (virtkit.net): "" or "none" for none, "dhcp" to use the switch on
-	// vsock port 1025, or static:IP/PREFIX[,GW].
+	// Net is the guest network (virtkit.net): "" or "none" for none, "dhcp" to join LAN through the
+	// switch on vsock port 1025, or static:IP/PREFIX[,GW].
 	Net string `json:"net,omitempty"`
+	// LAN names the network to join (default "default"); VMs on one LAN see each other as <name>.lan.
+	LAN string `json:"lan,omitempty"`
+	// Forwards are host→guest TCP port forwards: HOST:PORT listens on the host, GuestPort in the VM.
+	Forwards []PortForward `json:"forwards,omitempty"`
 	// Cmdline carries extra kernel command line words (virtkit.* keys).
 	Cmdline []string `json:"cmdline,omitempty"`
+}
+
+// PortForward carries connections to Listen (host address:port) to GuestPort in the VM.
+type PortForward struct {
+	Listen    string `json:"listen"`
+	GuestPort uint16 `json:"guest_port"`
 }
 
 var nameRE = regexp.MustCompile(`^[a-z0-9][a-z0-9-]{0,62}$`)
@@ -161,12 +175,16 @@ type VM struct {
 	ExecURL string
 	// Timings of the boot.
 	Timings Timings
+	// IP is the VM's address on its LAN (invalid without network).
+	IP netip.Addr
 
-	l       *Launcher
-	machine vmm.Machine
-	helpers []*helper
-	stop    sync.Once
-	stopErr error
+	lan      string
+	forwards []string
+	l        *Launcher
+	machine  vmm.Machine
+	helpers  []*helper
+	stop     sync.Once
+	stopErr  error
 }
 
 // Timings splits boot-to-ready.
@@ -236,6 +254,29 @@ func (l *Launcher) Start(ctx context.Context, req Request) (vm *VM, err error) {
 		"virtkit.overlay=/dev/vdb", "virtkit.mode=" + req.Mode, "virtkit.hostname=" + req.Name}
 	if req.Net == "" {
 		req.Net = "none"
+	}
+	if req.Net != "none" {
+		if l.cfg.LANs == nil {
+			return nil, errors.New("networking asked for, but this launcher has no LANs")
+		}
+		if req.LAN == "" {
+			req.LAN = "default"
+		}
+		ip, err := l.cfg.LANs.Attach(req.LAN, req.Name, filepath.Join(vm.Dir, "vsock.sock_"+strconv.Itoa(addr.PortNet)))
+		if err != nil {
+			return nil, err
+		}
+		vm.IP = ip
+		vm.lan = req.LAN
+		if sw, ok := l.cfg.LANs.Switch(req.LAN); ok {
+			for _, f := range req.Forwards {
+				lf := lan.Forward{Proto: "tcp", Listen: f.Listen, Name: req.Name, Port: f.GuestPort}
+				if err := sw.AddForward(lf); err != nil {
+					return nil, err
+				}
+				vm.forwards = append(vm.forwards, f.Listen)
+			}
+		}
 	}
 	cmdline = append(cmdline, "virtkit.net="+req.Net)
 	var fsKeys []string
@@ -383,6 +424,14 @@ func (vm *VM) teardown(ctx context.Context) error {
 		}
 		for _, h := range vm.helpers {
 			h.kill()
+		}
+		if vm.lan != "" {
+			if sw, ok := vm.l.cfg.LANs.Switch(vm.lan); ok {
+				for _, f := range vm.forwards {
+					sw.RemoveForward(f)
+				}
+			}
+			vm.l.cfg.LANs.Detach(vm.lan, vm.Name)
 		}
 		if err := os.RemoveAll(vm.Dir); err != nil && vm.stopErr == nil {
 			vm.stopErr = err

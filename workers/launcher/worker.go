@@ -129,7 +129,11 @@ func (w *Worker) launch(ctx context.Context, req Request) error {
 	w.mu.Lock()
 	w.running[req.Name] = vm
 	w.mu.Unlock()
-	w.publish(ctx, &broker.VMReady{VM: req.Name, BootMillis: vm.Timings.Total.Milliseconds()})
+	ready := &broker.VMReady{VM: req.Name, BootMillis: vm.Timings.Total.Milliseconds()}
+	if vm.IP.IsValid() {
+		ready.IP = vm.IP.String()
+	}
+	w.publish(ctx, ready)
 	w.wg.Add(1)
 	go w.watch(vm)
 	return nil

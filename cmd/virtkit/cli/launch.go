@@ -116,9 +116,12 @@ func followFile(ctx context.Context, path string, w io.Writer, done <-chan struc
 }
 
 // defaultKernel is vm.kernel, else dist/vmlinux beside the virtkit binary or in the working folder.
-func defaultKernel(e *env) string {
-	if e.cfg.VM.Kernel != "" {
-		return e.cfg.VM.Kernel
+func defaultKernel(e *env) string { return kernelPath(e.cfg.VM.Kernel) }
+
+// kernelPath is configured, else vmlinux beside the virtkit binary, else dist/vmlinux.
+func kernelPath(configured string) string {
+	if configured != "" {
+		return configured
 	}
 	if exe, err := os.Executable(); err == nil {
 		if p := filepath.Join(filepath.Dir(exe), "vmlinux"); fileExists(p) {
