@@ -22,6 +22,8 @@ import (
 	"sync"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/virtkit/virtkit/agent/addr"
 	"github.com/virtkit/virtkit/switch/dhcp"
 	"github.com/virtkit/virtkit/switch/frame"
@@ -213,26 +215,7 @@ func (r *relay) session(ctx context.Context, c net.Conn) error {
 	}()
 	go func() { // tap → switch
 		defer wg.Done()
-		buf := make([]byte, frame.HeaderLen+frame.MaxLen)
-		for {
-			n, err := r.tap.Read(buf[frame.HeaderLen:])
-			if err != nil {
-				if errors.Is(err, os.ErrDeadlineExceeded) {
-					errc <- nil
-					return
-				}
-				errc <- fmt.Errorf("read from tap: %w", err)
-				return
-			}
-			if n < frame.MinLen {
-				continue
-			}
-			frame.PutHeader(buf, n)
-			if _, err := c.Write(buf[:frame.HeaderLen+n]); err != nil {
-				errc <- fmt.Errorf("write to switch: %w", err)
-				return
-			}
-		}
+		errc <- r.tapToSwitch(c)
 	}()
 	err := <-errc
 	c.Close()
@@ -240,6 +223,56 @@ func (r *relay) session(ctx context.Context, c net.Conn) error {
 	wg.Wait()
 	r.tap.SetReadDeadline(time.Time{})
 	return err
+}
+
+// tapToSwitch copies frames from the tap to the switch, reading every frame the tap has ready
+// (up to a batch) before one write, so a busy guest costs one write per batch, not per frame.
+func (r *relay) tapToSwitch(c net.Conn) error {
+	rc, err := r.tap.SyscallConn()
+	if err != nil {
+		return fmt.Errorf("tap: %w", err)
+	}
+	buf := make([]byte, 4*(frame.HeaderLen+frame.MaxLen))
+	for {
+		off, frames := 0, 0
+		var rerr error
+		err := rc.Read(func(fd uintptr) bool {
+			for len(buf)-off >= frame.HeaderLen+frame.MaxLen && frames < 128 {
+				n, err := unix.Read(int(fd), buf[off+frame.HeaderLen:off+frame.HeaderLen+frame.MaxLen])
+				if err == unix.EAGAIN {
+					return off > 0 // nothing more ready: send what we have, or wait
+				}
+				if err == unix.EINTR {
+					continue
+				}
+				if err != nil {
+					rerr = err
+					return true
+				}
+				if n < frame.MinLen {
+					continue
+				}
+				frame.PutHeader(buf[off:], n)
+				off += frame.HeaderLen + n
+				frames++
+			}
+			return true
+		})
+		if off > 0 {
+			if _, werr := c.Write(buf[:off]); werr != nil {
+				return fmt.Errorf("write to switch: %w", werr)
+			}
+		}
+		if err != nil {
+			if errors.Is(err, os.ErrDeadlineExceeded) {
+				return nil
+			}
+			return fmt.Errorf("read from tap: %w", err)
+		}
+		if rerr != nil {
+			return fmt.Errorf("read from tap: %w", rerr)
+		}
+	}
 }
 
 // dhcp runs the built-in client over the fresh connection, before frames are relayed.

@@ -58,6 +58,9 @@ type halfCloser interface {
 	CloseWrite() error
 }
 
+// copyPool holds splice buffers: large, so that a bulk flow costs few syscalls per megabyte.
+var copyPool = sync.Pool{New: func() any { b := make([]byte, 256<<10); return &b }}
+
 // splice copies both ways, propagating half-closes, until both directions end; it owns and closes
 // both connections. It is tracked by the switch's WaitGroup and ends when the switch closes.
 func (s *Switch) splice(a, b halfCloser) {
@@ -85,7 +88,9 @@ func (s *Switch) splice(a, b halfCloser) {
 	wg.Add(2)
 	cp := func(dst, src halfCloser) {
 		defer wg.Done()
-		_, err := io.Copy(dst, src)
+		bp := copyPool.Get().(*[]byte)
+		defer copyPool.Put(bp)
+		_, err := io.CopyBuffer(struct{ io.Writer }{dst}, struct{ io.Reader }{src}, *bp)
 		if err != nil && !errors.Is(err, net.ErrClosed) {
 			// A reset on one side resets the other.
 			a.Close()
@@ -192,10 +197,9 @@ func (s *Switch) udpFlow(gc *gonet.UDPConn, hc *net.UDPConn) {
 
 // icmpState holds the unprivileged ping sockets, one per guest echo identifier.
 type icmpState struct {
-	mu      sync.Mutex
-	flows   map[icmpKey]*icmpFlow
-	warned  bool
-	refused bool
+	mu     sync.Mutex
+	flows  map[icmpKey]*icmpFlow
+	warned bool
 }
 
 type icmpKey struct {

@@ -2,7 +2,6 @@ package lan
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"net"
 	"net/netip"
@@ -229,5 +228,3 @@ func (s *Switch) dialGuest(ctx context.Context, ip netip.Addr, port uint16) (net
 	}
 	return c, nil
 }
-
-var errForbidden = errors.New("forbidden by policy")

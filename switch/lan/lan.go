@@ -19,7 +19,6 @@ package lan
 
 import (
 	"context"
-	"crypto/rand"
 	"errors"
 	"fmt"
 	"net"
@@ -473,14 +472,6 @@ func (s *Switch) forgetMACs(p *Port) {
 		}
 	}
 	s.macs.Store(&m)
-}
-
-// randomMAC returns a locally administered unicast MAC.
-func randomMAC() frame.MAC {
-	var m frame.MAC
-	rand.Read(m[:])
-	m[0] = m[0]&0xfe | 0x02
-	return m
 }
 
 // ParseListen parses a port spec of `virtkit switch --listen`: "unix:///PATH[,name=N][,mac=M][,ip=A]".
