@@ -1,0 +1,366 @@
+package vhostuser
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"os"
+	"sync"
+	"sync/atomic"
+	"time"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+)
+
+// Split-ring descriptor flags.
+const (
+	descNext     = 1
+	descWrite    = 2
+	descIndirect = 4
+
+	usedFlagNoNotify   = 1 // VRING_USED_F_NO_NOTIFY
+	availFlagNoIntr    = 1 // VRING_AVAIL_F_NO_INTERRUPT
+	descSize           = 16
+	usedElemSize       = 8
+	maxQueueSize       = 32768
+	maxIndirectEntries = 4096
+)
+
+// ErrQueueBroken is returned once the guest has put something invalid on a queue; the queue
+// stops until the frontend resets it (virtio's DEVICE_NEEDS_RESET).
+var ErrQueueBroken = errors.New("virtqueue broken by invalid guest input")
+
+// Chain is one descriptor chain popped from the available ring. Readable and Writable alias
+// guest memory directly: read them only before Push, and expect the guest to change them at any
+// time (copy before validating).
+type Chain struct {
+	Head     uint16
+	Readable [][]byte // device-readable buffers (driver → device), in order
+	Writable [][]byte // device-writable buffers (device → driver), in order
+}
+
+// ReadableLen and WritableLen sum the buffers.
+func (c *Chain) ReadableLen() int { return iovLen(c.Readable) }
+func (c *Chain) WritableLen() int { return iovLen(c.Writable) }
+
+func iovLen(iov [][]byte) int {
+	n := 0
+	for _, b := range iov {
+		n += len(b)
+	}
+	return n
+}
+
+// fenceWord gives a full memory barrier through a locked instruction; split rings need
+// store→load ordering between publishing an index and reading the peer's notification flags.
+var fenceWord atomic.Uint64
+
+func fence() { fenceWord.Add(0) }
+
+// Queue is one started split virtqueue.
+type Queue struct {
+	Index int
+	Size  uint16
+
+	mu        sync.Mutex
+	mem       *Memory
+	desc      []byte
+	avail     []byte
+	used      []byte
+	eventIdx  bool
+	indirect  bool
+	lastAvail uint16
+	usedIdx   uint16
+	usedFlags uint16
+	signalled uint16
+	sigValid  bool
+	broken    error
+
+	kick   *os.File // nil in polling mode
+	callFD int      // -1: no call fd
+	done   chan struct{}
+	once   sync.Once
+}
+
+func newQueue(index int, size uint16, mem *Memory, addr VringAddr, base uint16, features uint64, kickFD, callFD int) (*Queue, error) {
+	if size == 0 || size > maxQueueSize || size&(size-1) != 0 {
+		return nil, fmt.Errorf("%w: queue %d size %d is not a power of two up to %d", ErrProtocol, index, size, maxQueueSize)
+	}
+	n := uint64(size)
+	desc, err := mem.fromUser(addr.Desc, n*descSize)
+	if err != nil {
+		return nil, fmt.Errorf("queue %d descriptor table: %w", index, err)
+	}
+	avail, err := mem.fromUser(addr.Avail, 6+2*n)
+	if err != nil {
+		return nil, fmt.Errorf("queue %d available ring: %w", index, err)
+	}
+	used, err := mem.fromUser(addr.Used, 6+usedElemSize*n)
+	if err != nil {
+		return nil, fmt.Errorf("queue %d used ring: %w", index, err)
+	}
+	if uintptr(unsafe.Pointer(&desc[0]))%16 != 0 || uintptr(unsafe.Pointer(&avail[0]))%2 != 0 || uintptr(unsafe.Pointer(&used[0]))%4 != 0 {
+		return nil, fmt.Errorf("%w: queue %d rings are misaligned", ErrProtocol, index)
+	}
+	q := &Queue{
+		Index: index, Size: size, mem: mem, desc: desc, avail: avail, used: used,
+		eventIdx: features&FeatureEventIdx != 0, indirect: features&FeatureIndirectDesc != 0,
+		lastAvail: base, callFD: callFD, done: make(chan struct{}),
+	}
+	// The used index continues from the guest's view (it equals last_avail after a clean stop).
+	q.usedIdx = q.loadUsedIdx()
+	q.usedFlags = 0
+	if kickFD >= 0 {
+		if err := unix.SetNonblock(kickFD, true); err != nil {
+			return nil, fmt.Errorf("queue %d kick fd: %w", index, err)
+		}
+		q.kick = os.NewFile(uintptr(kickFD), fmt.Sprintf("vring%d-kick", index))
+	}
+	return q, nil
+}
+
+// close releases the kick file (unblocking WaitKick). The call fd belongs to the session.
+func (q *Queue) close() {
+	q.once.Do(func() {
+		close(q.done)
+		if q.kick != nil {
+			q.kick.Close()
+		}
+	})
+}
+
+// Stopped is closed when the frontend stops the queue.
+func (q *Queue) Stopped() <-chan struct{} { return q.done }
+
+func (q *Queue) loadAvailIdx() uint16 {
+	return atomicLoad16(q.avail[2:])
+}
+
+func (q *Queue) loadUsedIdx() uint16 {
+	return atomicLoad16(q.used[2:])
+}
+
+func atomicLoad16(b []byte) uint16 {
+	p := unsafe.Pointer(&b[0])
+	if uintptr(p)%4 == 0 {
+		return uint16(atomic.LoadUint32((*uint32)(p)))
+	}
+	if uintptr(p)%4 == 2 {
+		return uint16(atomic.LoadUint32((*uint32)(unsafe.Add(p, -2))) >> 16)
+	}
+	return binary.LittleEndian.Uint16(b)
+}
+
+// storeUsedHeader publishes flags and idx together; the used ring is 4-aligned and the device
+// owns both fields, so one 32-bit store releases the elements written before it.
+func (q *Queue) storeUsedHeader() {
+	atomic.StoreUint32((*uint32)(unsafe.Pointer(&q.used[0])), uint32(q.usedFlags)|uint32(q.usedIdx)<<16)
+}
+
+// Broken reports why the queue stopped, or nil.
+func (q *Queue) Broken() error {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	return q.broken
+}
+
+// Pop takes the next available descriptor chain; it returns (nil, nil) when the ring is empty.
+// Invalid guest input breaks the queue and returns an error wrapping ErrQueueBroken.
+func (q *Queue) Pop() (*Chain, error) {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	if q.broken != nil {
+		return nil, q.broken
+	}
+	avail := q.loadAvailIdx()
+	pending := avail - q.lastAvail
+	if pending == 0 {
+		return nil, nil
+	}
+	if pending > q.Size {
+		return nil, q.fail(fmt.Errorf("available index %d is %d ahead of %d (queue size %d)", avail, pending, q.lastAvail, q.Size))
+	}
+	slot := 4 + 2*uint64(q.lastAvail%q.Size)
+	head := binary.LittleEndian.Uint16(q.avail[slot:])
+	c, err := q.walk(head)
+	if err != nil {
+		return nil, q.fail(err)
+	}
+	q.lastAvail++
+	return c, nil
+}
+
+func (q *Queue) fail(err error) error {
+	q.broken = fmt.Errorf("%w: queue %d: %v", ErrQueueBroken, q.Index, err)
+	return q.broken
+}
+
+// walk follows a chain from head, translating every buffer and bounding every loop.
+func (q *Queue) walk(head uint16) (*Chain, error) {
+	if head >= q.Size {
+		return nil, fmt.Errorf("head %d out of range", head)
+	}
+	c := &Chain{Head: head}
+	table, tableLen := q.desc, uint32(q.Size)
+	i := uint32(head)
+	indirect := false
+	for steps := uint32(0); ; steps++ {
+		if steps >= tableLen {
+			return nil, fmt.Errorf("chain from head %d loops or exceeds %d descriptors", head, tableLen)
+		}
+		d := table[i*descSize : (i+1)*descSize]
+		addr := binary.LittleEndian.Uint64(d)
+		n := binary.LittleEndian.Uint32(d[8:])
+		flags := binary.LittleEndian.Uint16(d[12:])
+		next := binary.LittleEndian.Uint16(d[14:])
+		if flags&descIndirect != 0 {
+			if !q.indirect || indirect {
+				return nil, fmt.Errorf("descriptor %d: indirect not negotiated or nested", i)
+			}
+			if flags&descNext != 0 || steps != 0 {
+				return nil, fmt.Errorf("descriptor %d: indirect descriptor inside a chain", i)
+			}
+			if n == 0 || n%descSize != 0 || n/descSize > maxIndirectEntries {
+				return nil, fmt.Errorf("descriptor %d: indirect table of %d bytes", i, n)
+			}
+			t, err := q.mem.Slice(addr, uint64(n))
+			if err != nil {
+				return nil, fmt.Errorf("descriptor %d: indirect table: %w", i, err)
+			}
+			table, tableLen, i, indirect, steps = t, n/descSize, 0, true, ^uint32(0) // steps++ → 0
+			continue
+		}
+		var err error
+		if flags&descWrite != 0 {
+			c.Writable, err = q.mem.AppendIov(c.Writable, addr, uint64(n))
+		} else {
+			if len(c.Writable) > 0 {
+				return nil, fmt.Errorf("descriptor %d: readable buffer after a writable one", i)
+			}
+			c.Readable, err = q.mem.AppendIov(c.Readable, addr, uint64(n))
+		}
+		if err != nil {
+			return nil, fmt.Errorf("descriptor %d: %w", i, err)
+		}
+		if flags&descNext == 0 {
+			return c, nil
+		}
+		if uint32(next) >= tableLen {
+			return nil, fmt.Errorf("descriptor %d: next %d out of range %d", i, next, tableLen)
+		}
+		i = uint32(next)
+	}
+}
+
+// Push returns a chain to the guest with n bytes written into its writable buffers. It does not
+// notify; call Notify after a batch.
+func (q *Queue) Push(head uint16, n uint32) {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	q.pushLocked(head, n)
+}
+
+func (q *Queue) pushLocked(head uint16, n uint32) {
+	slot := 4 + usedElemSize*uint64(q.usedIdx%q.Size)
+	binary.LittleEndian.PutUint32(q.used[slot:], uint32(head))
+	binary.LittleEndian.PutUint32(q.used[slot+4:], n)
+	q.usedIdx++
+	q.storeUsedHeader()
+}
+
+// Notify signals the guest if it asked to hear about the used entries pushed since the last
+// signal.
+func (q *Queue) Notify() {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	q.notifyLocked()
+}
+
+func (q *Queue) notifyLocked() {
+	fence()
+	if q.eventIdx {
+		ev := binary.LittleEndian.Uint16(q.avail[4+2*uint64(q.Size):])
+		old, nw := q.signalled, q.usedIdx
+		valid := q.sigValid
+		q.signalled, q.sigValid = nw, true
+		if valid && uint16(nw-ev-1) >= uint16(nw-old) {
+			return
+		}
+	} else if atomicLoad16(q.avail[0:])&availFlagNoIntr != 0 {
+		return
+	}
+	q.signal()
+}
+
+func (q *Queue) signal() {
+	if q.callFD < 0 {
+		return
+	}
+	var one = [8]byte{1}
+	for {
+		_, err := unix.Write(q.callFD, one[:])
+		if err != unix.EINTR {
+			return
+		}
+	}
+}
+
+// Done pushes one chain and notifies.
+func (q *Queue) Done(head uint16, n uint32) {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	q.pushLocked(head, n)
+	q.notifyLocked()
+}
+
+// DisableNotify asks the guest not to kick while the device is draining the ring.
+func (q *Queue) DisableNotify() {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	if !q.eventIdx {
+		q.usedFlags |= usedFlagNoNotify
+		q.storeUsedHeader()
+	}
+}
+
+// EnableNotify asks the guest to kick on new buffers and reports whether buffers arrived
+// meanwhile (the caller must then drain again instead of sleeping).
+func (q *Queue) EnableNotify() bool {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	if q.eventIdx {
+		binary.LittleEndian.PutUint16(q.used[4+usedElemSize*uint64(q.Size):], q.lastAvail)
+	} else {
+		q.usedFlags &^= usedFlagNoNotify
+		q.storeUsedHeader()
+	}
+	fence()
+	return q.broken == nil && q.loadAvailIdx() != q.lastAvail
+}
+
+// WaitKick blocks until the guest kicks the queue or the queue is stopped (then it returns an
+// error). In polling mode (no kick fd) it waits a millisecond.
+func (q *Queue) WaitKick() error {
+	if q.kick == nil {
+		select {
+		case <-q.done:
+			return fmt.Errorf("queue %d stopped", q.Index)
+		case <-time.After(time.Millisecond):
+			return nil
+		}
+	}
+	var b [8]byte
+	_, err := q.kick.Read(b[:])
+	if err != nil {
+		return fmt.Errorf("queue %d kick: %w", q.Index, err)
+	}
+	return nil
+}
+
+// lastAvailIdx is what GET_VRING_BASE reports.
+func (q *Queue) lastAvailIdx() uint16 {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	return q.lastAvail
+}
