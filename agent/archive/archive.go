@@ -166,7 +166,7 @@ func unpackEntry(root *os.Root, tr io.Reader, hdr *tar.Header, name string, asRo
 		if err := root.Chmod(name, mode|fs.ModeDir); err != nil && name != "." {
 			return err
 		}
-	case tar.TypeReg, tar.TypeRegA:
+	case tar.TypeReg:
 		if fi, err := root.Lstat(name); err == nil && !fi.Mode().IsRegular() {
 			if err := root.RemoveAll(name); err != nil {
 				return err

@@ -21,6 +21,7 @@ import (
 	"log/slog"
 	"net"
 	"os"
+	"runtime/debug"
 	"sync"
 	"time"
 
@@ -169,8 +170,13 @@ func (s *Server) Serve(ctx context.Context, l net.Listener) error {
 	}
 }
 
-// handle runs one connection.
+// handle runs one connection. A bug in one request must not take the agent (maybe PID 1) down.
 func (s *Server) handle(ctx context.Context, c net.Conn) {
+	defer func() {
+		if r := recover(); r != nil {
+			s.log.Error("panic serving a connection", "panic", r, "stack", string(debug.Stack()))
+		}
+	}()
 	r := proto.NewReader(c)
 	w := proto.NewWriter(c)
 	c.SetReadDeadline(time.Now().Add(30 * time.Second))

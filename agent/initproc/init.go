@@ -57,8 +57,7 @@ type Init struct {
 	ep    *proto.Entrypoint
 	epEnd chan struct{}
 
-	shutdownOnce sync.Once
-	shutdown     chan bool // poweroff?
+	shutdown chan bool // a shutdown request; true: power off, false: reboot
 }
 
 func (in *Init) log(format string, args ...any) {

@@ -319,3 +319,60 @@ func TestInitNotPID1(t *testing.T) {
 		t.Fatalf("init outside PID 1: %v %s", err, out)
 	}
 }
+
+// TestInitOverlayDisk stacks a real ext4 block device (a loop device standing in for the VM's
+// /dev/vdb) over the read-only base; the guest's writes land on it and it is clean afterwards.
+func TestInitOverlayDisk(t *testing.T) {
+	root := busyboxRoot(t)
+	mkfs := cmdtest.Tool(t, "mkfs.ext4")
+	losetup := cmdtest.Tool(t, "losetup")
+	e2fsck := cmdtest.Tool(t, "e2fsck")
+	debugfs := cmdtest.Tool(t, "debugfs")
+	img := filepath.Join(t.TempDir(), "rw.ext4")
+	if out, err := exec.Command(mkfs, "-q", "-F", img, "32M").CombinedOutput(); err != nil {
+		t.Fatalf("mkfs: %v %s", err, out)
+	}
+	out, err := exec.Command(losetup, "-f", "--show", img).CombinedOutput()
+	if err != nil {
+		t.Fatalf("losetup: %v %s", err, out)
+	}
+	dev := strings.TrimSpace(string(out))
+	t.Cleanup(func() { exec.Command(losetup, "-d", dev).Run() })
+
+	writeImage(t, root, `{"entrypoint":["sh","-c","echo persisted > /etc/written; rm /etc/group; grep -q '^/dev/loop' /proc/mounts && echo rw-disk-mounted; exit 0"]}`)
+	g := boot(t, root, "virtkit.overlay="+dev+"\nvirtkit.net=none\nvirtkit.listen=unix:///run/agent.sock\n")
+	poweredOff(t, g.wait(t))
+	if con := g.con.String(); !strings.Contains(con, "rw-disk-mounted\n") || !strings.Contains(con, "virtkit: exit-code 0\n") {
+		t.Fatalf("console:\n%s", con)
+	}
+	if _, err := os.Stat(filepath.Join(root, "etc/group")); err != nil {
+		t.Errorf("the guest's delete reached the base: %v", err)
+	}
+	// The namespace is gone, so the disk is unmounted: it must be clean and hold the writes.
+	waitLoopFree(t, dev)
+	if out, err := exec.Command(e2fsck, "-fn", dev).CombinedOutput(); err != nil {
+		t.Errorf("e2fsck after shutdown: %v\n%s", err, out)
+	}
+	out, err = exec.Command(debugfs, "-R", "cat /upper/etc/written", dev).Output()
+	if err != nil || string(out) != "persisted\n" {
+		t.Errorf("upper layer content: %q %v", out, err)
+	}
+	out, _ = exec.Command(debugfs, "-R", "stat /upper/etc/group", dev).CombinedOutput()
+	if !strings.Contains(string(out), "Type: character special") {
+		t.Errorf("no whiteout for the deleted file in the upper layer:\n%s", out)
+	}
+}
+
+// waitLoopFree waits until no mount uses dev (the dying namespace releases it asynchronously).
+func waitLoopFree(t *testing.T, dev string) {
+	t.Helper()
+	name := filepath.Base(dev)
+	for range 200 {
+		holders, _ := os.ReadDir("/sys/block/" + name + "/holders")
+		b, _ := os.ReadFile("/proc/self/mountinfo")
+		if len(holders) == 0 && !strings.Contains(string(b), dev) {
+			return
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
