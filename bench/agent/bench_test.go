@@ -176,4 +176,3 @@ func BenchmarkNsenterStdout(b *testing.B) {
 func BenchmarkLocalTrue(b *testing.B) {
 	latency(b, func() error { return exec.Command("true").Run() })
 }
-

@@ -118,7 +118,6 @@ func execRemote(ctx context.Context, url string, req client.ExecRequest, interac
 	return st.Code, nil
 }
 
-
 // errorCode maps a failure to run the command to a shell-like exit code: 127 not found,
 // 126 not allowed or not executable, 255 for agent or transport failures (as ssh does).
 func errorCode(err error) int {
