@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"strconv"
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
@@ -77,7 +78,9 @@ type Host struct {
 	Running  int            `json:"running"`
 	Workers  []WorkerStatus `json:"workers,omitempty"`
 	TTL      Duration       `json:"ttl"`
-	Seq      uint64         `json:"seq"`
+	// Stopped is set by host.stopped: the host shut down cleanly.
+	Stopped bool   `json:"stopped,omitempty"`
+	Seq     uint64 `json:"seq"`
 }
 
 // State is the four tables in memory. The zero value is not usable; use NewState.
@@ -167,11 +170,16 @@ func (s *State) Apply(env *Envelope, ev Event) bool {
 		s.Hosts[id] = &Host{ID: id, Version: e.Version, Started: e.Started, LastSeen: env.Time, Capacity: e.Capacity,
 			Running: e.Running, Workers: e.Workers, TTL: e.TTL, Seq: env.Seq}
 	case *HostStopped:
+		// A tombstone, not a delete: an older heartbeat applied late must not bring the host back.
+		// vk_hosts forgets the row after its TTL.
 		r := s.Hosts[id]
-		if r == nil || stale(r.Seq) {
+		if r == nil {
+			r = &Host{ID: id}
+		} else if stale(r.Seq) {
 			return false
 		}
-		delete(s.Hosts, id)
+		r.Stopped, r.Running, r.LastSeen, r.Seq = true, 0, env.Time, env.Seq
+		s.Hosts[id] = r
 	default:
 		return false
 	}
@@ -392,9 +400,12 @@ func (s *State) ids(bucket string) []string {
 }
 
 // Projector keeps the KV tables up to date from VIRTKIT_EVENTS. Every host may run one: each
-// follows the log through its own durable consumer (projector-<host>) and writes rows with
-// compare-and-set, skipping events a row already contains, so several projectors agree and a
-// restarted one resumes where it stopped. It is a workers.Worker.
+// follows the log in strict order through an ordered consumer, starting after its checkpoint
+// (vk_checkpoints, key projector-<host>), and writes rows with compare-and-set, skipping events a
+// row already contains. So several projectors agree, and a restarted or crashed one resumes at
+// its checkpoint, re-applying harmlessly what it did after it. (A durable consumer is not used
+// on purpose: after a crash it redelivers the unacked events after newer ones, out of order.)
+// It is a workers.Worker.
 type Projector struct {
 	c     *Client
 	log   zerolog.Logger
@@ -414,32 +425,60 @@ func NewProjector(c *Client, log zerolog.Logger) *Projector {
 // Name is the worker name.
 func (p *Projector) Name() string { return "projector" }
 
-// ProjectorConsumer is the durable consumer name of host's projector.
-func ProjectorConsumer(host string) string { return "projector-" + host }
+// ProjectorCheckpoint is the vk_checkpoints key of host's projector.
+func ProjectorCheckpoint(host string) string { return "projector-" + host }
 
-// ProjectionLag is how many events host's projector has not applied yet.
-func ProjectionLag(ctx context.Context, c *Client, host string) (uint64, error) {
-	cons, err := c.js.Consumer(ctx, EventsStream, ProjectorConsumer(host))
-	if err != nil {
-		return 0, fmt.Errorf("broker: projection lag: %w", err)
+func readCheckpoint(ctx context.Context, kv jetstream.KeyValue, key string) (uint64, error) {
+	e, err := kv.Get(ctx, key)
+	if errors.Is(err, jetstream.ErrKeyNotFound) {
+		return 0, nil
 	}
-	info, err := cons.Info(ctx)
 	if err != nil {
-		return 0, fmt.Errorf("broker: projection lag: %w", err)
+		return 0, err
 	}
-	return info.NumPending + uint64(info.NumAckPending), nil
+	n, err := strconv.ParseUint(string(e.Value()), 10, 64)
+	if err != nil {
+		return 0, fmt.Errorf("checkpoint %s: %w", key, err)
+	}
+	return n, nil
 }
 
-// Run applies events until ctx ends, then finishes the events already fetched and returns.
+// ProjectionLag is how many events of the log host's projector has not applied yet.
+func ProjectionLag(ctx context.Context, c *Client, host string) (uint64, error) {
+	kv, err := c.js.KeyValue(ctx, BucketCheckpoints)
+	if err != nil {
+		return 0, fmt.Errorf("broker: projection lag: %w", err)
+	}
+	done, err := readCheckpoint(ctx, kv, ProjectorCheckpoint(host))
+	if err != nil {
+		return 0, fmt.Errorf("broker: projection lag: %w", err)
+	}
+	st, err := c.js.Stream(ctx, EventsStream)
+	if err != nil {
+		return 0, fmt.Errorf("broker: projection lag: %w", err)
+	}
+	last := st.CachedInfo().State.LastSeq
+	if done >= last {
+		return 0, nil
+	}
+	return last - done, nil
+}
+
+// Run applies events until ctx ends, then finishes the events already fetched, writes its
+// checkpoint and returns.
 func (p *Projector) Run(ctx context.Context) error {
-	cons, err := p.c.js.CreateOrUpdateConsumer(ctx, EventsStream, jetstream.ConsumerConfig{
-		Durable:           ProjectorConsumer(p.c.host),
-		Description:       "KV projection of host " + p.c.host,
-		DeliverPolicy:     jetstream.DeliverAllPolicy,
-		AckPolicy:         jetstream.AckAllPolicy,
-		AckWait:           time.Minute,
-		MaxAckPending:     4096,
-		InactiveThreshold: 7 * 24 * time.Hour,
+	ckv, err := p.c.js.KeyValue(ctx, BucketCheckpoints)
+	if err != nil {
+		return fmt.Errorf("broker: projector: %w", err)
+	}
+	key := ProjectorCheckpoint(p.c.host)
+	done, err := readCheckpoint(ctx, ckv, key)
+	if err != nil {
+		return fmt.Errorf("broker: projector: %w", err)
+	}
+	cons, err := p.c.js.OrderedConsumer(ctx, EventsStream, jetstream.OrderedConsumerConfig{
+		DeliverPolicy: jetstream.DeliverByStartSequencePolicy,
+		OptStartSeq:   done + 1,
 	})
 	if err != nil {
 		return fmt.Errorf("broker: projector: %w", err)
@@ -451,26 +490,44 @@ func (p *Projector) Run(ctx context.Context) error {
 	stop := context.AfterFunc(ctx, it.Drain)
 	defer stop()
 	wctx := context.WithoutCancel(ctx)
+	saved, lastSave := done, time.Now()
+	save := func() error {
+		if done == saved {
+			return nil
+		}
+		if _, err := ckv.Put(wctx, key, []byte(strconv.FormatUint(done, 10))); err != nil {
+			return fmt.Errorf("broker: projector: checkpoint: %w", err)
+		}
+		saved, lastSave = done, time.Now()
+		return nil
+	}
+	p.log.Debug().Uint64("from", done+1).Msg("projecting events")
 	for {
 		msg, err := it.Next()
 		if err != nil {
 			if errors.Is(err, jetstream.ErrMsgIteratorClosed) {
-				return nil
+				return save()
 			}
+			return fmt.Errorf("broker: projector: %w", err)
+		}
+		md, err := msg.Metadata()
+		if err != nil {
 			return fmt.Errorf("broker: projector: %w", err)
 		}
 		env, ev, err := decodeMsg(msg)
 		if err != nil {
 			p.log.Warn().Err(err).Str("subject", msg.Subject()).Msg("skip event")
-			_ = msg.Ack()
-			continue
-		}
-		if err := p.apply(wctx, env, ev); err != nil {
-			// Leave it unacked: it comes back after AckWait, and the seq check makes that safe.
+		} else if err := p.apply(wctx, env, ev); err != nil {
 			it.Stop()
 			return fmt.Errorf("broker: projector: event %d (%s %s): %w", env.Seq, env.Type, env.Subject, err)
 		}
-		_ = msg.Ack()
+		done = md.Sequence.Stream
+		if md.NumPending == 0 || done-saved >= 1024 || time.Since(lastSave) > time.Second {
+			if err := save(); err != nil {
+				it.Stop()
+				return err
+			}
+		}
 	}
 }
 

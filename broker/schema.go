@@ -28,6 +28,8 @@ const (
 	BucketImages = "vk_images"
 	BucketJobs   = "vk_jobs"
 	BucketHosts  = "vk_hosts"
+	// BucketCheckpoints holds each host projector's last applied event sequence.
+	BucketCheckpoints = "vk_checkpoints"
 )
 
 // HostWorkSubject is work that must run on host (where a VM lives): vk.work.host.<host>.<kind>.
@@ -192,6 +194,7 @@ func DefaultSchema(o SchemaOptions) Schema {
 			{Bucket: BucketJobs, Description: "job state projected from job.* events", History: 1, Storage: jetstream.FileStorage, Replicas: o.Replicas},
 			{Bucket: BucketHosts, Description: "live hosts projected from host.* events; a host vanishes TTL after its last heartbeat",
 				History: 1, Storage: jetstream.FileStorage, Replicas: o.Replicas, TTL: o.HostTTL, LimitMarkerTTL: o.HostTTL},
+			{Bucket: BucketCheckpoints, Description: "last event sequence each host's projector applied", History: 1, Storage: jetstream.FileStorage, Replicas: o.Replicas},
 		},
 	}
 	for _, subj := range []string{WorkImageConvert, WorkVMLaunch, WorkCIJob} {

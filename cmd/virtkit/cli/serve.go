@@ -5,6 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"sort"
+	"strings"
 	"time"
 
 	"github.com/rs/zerolog"
@@ -30,9 +32,49 @@ type daemon struct {
 // registerWorker (e.g. serve_launcher.go), so serve.go need not change when a worker lands.
 type workerFactory func(ctx context.Context, d *daemon) (workers.Worker, error)
 
-var workerFactories []workerFactory
+// workerFactories and workerNames are parallel: factory i builds the worker called workerNames[i].
+var (
+	workerFactories []workerFactory
+	workerNames     []string
+)
 
-func registerWorker(f workerFactory) { workerFactories = append(workerFactories, f) }
+// builtinWorkers are the daemon's own workers, always known to --workers.
+var builtinWorkers = []string{"projector", "heartbeat"}
+
+// registerWorker adds a worker called name (what `serve --workers` selects it by, and what
+// status shows) to the daemon.
+func registerWorker(name string, f workerFactory) {
+	workerFactories = append(workerFactories, f)
+	workerNames = append(workerNames, name)
+}
+
+// selectWorkers parses --workers: "all", or a comma-separated list of worker names.
+func selectWorkers(list string) (func(string) bool, error) {
+	if list == "" || list == "all" {
+		return func(string) bool { return true }, nil
+	}
+	known := map[string]bool{}
+	for _, n := range builtinWorkers {
+		known[n] = true
+	}
+	for _, n := range workerNames {
+		known[n] = true
+	}
+	want := map[string]bool{}
+	for _, n := range strings.Split(list, ",") {
+		n = strings.TrimSpace(n)
+		if !known[n] {
+			names := make([]string, 0, len(known))
+			for k := range known {
+				names = append(names, k)
+			}
+			sort.Strings(names)
+			return nil, fmt.Errorf("--workers: no worker %q (have %s)", n, strings.Join(names, ", "))
+		}
+		want[n] = true
+	}
+	return func(n string) bool { return want[n] }, nil
+}
 
 func init() {
 	register(func(e *env) *cobra.Command {
@@ -40,6 +82,7 @@ func init() {
 			natsURL, creds, tlsCA, tlsCert, tlsKey string
 			port, replicas                         int
 			heartbeat                              time.Duration
+			workerList                             string
 		)
 		cmd := &cobra.Command{
 			Use:   "serve",
@@ -66,7 +109,11 @@ clients (virtkit status, run, …) find it. SIGTERM or SIGINT drains the workers
 				if f.Changed("port") {
 					c.NATS.Port = port
 				}
-				return serve(cmd.Context(), e, replicas, heartbeat)
+				want, err := selectWorkers(workerList)
+				if err != nil {
+					return err
+				}
+				return serve(cmd.Context(), e, replicas, heartbeat, want)
 			},
 		}
 		f := cmd.Flags()
@@ -78,11 +125,12 @@ clients (virtkit status, run, …) find it. SIGTERM or SIGINT drains the workers
 		f.IntVar(&port, "port", 0, "port of the embedded server on 127.0.0.1 (default: nats.port, else a free port)")
 		f.IntVar(&replicas, "replicas", 1, "stream and bucket replicas (3 on a NATS cluster)")
 		f.DurationVar(&heartbeat, "heartbeat", 5*time.Second, "host heartbeat interval")
+		f.StringVar(&workerList, "workers", "all", "workers to run: all, or a comma-separated list (e.g. projector,heartbeat for a broker-only node)")
 		return cmd
 	})
 }
 
-func serve(ctx context.Context, e *env, replicas int, heartbeat time.Duration) (err error) {
+func serve(ctx context.Context, e *env, replicas int, heartbeat time.Duration, want func(string) bool) (err error) {
 	c, log := e.cfg, e.log
 	host := broker.HostID(c.Host)
 	if ep, err := broker.ReadEndpoint(c.StateDir); err == nil {
@@ -139,12 +187,19 @@ func serve(ctx context.Context, e *env, replicas int, heartbeat time.Duration) (
 	// The workers.
 	sup := workers.New(workers.Config{Log: log})
 	d := &daemon{Client: client, Slots: broker.NewSlots(c.VM.Capacity), Config: c, Log: log, Supervisor: sup}
-	sup.Add(broker.NewProjector(client, log))
-	sup.Add(workers.NewHeartbeat(client, workers.HeartbeatConfig{Supervisor: sup, Slots: d.Slots, Version: Version, Interval: heartbeat, Log: log}))
-	for _, f := range workerFactories {
+	if want("projector") {
+		sup.Add(broker.NewProjector(client, log))
+	}
+	if want("heartbeat") {
+		sup.Add(workers.NewHeartbeat(client, workers.HeartbeatConfig{Supervisor: sup, Slots: d.Slots, Version: Version, Interval: heartbeat, Log: log}))
+	}
+	for i, f := range workerFactories {
+		if !want(workerNames[i]) {
+			continue
+		}
 		w, err := f(ctx, d)
 		if err != nil {
-			return fmt.Errorf("serve: %w", err)
+			return fmt.Errorf("serve: worker %s: %w", workerNames[i], err)
 		}
 		if w != nil {
 			sup.Add(w)

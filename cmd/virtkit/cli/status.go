@@ -91,8 +91,11 @@ func printStatus(w io.Writer, r *broker.Report, now time.Time) {
 				}
 				ws = append(ws, s)
 			}
-			fmt.Fprintf(tw, "%s\t%s\t%d\t%d\t%s ago\t%s\t%s\n", h.ID, h.Version, h.Running, h.Capacity,
-				now.Sub(h.LastSeen).Round(time.Second), now.Sub(h.Started).Round(time.Second), strings.Join(ws, " "))
+			seen, up := now.Sub(h.LastSeen).Round(time.Second).String()+" ago", now.Sub(h.Started).Round(time.Second).String()
+			if h.Stopped {
+				seen, up, ws = "stopped "+seen, "-", nil
+			}
+			fmt.Fprintf(tw, "%s\t%s\t%d\t%d\t%s\t%s\t%s\n", h.ID, h.Version, h.Running, h.Capacity, seen, up, strings.Join(ws, " "))
 		}
 		tw.Flush()
 	}
