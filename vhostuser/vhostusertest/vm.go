@@ -195,4 +195,3 @@ func hostKHz() int {
 	}
 	return 0
 }
-

@@ -266,4 +266,3 @@ func reportMB(what string, mb int, t0 time.Time) {
 	d := time.Since(t0)
 	fmt.Printf("GUESTPROG BENCH %s %.1f MB/s\n", what, float64(mb)/d.Seconds())
 }
-
