@@ -204,3 +204,27 @@ func TestForwardAndConnect(t *testing.T) {
 		t.Fatalf("connect --direct: %q %v", out, err)
 	}
 }
+
+func TestInfoShutdownWait(t *testing.T) {
+	bin, url := serve(t)
+	out, err := exec.Command(bin, "info", "--connect", url).Output()
+	if err != nil || !strings.Contains(string(out), `"protocol": 1`) || !strings.Contains(string(out), `"mode": "serve"`) {
+		t.Fatalf("info: %s %v", out, err)
+	}
+	// Plain `serve` has no entrypoint: wait says so.
+	out, err = exec.Command(bin, "wait", "--connect", url, "--timeout", "5s").CombinedOutput()
+	if exitCode(err) != 255 || !strings.Contains(string(out), "no entrypoint") {
+		t.Fatalf("wait without an entrypoint: %s %v", out, err)
+	}
+	// Shutdown of a plain `serve` stops the server.
+	if out, err := exec.Command(bin, "shutdown", "--connect", url).CombinedOutput(); err != nil {
+		t.Fatalf("shutdown: %s %v", out, err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
+	defer cancel()
+	time.Sleep(100 * time.Millisecond)
+	if c, err := client.Dial(ctx, url); err == nil {
+		c.Close()
+		t.Fatal("agent still serving after shutdown")
+	}
+}
