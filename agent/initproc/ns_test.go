@@ -376,3 +376,35 @@ func waitLoopFree(t *testing.T, dev string) {
 		time.Sleep(10 * time.Millisecond)
 	}
 }
+
+// TestInitSystemdHandOff checks that systemd mode writes the agent's runtime units and execs the
+// configured systemd as PID 1 (here a script that shows what it got and powers off), and that a
+// missing systemd leaves the guest serving in agent mode.
+func TestInitSystemdHandOff(t *testing.T) {
+	root := busyboxRoot(t)
+	script := "#!/bin/sh\ncat /run/systemd/system/virtkit-agent.service\nls /run/systemd/system/sysinit.target.wants\necho \"systemd-pid=$$\"\nexec poweroff -f\n"
+	if err := os.WriteFile(filepath.Join(root, "bin/fake-systemd"), []byte(script), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	g := boot(t, root, "virtkit.mode=systemd\nvirtkit.systemd=/bin/fake-systemd\nvirtkit.net=none\nvirtkit.listen=unix:///.virtkit/agent.sock\nvirtkit.allow=/bin/true\n")
+	poweredOff(t, g.wait(t))
+	con := g.con.String()
+	for _, want := range []string{`ExecStart="/sbin/virtkit-agent" "serve" "--listen" "unix:///.virtkit/agent.sock" "--allow" "/bin/true"`, "virtkit-agent.service\n", "systemd-pid=1\n"} {
+		if !strings.Contains(con, want) {
+			t.Errorf("console lacks %q:\n%s", want, con)
+		}
+	}
+
+	root = busyboxRoot(t)
+	g = boot(t, root, "virtkit.mode=systemd\nvirtkit.systemd=/no/systemd\nvirtkit.net=none\nvirtkit.listen=unix:///.virtkit/agent.sock\n")
+	c := g.dial(t)
+	in, err := c.Info(context.Background())
+	if err != nil || in.Mode != "agent" {
+		t.Fatalf("fallback: %+v %v", in, err)
+	}
+	if !strings.Contains(g.con.String(), "staying in agent mode") {
+		t.Errorf("console:\n%s", g.con.String())
+	}
+	c.Shutdown(context.Background(), true)
+	poweredOff(t, g.wait(t))
+}
