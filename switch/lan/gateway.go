@@ -127,6 +127,9 @@ type linkEndpoint struct {
 
 var _ stack.LinkEndpoint = (*linkEndpoint)(nil)
 
+// headerSplit covers an Ethernet, an IPv4 and a TCP header with all their options.
+const headerSplit = header.EthernetMinimumSize + header.IPv4MaximumHeaderSize + header.TCPHeaderMaximumSize
+
 func (e *linkEndpoint) deliver(f []byte) {
 	e.mu.RLock()
 	d := e.dispatcher
@@ -134,7 +137,17 @@ func (e *linkEndpoint) deliver(f []byte) {
 	if d == nil {
 		return
 	}
-	pkt := stack.NewPacketBuffer(stack.PacketBufferOptions{Payload: buffer.MakeWithData(f)})
+	// Headers and payload go in separate views: the netstack pulls headers up from a shared
+	// buffer by cloning the view that holds them, and that must not be a 64 KiB one.
+	var payload buffer.Buffer
+	if len(f) > 4096 {
+		h := headerSplit
+		payload.Append(buffer.NewViewWithData(f[:h]))
+		payload.Append(buffer.NewViewWithData(f[h:]))
+	} else {
+		payload.Append(buffer.NewViewWithData(f))
+	}
+	pkt := stack.NewPacketBuffer(stack.PacketBufferOptions{Payload: payload})
 	defer pkt.DecRef()
 	if !e.ParseHeader(pkt) {
 		return
