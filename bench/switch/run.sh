@@ -1,0 +1,39 @@
+#!/bin/sh
+# Compare virtkit's switch with gvproxy, slirp4netns and pasta side by side (iperf3, TCP, 1 and 4
+# streams, guest→host and host→guest, MTU 1500 and 65520) and print throughput and CPU ratios.
+#
+#   sudo ./bench/switch/run.sh            # VK_BENCH_SECONDS=10 by default
+#
+# Needs root, iperf3, slirp4netns, passt (pasta) and gvproxy v0.8.9 (installed here if missing).
+set -eu
+cd "$(dirname "$0")/../.."
+: "${VK_BENCH_SECONDS:=10}"
+export VK_BENCH_SECONDS
+if ! command -v gvproxy >/dev/null 2>&1 && [ ! -x "${HOME}/go/bin/gvproxy" ]; then
+	go install github.com/containers/gvisor-tap-vsock/cmd/gvproxy@v0.8.9
+fi
+out=$(mktemp)
+trap 'rm -f "$out"' EXIT
+go test -run '^$' -bench BenchmarkIperf -benchtime 1x -timeout 60m ./bench/switch/ | tee "$out"
+python3 - "$out" <<'PY'
+import re, sys
+rows = {}
+for line in open(sys.argv[1]):
+    m = re.match(r'BenchmarkIperf/mtu=(\d+)/net=(\S+?)/dir=(\w+)/streams=(\d+)-\d+\s+\d+\s+\d+ ns/op\s+([\d.]+) Gbit/s\s+([\d.]+) cpu-s/GB', line)
+    if m:
+        mtu, net, d, s, g, c = m.groups()
+        rows[(int(mtu), d, int(s), net)] = (float(g), float(c))
+nets = ["virtkit", "gvproxy", "slirp4netns", "pasta"]
+print()
+print("%-6s %-4s %-3s | %s | %s" % ("mtu", "dir", "P", " ".join("%12s" % n for n in nets),
+      " ".join("%10s" % ("vk/" + n[:6]) for n in nets[1:])))
+keys = sorted({k[:3] for k in rows})
+for k in keys:
+    vals = [rows.get(k + (n,)) for n in nets]
+    vk = vals[0]
+    cells = " ".join("%12s" % ("%.2fG %.1fc" % v if v else "-") for v in vals)
+    ratios = " ".join("%10s" % ("%.2fx" % (vk[0] / v[0]) if vk and v and v[0] else "-") for v in vals[1:])
+    print("%-6d %-4s %-3d | %s | %s" % (k[0], k[1], k[2], cells, ratios))
+print("\nG = Gbit/s received; c = CPU seconds per GB in the backend's processes (virtkit and gvproxy include the guest relay).")
+print("vk/X = virtkit throughput / X throughput.")
+PY
