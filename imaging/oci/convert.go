@@ -143,7 +143,7 @@ func build(ctx context.Context, im *image, cfg *store.ImageConfig, dir string, o
 		pw.CloseWithError(err)
 		flat <- err
 	}()
-	_, werr := ext4.WriteTar(ctx, pr, filepath.Join(dir, "rootfs.ext4"), ext4.Options{
+	res, werr := ext4.WriteTar(ctx, pr, filepath.Join(dir, "rootfs.ext4"), ext4.Options{
 		Size: opts.Size, Free: opts.Free, NoJournal: opts.NoJournal,
 		Inject: []ext4.Inject{
 			{Src: opts.Agent, Dst: AgentPath, Mode: 0o755},
@@ -157,6 +157,9 @@ func build(ctx context.Context, im *image, cfg *store.ImageConfig, dir string, o
 	}
 	if werr != nil {
 		return fmt.Errorf("oci: %s: write ext4: %w", im.src, werr)
+	}
+	if err := os.WriteFile(filepath.Join(dir, store.UUIDName), []byte(res.UUID+"\n"), 0o644); err != nil {
+		return fmt.Errorf("oci: %w", err)
 	}
 	return nil
 }

@@ -139,7 +139,7 @@ func resolveRemote(ctx context.Context, src Source, o *Options, plat *v1.Platfor
 			return nil, err
 		}
 	default:
-		return nil, fmt.Errorf("unsupported manifest media type %q", desc.MediaType)
+		return nil, fmt.Errorf("%w: unsupported manifest media type %q", ErrInvalid, desc.MediaType)
 	}
 	if err := im.fill(img, true); err != nil {
 		return nil, err
@@ -166,7 +166,7 @@ func pick(idx v1.ImageIndex, plat *v1.Platform) (*v1.Descriptor, error) {
 		}
 	}
 	sort.Strings(have)
-	return nil, fmt.Errorf("no image for platform %s in the index (it has: %s)", platformString(plat), strings.Join(have, ", "))
+	return nil, fmt.Errorf("%w: no image for platform %s in the index (it has: %s)", ErrInvalid, platformString(plat), strings.Join(have, ", "))
 }
 
 func resolveLayout(src Source, plat *v1.Platform) (*image, error) {
@@ -228,7 +228,7 @@ func resolveLayout(src Source, plat *v1.Platform) (*image, error) {
 			return nil, err
 		}
 	default:
-		return nil, fmt.Errorf("unsupported manifest media type %q", d.MediaType)
+		return nil, fmt.Errorf("%w: unsupported manifest media type %q", ErrInvalid, d.MediaType)
 	}
 	if err := im.fill(img, false); err != nil {
 		return nil, err
@@ -252,7 +252,7 @@ func (im *image) fill(img v1.Image, remote bool) error {
 	}
 	m, err := v1.ParseManifest(bytes.NewReader(raw))
 	if err != nil {
-		return fmt.Errorf("parse manifest: %w", err)
+		return fmt.Errorf("%w: parse manifest: %w", ErrInvalid, err)
 	}
 	rawCfg, err := img.RawConfigFile()
 	if err != nil {
@@ -274,10 +274,10 @@ func (im *image) fill(img v1.Image, remote bool) error {
 	}
 	for i, l := range m.Layers {
 		if err := checkLayerType(l.MediaType); err != nil {
-			return fmt.Errorf("layer %d (%s): %w", i, l.Digest, err)
+			return fmt.Errorf("%w: layer %d (%s): %w", ErrInvalid, i, l.Digest, err)
 		}
 		if l.Size < 0 {
-			return fmt.Errorf("layer %d (%s): negative size %d", i, l.Digest, l.Size)
+			return fmt.Errorf("%w: layer %d (%s): negative size %d", ErrInvalid, i, l.Digest, l.Size)
 		}
 		h := l.Digest
 		im.layers = append(im.layers, layerDesc{
@@ -309,14 +309,14 @@ func checkLayerType(mt types.MediaType) error {
 func parseConfig(raw []byte, nLayers int) (*v1.ConfigFile, error) {
 	cfg, err := v1.ParseConfigFile(bytes.NewReader(raw))
 	if err != nil {
-		return nil, fmt.Errorf("parse config: %w", err)
+		return nil, fmt.Errorf("%w: parse config: %w", ErrInvalid, err)
 	}
 	if n := len(cfg.RootFS.DiffIDs); n != nLayers {
-		return nil, fmt.Errorf("config lists %d diff_ids for %d layers", n, nLayers)
+		return nil, fmt.Errorf("%w: config lists %d diff_ids for %d layers", ErrInvalid, n, nLayers)
 	}
 	for i, d := range cfg.RootFS.DiffIDs {
 		if d.Algorithm != "sha256" || len(d.Hex) != 64 {
-			return nil, fmt.Errorf("config diff_id %d %q: not a sha256 digest", i, d)
+			return nil, fmt.Errorf("%w: config diff_id %d %q: not a sha256 digest", ErrInvalid, i, d)
 		}
 	}
 	return cfg, nil

@@ -35,6 +35,19 @@ type Source struct {
 // a layout PATH cannot contain ':'; use docker:// to force a registry whose host looks like a
 // transport name.
 func ParseSource(s string, insecure bool) (Source, error) {
+	src, err := parseSource(s, insecure)
+	if err != nil {
+		return Source{}, fmt.Errorf("%w: %w", ErrInvalid, err)
+	}
+	return src, nil
+}
+
+// ErrInvalid is wrapped by errors for references, manifests and configs that cannot be used
+// whatever the retry: a malformed reference, a config that disagrees with its manifest, no image
+// for the platform, an unsupported media type.
+var ErrInvalid = errors.New("invalid image")
+
+func parseSource(s string, insecure bool) (Source, error) {
 	if s == "" {
 		return Source{}, errors.New("image reference is empty")
 	}

@@ -102,7 +102,7 @@ func Merge(tocs []*TOC, lim Limits) (*Tree, error) {
 	t := newTree(lim.MaxEntries)
 	for i, toc := range tocs {
 		if err := t.apply(i, toc.Entries); err != nil {
-			return nil, fmt.Errorf("rootfs: layer %d (%s): %w", i, toc.Digest, err)
+			return nil, fmt.Errorf("rootfs: layer %d (%s): %w: %w", i, toc.Digest, ErrInvalid, err)
 		}
 	}
 	return &Tree{t: t, dirs: t.finish()}, nil

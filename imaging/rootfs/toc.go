@@ -94,7 +94,7 @@ func entryOf(h *tar.Header) Entry {
 		Devmajor: h.Devmajor,
 		Devminor: h.Devminor,
 	}
-	if e.Type == tar.TypeRegA || e.Type == tar.TypeGNUSparse {
+	if e.Type == tar.TypeGNUSparse {
 		e.Type = tar.TypeReg
 	}
 	for k, v := range h.PAXRecords {
@@ -111,7 +111,7 @@ func entryOf(h *tar.Header) Entry {
 // sameHeader reports whether a header read on the second pass is the one the TOC recorded.
 func (e *Entry) sameHeader(h *tar.Header) bool {
 	t := h.Typeflag
-	if t == tar.TypeRegA || t == tar.TypeGNUSparse {
+	if t == tar.TypeGNUSparse {
 		t = tar.TypeReg
 	}
 	return e.Name == h.Name && e.Type == t && e.Size == h.Size && e.Linkname == h.Linkname
@@ -139,6 +139,10 @@ func (l Limits) fill() Limits {
 
 // ErrLimit is wrapped by errors for input over a Limits bound.
 var ErrLimit = errors.New("over limit")
+
+// ErrInvalid is wrapped by errors for layer content that cannot make a root filesystem (names
+// climbing out with "..", hard links to nothing, unsupported entry types): retrying cannot help.
+var ErrInvalid = errors.New("invalid layer")
 
 // ErrDigest is wrapped by errors for a blob whose size or digest is not the one expected.
 var ErrDigest = errors.New("digest mismatch")

@@ -55,6 +55,9 @@ type Bundle struct {
 	Rootfs      string      `json:"rootfs"`
 	Image       ImageConfig `json:"image"`
 	Fingerprint string      `json:"fingerprint"`
+	// FSUUID is the ext4 filesystem UUID (derived from the build inputs), when the builder left
+	// it in the bundle's fsuuid file.
+	FSUUID string `json:"fs_uuid,omitempty"`
 	// Size is the rootfs file's apparent size; Used the last time the bundle was built or hit.
 	Size int64     `json:"size"`
 	Used time.Time `json:"used"`
@@ -65,6 +68,9 @@ const (
 	configName = "image.json"
 	usedName   = "used"
 )
+
+// UUIDName is the optional file of a bundle holding its filesystem UUID.
+const UUIDName = "fsuuid"
 
 var fpRE = regexp.MustCompile(`^[0-9a-f]{16,128}$`)
 
@@ -127,6 +133,9 @@ func (s *Store) read(fp string) (*Bundle, error) {
 		return nil, fmt.Errorf("store: bundle %s: %w", fp, err)
 	}
 	b.Size = fi.Size()
+	if u, err := os.ReadFile(filepath.Join(dir, UUIDName)); err == nil {
+		b.FSUUID = strings.TrimSpace(string(u))
+	}
 	if fi, err := os.Stat(filepath.Join(dir, usedName)); err == nil {
 		b.Used = fi.ModTime()
 	}
