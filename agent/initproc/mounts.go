@@ -93,9 +93,9 @@ func unescapeMount(s string) string {
 
 // do mounts every entry that is not already mounted, creating targets as needed.
 func (in *Init) do(ms []Mount) error {
-	have := mounted()
 	for _, m := range ms {
-		if fstype, ok := have[m.Target]; ok && fstype == m.FSType {
+		// Re-read each time: /proc itself is among the first mounts.
+		if fstype, ok := mounted()[m.Target]; ok && fstype == m.FSType {
 			continue
 		}
 		err := mountOne(m)

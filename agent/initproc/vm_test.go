@@ -90,51 +90,79 @@ func hostKHz() int {
 	return 0
 }
 
-// TestVM boots the agent as the kernel's init in a real QEMU microVM (TCG here) with a
-// vhost-user vsock backend, drives it over hybrid vsock from the host, and shuts it down.
-func TestVM(t *testing.T) {
-	cmdtest.Heavy(t)
+type vm struct {
+	con   *console
+	done  chan error
+	uds   string
+	state *os.ProcessState
+}
+
+// bootVM starts a QEMU microVM (TCG here) with a vhost-user vsock backend. extra are more QEMU
+// arguments (disks, an initrd).
+func bootVM(t *testing.T, ctx context.Context, cmdline string, extra ...string) *vm {
+	t.Helper()
 	kernel := cmdtest.Kernel(t)
 	qemu := cmdtest.Tool(t, "qemu-system-x86_64")
-	root := busyboxRoot(t)
 	dir := t.TempDir()
-	initrd := filepath.Join(dir, "initrd.cpio")
-	writeCpio(t, root, initrd)
-
-	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
-	defer cancel()
-	uds := filepath.Join(dir, "v.sock")
-	be, err := vsock.Serve(ctx, vsock.Config{Socket: filepath.Join(dir, "vhost.sock"), UDS: uds, CID: 3, Logger: zerolog.Nop()})
+	v := &vm{con: &console{}, done: make(chan error, 1), uds: filepath.Join(dir, "v.sock")}
+	be, err := vsock.Serve(ctx, vsock.Config{Socket: filepath.Join(dir, "vhost.sock"), UDS: v.uds, CID: 3, Logger: zerolog.Nop()})
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { be.Close() })
-
-	cmdline := "console=ttyS0 reboot=t panic=-1 pci=off quiet rdinit=/sbin/virtkit-agent virtkit.mode=agent virtkit.net=none virtkit.hostname=vmtest"
+	cmdline = "console=ttyS0 reboot=t panic=-1 pci=off quiet " + cmdline
 	if khz := hostKHz(); khz > 0 {
 		cmdline += " tsc_early_khz=" + strconv.Itoa(khz)
 	}
-	con := &console{}
-	q := exec.Command(qemu, "-nodefaults", "-no-user-config", "-nographic", "-no-reboot", "-accel", "tcg",
+	args := []string{"-nodefaults", "-no-user-config", "-nographic", "-no-reboot", "-accel", "tcg",
 		"-smp", "1", "-m", "512M", "-object", "memory-backend-memfd,id=mem,size=512M,share=on",
 		"-M", "microvm,memory-backend=mem,rtc=on", "-global", "virtio-mmio.force-legacy=false",
-		"-kernel", kernel, "-initrd", initrd, "-append", cmdline, "-serial", "stdio",
-		"-chardev", "socket,id=vsock,path="+filepath.Join(dir, "vhost.sock"), "-device", "vhost-user-vsock-device,chardev=vsock")
-	q.Stdout, q.Stderr = con, con
+		"-kernel", kernel, "-append", cmdline, "-serial", "stdio",
+		"-chardev", "socket,id=vsock,path=" + filepath.Join(dir, "vhost.sock"), "-device", "vhost-user-vsock-device,chardev=vsock"}
+	q := exec.Command(qemu, append(args, extra...)...)
+	q.Stdout, q.Stderr = v.con, v.con
 	if err := q.Start(); err != nil {
 		t.Fatal(err)
 	}
-	qdone := make(chan error, 1)
-	go func() { qdone <- q.Wait() }()
+	go func() { v.done <- q.Wait() }()
 	t.Cleanup(func() {
 		q.Process.Kill()
-		<-qdone
+		if v.state == nil {
+			<-v.done
+		}
 		if t.Failed() || testing.Verbose() {
-			t.Logf("VM console:\n%s", con.String())
+			t.Logf("VM console:\n%s", v.con.String())
 		}
 	})
+	return v
+}
 
-	c, err := client.WaitReady(ctx, "hvsock://"+uds+":1024")
+// wait waits for QEMU to exit by itself (the guest powered off).
+func (v *vm) wait(t *testing.T) {
+	t.Helper()
+	select {
+	case err := <-v.done:
+		v.state = &os.ProcessState{}
+		if err != nil {
+			t.Fatalf("QEMU: %v", err)
+		}
+	case <-time.After(90 * time.Second):
+		t.Fatal("the VM did not power off")
+	}
+}
+
+// TestVM boots the agent as the kernel's init (from an initramfs) in a real QEMU microVM with a
+// vhost-user vsock backend, drives it over hybrid vsock from the host, and shuts it down.
+func TestVM(t *testing.T) {
+	cmdtest.Heavy(t)
+	root := busyboxRoot(t)
+	initrd := filepath.Join(t.TempDir(), "initrd.cpio")
+	writeCpio(t, root, initrd)
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	v := bootVM(t, ctx, "rdinit=/sbin/virtkit-agent virtkit.mode=agent virtkit.net=none virtkit.hostname=vmtest", "-initrd", initrd)
+
+	c, err := client.WaitReady(ctx, "hvsock://"+v.uds+":1024")
 	if err != nil {
 		t.Fatalf("agent in the VM never answered: %v", err)
 	}
@@ -162,17 +190,52 @@ func TestVM(t *testing.T) {
 	if err := c.Shutdown(ctx, true); err != nil {
 		t.Fatal(err)
 	}
-	select {
-	case err := <-qdone:
-		qdone <- err
-		if err != nil {
-			t.Fatalf("QEMU: %v", err)
-		}
-	case <-time.After(60 * time.Second):
-		t.Fatal("the VM did not power off")
+	v.wait(t)
+	if !strings.Contains(v.con.String(), "virtkit: power off") {
+		t.Fatalf("console:\n%s", v.con.String())
 	}
-	if !strings.Contains(con.String(), "virtkit: power off") {
-		t.Fatalf("console:\n%s", con.String())
+}
+
+// TestVMDiskRoot boots the way virtkit runs images: a read-only ext4 base as /dev/vda (the kernel
+// mounts it, init=/sbin/virtkit-agent), a per-VM writable ext4 disk as /dev/vdb stacked with
+// overlayfs, and entrypoint mode. The exit code reaches the console, the VM powers off, and the
+// writable disk is clean and holds the guest's writes while the base is untouched.
+func TestVMDiskRoot(t *testing.T) {
+	cmdtest.Heavy(t)
+	mkfs := cmdtest.Tool(t, "mkfs.ext4")
+	e2fsck := cmdtest.Tool(t, "e2fsck")
+	debugfs := cmdtest.Tool(t, "debugfs")
+	root := busyboxRoot(t)
+	writeImage(t, root, `{"entrypoint":["/bin/sh","-c"],"cmd":["echo from-the-vm > /root/note; grep -E ' / |/run/virtkit' /proc/mounts; exit 5"],"env":["PATH=/bin:/sbin"]}`)
+	dir := t.TempDir()
+	base, rw := filepath.Join(dir, "base.ext4"), filepath.Join(dir, "rw.ext4")
+	for _, c := range [][]string{{mkfs, "-q", "-F", "-d", root, base, "64M"}, {mkfs, "-q", "-F", rw, "32M"}} {
+		if out, err := exec.Command(c[0], c[1:]...).CombinedOutput(); err != nil {
+			t.Fatalf("%v: %v %s", c, err, out)
+		}
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	v := bootVM(t, ctx, "root=/dev/vda ro rootfstype=ext4 init=/sbin/virtkit-agent virtkit.overlay=/dev/vdb virtkit.net=none",
+		"-drive", "id=base,file="+base+",format=raw,if=none,readonly=on", "-device", "virtio-blk-device,drive=base",
+		"-drive", "id=rw,file="+rw+",format=raw,if=none", "-device", "virtio-blk-device,drive=rw")
+	v.wait(t)
+	con := v.con.String()
+	for _, want := range []string{"overlay / overlay", "/dev/vdb /run/virtkit/rw ext4", "virtkit: exit-code 5\r\n", "virtkit: power off"} {
+		if !strings.Contains(con, want) {
+			t.Errorf("console lacks %q", want)
+		}
+	}
+	for _, img := range []string{base, rw} {
+		if out, err := exec.Command(e2fsck, "-fn", img).CombinedOutput(); err != nil {
+			t.Errorf("e2fsck %s after poweroff: %v\n%s", filepath.Base(img), err, out)
+		}
+	}
+	if out, err := exec.Command(debugfs, "-R", "cat /upper/root/note", rw).Output(); err != nil || string(out) != "from-the-vm\n" {
+		t.Errorf("writable disk: %q %v", out, err)
+	}
+	if out, _ := exec.Command(debugfs, "-R", "stat /root/note", base).CombinedOutput(); !strings.Contains(string(out), "not found") {
+		t.Errorf("the base image was written:\n%s", out)
 	}
 }
 
