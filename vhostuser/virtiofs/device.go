@@ -1,0 +1,170 @@
+// Package virtiofs serves a host directory to a guest as a virtio-fs device over vhost-user, for
+// Cloud Hypervisor (--fs tag=…,socket=…, with --memory shared=on) and QEMU
+// (vhost-user-fs-device / vhost-user-fs-pci with a shared memfd memory backend).
+//
+// FUSE requests are decoded and answered by go-fuse's ProtocolServer (fuse.NewProtocolServer)
+// over a loopback node file system; vhost-user and the virtqueues are ours (package vhostuser),
+// because go-fuse keeps its vhost-user layer internal and it lacks what we need: bounded and
+// validated descriptor walking, indirect descriptors, EVENT_IDX, REPLY_ACK, memory-slot messages,
+// concurrent request handling and reconnect.
+//
+// Security model: a hostile guest must not reach anything outside the shared directory. The
+// primary defence is the sandbox (Sandbox "namespace"): the daemon re-executes itself in a new
+// mount namespace (and user namespace when not root), bind-mounts the share nosuid,nodev (and
+// read-only with ReadOnly), pivots its root into it and detaches the old root, so no path, symlink,
+// "..", rename race or hard link can name a host file: there is none left in its view. The
+// request guard (guard.go) adds defence in depth in every mode: names with '/', ".", ".." or NUL
+// are refused, device nodes cannot be created, read-only shares refuse every mutation, and
+// xattrs are off unless enabled. File descriptors are bounded by RLIMIT_NOFILE; running out gives
+// the guest EMFILE, not a crash.
+//
+// Concurrency: each started request queue has one goroutine popping chains and up to
+// Config.Workers goroutines answering them; Stop waits for all of them.
+package virtiofs
+
+import (
+	"sync"
+
+	"github.com/hanwen/go-fuse/v2/fuse"
+	"github.com/rs/zerolog"
+
+	"github.com/virtkit/virtkit/vhostuser"
+)
+
+// device is the virtio-fs vhostuser.Device.
+type device struct {
+	log     zerolog.Logger
+	nq      int // 1 hiprio + request queues
+	workers int
+	newFS   func() (*fuse.ProtocolServer, error)
+
+	mu      sync.Mutex
+	ps      *fuse.ProtocolServer // one FUSE session per frontend session
+	runners map[int]*runner
+}
+
+type runner struct {
+	stop chan struct{}
+	done chan struct{}
+}
+
+func (d *device) Features() uint64 { return 0 }
+func (d *device) Queues() int      { return d.nq }
+
+// Config: the VMM supplies the tag and queue count to the guest itself (QEMU's and Cloud
+// Hypervisor's vhost-user-fs never read the backend's config space).
+func (d *device) Config() []byte { return nil }
+
+func (d *device) session() (*fuse.ProtocolServer, error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.ps == nil {
+		ps, err := d.newFS()
+		if err != nil {
+			return nil, err
+		}
+		d.ps = ps
+	}
+	return d.ps, nil
+}
+
+func (d *device) Start(q *vhostuser.Queue) {
+	ps, err := d.session()
+	if err != nil {
+		d.log.Error().Err(err).Msg("virtiofs: cannot start the file system")
+		return
+	}
+	r := &runner{stop: make(chan struct{}), done: make(chan struct{})}
+	d.mu.Lock()
+	if d.runners == nil {
+		d.runners = map[int]*runner{}
+	}
+	d.runners[q.Index] = r
+	d.mu.Unlock()
+	go d.serve(q, ps, r)
+}
+
+func (d *device) Stop(index int) {
+	d.mu.Lock()
+	r := d.runners[index]
+	delete(d.runners, index)
+	d.mu.Unlock()
+	if r != nil {
+		close(r.stop)
+		<-r.done
+	}
+}
+
+// Reset drops the FUSE session: the next frontend (a rebooted guest) starts with a fresh one, so
+// inodes the old guest held are released.
+func (d *device) Reset() {
+	d.mu.Lock()
+	ps := d.ps
+	d.ps = nil
+	d.mu.Unlock()
+	_ = ps // the loopback tree and its open files are garbage once unreferenced
+}
+
+// serve pops chains from q and answers them on a bounded set of goroutines.
+func (d *device) serve(q *vhostuser.Queue, ps *fuse.ProtocolServer, r *runner) {
+	defer close(r.done)
+	var wg sync.WaitGroup
+	defer wg.Wait() // requests alias guest memory: finish them before the ring goes away
+	sem := make(chan struct{}, d.workers)
+	for {
+		q.DisableNotify()
+		for {
+			select {
+			case <-r.stop:
+				return
+			default:
+			}
+			ch, err := q.Pop()
+			if err != nil {
+				d.log.Error().Err(err).Int("queue", q.Index).Msg("virtiofs: queue stopped")
+				<-r.stop
+				return
+			}
+			if ch == nil {
+				break
+			}
+			select {
+			case sem <- struct{}{}:
+			case <-r.stop:
+				q.Done(ch.Head, 0)
+				return
+			}
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				n := handle(ps, ch, d.log)
+				q.Done(ch.Head, n)
+				<-sem
+			}()
+		}
+		if q.EnableNotify() {
+			continue
+		}
+		if err := q.WaitKick(); err != nil {
+			<-r.stop
+			return
+		}
+	}
+}
+
+// handle answers one FUSE request; a panic in the file system (a bug, or a fault on guest memory
+// the frontend unmapped) fails the request instead of the daemon.
+func handle(ps *fuse.ProtocolServer, ch *vhostuser.Chain, log zerolog.Logger) (n uint32) {
+	defer func() {
+		if r := recover(); r != nil {
+			log.Error().Interface("panic", r).Msg("virtiofs: request handler panicked")
+			n = 0
+		}
+	}()
+	k, st := ps.HandleRequest(ch.Readable, ch.Writable)
+	if !st.Ok() {
+		log.Debug().Str("status", st.String()).Msg("virtiofs: malformed request")
+		return 0
+	}
+	return uint32(k)
+}

@@ -1,0 +1,205 @@
+package virtiofs
+
+import (
+	"strings"
+	"syscall"
+
+	"github.com/hanwen/go-fuse/v2/fuse"
+)
+
+// guard wraps the file system with checks that hold whatever the sandbox: the guest speaks raw
+// FUSE and can send names and modes the kernel's VFS would never produce.
+type guard struct {
+	fuse.RawFileSystem
+	readOnly bool
+	xattr    bool
+}
+
+// badName reports names that could walk out of their directory or confuse path joins.
+func badName(name string) bool {
+	return name == "" || name == "." || name == ".." || strings.ContainsAny(name, "/\x00") || len(name) > 255
+}
+
+func (g *guard) Lookup(cancel <-chan struct{}, h *fuse.InHeader, name string, out *fuse.EntryOut) fuse.Status {
+	if badName(name) {
+		return fuse.Status(syscall.ENOENT)
+	}
+	return g.RawFileSystem.Lookup(cancel, h, name, out)
+}
+
+func (g *guard) Mknod(cancel <-chan struct{}, in *fuse.MknodIn, name string, out *fuse.EntryOut) fuse.Status {
+	if g.readOnly {
+		return fuse.EROFS
+	}
+	if badName(name) {
+		return fuse.EINVAL
+	}
+	switch in.Mode & syscall.S_IFMT {
+	case syscall.S_IFREG, syscall.S_IFIFO, syscall.S_IFSOCK, 0:
+	default: // character and block devices would give the guest the host's devices
+		return fuse.EPERM
+	}
+	in.Mode &^= syscall.S_ISUID | syscall.S_ISGID
+	return g.RawFileSystem.Mknod(cancel, in, name, out)
+}
+
+func (g *guard) Mkdir(cancel <-chan struct{}, in *fuse.MkdirIn, name string, out *fuse.EntryOut) fuse.Status {
+	if g.readOnly {
+		return fuse.EROFS
+	}
+	if badName(name) {
+		return fuse.EINVAL
+	}
+	return g.RawFileSystem.Mkdir(cancel, in, name, out)
+}
+
+func (g *guard) Unlink(cancel <-chan struct{}, h *fuse.InHeader, name string) fuse.Status {
+	if g.readOnly {
+		return fuse.EROFS
+	}
+	if badName(name) {
+		return fuse.EINVAL
+	}
+	return g.RawFileSystem.Unlink(cancel, h, name)
+}
+
+func (g *guard) Rmdir(cancel <-chan struct{}, h *fuse.InHeader, name string) fuse.Status {
+	if g.readOnly {
+		return fuse.EROFS
+	}
+	if badName(name) {
+		return fuse.EINVAL
+	}
+	return g.RawFileSystem.Rmdir(cancel, h, name)
+}
+
+func (g *guard) Rename(cancel <-chan struct{}, in *fuse.RenameIn, oldName, newName string) fuse.Status {
+	if g.readOnly {
+		return fuse.EROFS
+	}
+	if badName(oldName) || badName(newName) {
+		return fuse.EINVAL
+	}
+	return g.RawFileSystem.Rename(cancel, in, oldName, newName)
+}
+
+func (g *guard) Link(cancel <-chan struct{}, in *fuse.LinkIn, name string, out *fuse.EntryOut) fuse.Status {
+	if g.readOnly {
+		return fuse.EROFS
+	}
+	if badName(name) {
+		return fuse.EINVAL
+	}
+	return g.RawFileSystem.Link(cancel, in, name, out)
+}
+
+func (g *guard) Symlink(cancel <-chan struct{}, h *fuse.InHeader, target, name string, out *fuse.EntryOut) fuse.Status {
+	if g.readOnly {
+		return fuse.EROFS
+	}
+	if badName(name) || strings.ContainsRune(target, 0) || len(target) > 4095 {
+		return fuse.EINVAL
+	}
+	return g.RawFileSystem.Symlink(cancel, h, target, name, out)
+}
+
+func (g *guard) Create(cancel <-chan struct{}, in *fuse.CreateIn, name string, out *fuse.CreateOut) fuse.Status {
+	if g.readOnly {
+		return fuse.EROFS
+	}
+	if badName(name) {
+		return fuse.EINVAL
+	}
+	return g.RawFileSystem.Create(cancel, in, name, out)
+}
+
+func (g *guard) Tmpfile(cancel <-chan struct{}, in *fuse.CreateIn, out *fuse.CreateOut) fuse.Status {
+	if g.readOnly {
+		return fuse.EROFS
+	}
+	return g.RawFileSystem.Tmpfile(cancel, in, out)
+}
+
+const writeFlags = syscall.O_WRONLY | syscall.O_RDWR | syscall.O_TRUNC | syscall.O_APPEND | syscall.O_CREAT
+
+func (g *guard) Open(cancel <-chan struct{}, in *fuse.OpenIn, out *fuse.OpenOut) fuse.Status {
+	if g.readOnly && in.Flags&writeFlags != 0 {
+		return fuse.EROFS
+	}
+	// O_PATH-less opens only; never follow a symlink planted as the final component.
+	in.Flags |= syscall.O_NOFOLLOW
+	return g.RawFileSystem.Open(cancel, in, out)
+}
+
+func (g *guard) SetAttr(cancel <-chan struct{}, in *fuse.SetAttrIn, out *fuse.AttrOut) fuse.Status {
+	if g.readOnly {
+		return fuse.EROFS
+	}
+	return g.RawFileSystem.SetAttr(cancel, in, out)
+}
+
+func (g *guard) Write(cancel <-chan struct{}, in *fuse.WriteIn, data []byte) (uint32, fuse.Status) {
+	if g.readOnly {
+		return 0, fuse.EROFS
+	}
+	return g.RawFileSystem.Write(cancel, in, data)
+}
+
+func (g *guard) Writev(cancel <-chan struct{}, in *fuse.WriteIn, data [][]byte) (uint32, fuse.Status) {
+	if g.readOnly {
+		return 0, fuse.EROFS
+	}
+	return g.RawFileSystem.Writev(cancel, in, data)
+}
+
+func (g *guard) Fallocate(cancel <-chan struct{}, in *fuse.FallocateIn) fuse.Status {
+	if g.readOnly {
+		return fuse.EROFS
+	}
+	return g.RawFileSystem.Fallocate(cancel, in)
+}
+
+func (g *guard) CopyFileRange(cancel <-chan struct{}, in *fuse.CopyFileRangeIn) (uint32, fuse.Status) {
+	if g.readOnly {
+		return 0, fuse.EROFS
+	}
+	return g.RawFileSystem.CopyFileRange(cancel, in)
+}
+
+func (g *guard) Ioctl(cancel <-chan struct{}, in *fuse.IoctlIn, inbuf []byte, out *fuse.IoctlOut, outbuf []byte) fuse.Status {
+	return fuse.ENOSYS // ioctls would reach the host file's driver
+}
+
+func (g *guard) GetXAttr(cancel <-chan struct{}, h *fuse.InHeader, attr string, dest []byte) (uint32, fuse.Status) {
+	if !g.xattr {
+		return 0, fuse.ENOSYS
+	}
+	return g.RawFileSystem.GetXAttr(cancel, h, attr, dest)
+}
+
+func (g *guard) ListXAttr(cancel <-chan struct{}, h *fuse.InHeader, dest []byte) (uint32, fuse.Status) {
+	if !g.xattr {
+		return 0, fuse.ENOSYS
+	}
+	return g.RawFileSystem.ListXAttr(cancel, h, dest)
+}
+
+func (g *guard) SetXAttr(cancel <-chan struct{}, in *fuse.SetXAttrIn, attr string, data []byte) fuse.Status {
+	if !g.xattr {
+		return fuse.ENOSYS
+	}
+	if g.readOnly {
+		return fuse.EROFS
+	}
+	return g.RawFileSystem.SetXAttr(cancel, in, attr, data)
+}
+
+func (g *guard) RemoveXAttr(cancel <-chan struct{}, h *fuse.InHeader, attr string) fuse.Status {
+	if !g.xattr {
+		return fuse.ENOSYS
+	}
+	if g.readOnly {
+		return fuse.EROFS
+	}
+	return g.RawFileSystem.RemoveXAttr(cancel, h, attr)
+}

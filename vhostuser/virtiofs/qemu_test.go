@@ -1,0 +1,69 @@
+package virtiofs
+
+import (
+	"context"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/virtkit/virtkit/cmd/cmdtest"
+	"github.com/virtkit/virtkit/vhostuser/vhostusertest"
+)
+
+// startDaemon runs `virtkit virtiofsd` (sandboxed unless extra says otherwise) and waits for its
+// socket.
+func startDaemon(t testing.TB, share string, extra ...string) string {
+	t.Helper()
+	bin := cmdtest.Binary(t, "virtkit")
+	sock := filepath.Join(t.TempDir(), "fs.sock")
+	ctx, cancel := context.WithCancel(context.Background())
+	cmd := exec.CommandContext(ctx, bin, append([]string{"virtiofsd", "--socket-path", sock, "--shared-dir", share, "--log-level", "warn"}, extra...)...)
+	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
+	cmd.Cancel = func() error { return cmd.Process.Signal(os.Interrupt) }
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		cancel()
+		cmd.Wait()
+	})
+	for i := 0; i < 200; i++ {
+		if _, err := os.Stat(sock); err == nil {
+			return sock
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	t.Fatalf("virtiofsd did not create %s", sock)
+	return ""
+}
+
+// TestQEMUGuest mounts a share in a real guest and does POSIX file work on it.
+func TestQEMUGuest(t *testing.T) {
+	cmdtest.RequireRoot(t) // the sandbox as root needs no user namespace; rootless is tested below
+	initrd := vhostusertest.Initramfs(t, vhostusertest.GuestProg(t))
+	share := t.TempDir()
+	os.WriteFile(filepath.Join(share, "hello.txt"), []byte("hello from the host\n"), 0o644)
+	sock := startDaemon(t, share)
+	vm := vhostusertest.Boot(t, vhostusertest.VMConfig{
+		Initramfs: initrd, InitArgs: []string{"fs", "share0"},
+		Devices: []string{"-chardev", "socket,id=fs0,path=" + sock, "-device", "vhost-user-fs-device,chardev=fs0,tag=share0,queue-size=1024"},
+	})
+	if err := vm.Wait(120 * time.Second); err != nil {
+		t.Fatal(err)
+	}
+	out := vm.Output()
+	if !strings.Contains(out, "GUESTPROG PASS") {
+		t.Fatalf("guest file work failed:\n%s", out)
+	}
+	b, err := os.ReadFile(filepath.Join(share, "guest-done"))
+	if err != nil || string(b) != "ok\n" {
+		t.Fatalf("guest's file not on the host: %q %v", b, err)
+	}
+	var st os.FileInfo
+	if st, err = os.Lstat(filepath.Join(share, "d", "s")); err != nil || st.Mode()&os.ModeSymlink == 0 {
+		t.Fatalf("guest symlink: %v %v", st, err)
+	}
+}

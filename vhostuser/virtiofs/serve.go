@@ -1,0 +1,190 @@
+package virtiofs
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log"
+	"net"
+	"os"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/hanwen/go-fuse/v2/fs"
+	"github.com/hanwen/go-fuse/v2/fuse"
+	"github.com/rs/zerolog"
+
+	"github.com/virtkit/virtkit/vhostuser"
+)
+
+// Cache policies (--cache).
+const (
+	CacheAuto   = "auto"   // attributes and entries trusted for 1 s
+	CacheAlways = "always" // trusted for a day: the host does not change the share behind the guest
+	CacheNever  = "never"  // nothing cached: every access asks the daemon
+)
+
+// Config configures a virtio-fs backend.
+type Config struct {
+	// Socket is the vhost-user socket to listen on (ignored when Listener is set).
+	Socket string
+	// Listener, when set, is used instead of listening on Socket (the sandboxed child inherits
+	// its parent's listener).
+	Listener *net.UnixListener
+	// SharedDir is the directory the guest sees.
+	SharedDir string
+	ReadOnly  bool
+	// Cache is CacheAuto (default), CacheAlways or CacheNever.
+	Cache string
+	// Xattr enables extended attributes.
+	Xattr bool
+	// RequestQueues is the number of request queues (default 1); the VMM must use the same.
+	RequestQueues int
+	// Workers bounds concurrent requests per queue (default 32).
+	Workers int
+	Logger  zerolog.Logger
+}
+
+func (c *Config) check() error {
+	switch c.Cache {
+	case "":
+		c.Cache = CacheAuto
+	case CacheAuto, CacheAlways, CacheNever:
+	default:
+		return fmt.Errorf("virtiofs: cache %q: want auto, always or never", c.Cache)
+	}
+	if c.RequestQueues == 0 {
+		c.RequestQueues = 1
+	}
+	if c.RequestQueues < 1 || c.RequestQueues > 64 {
+		return fmt.Errorf("virtiofs: %d request queues: want 1..64", c.RequestQueues)
+	}
+	if c.Workers == 0 {
+		c.Workers = 32
+	}
+	if c.SharedDir == "" {
+		return errors.New("virtiofs: SharedDir is required")
+	}
+	st, err := os.Stat(c.SharedDir)
+	if err != nil {
+		return fmt.Errorf("virtiofs: shared dir: %w", err)
+	}
+	if !st.IsDir() {
+		return fmt.Errorf("virtiofs: shared dir %s is not a directory", c.SharedDir)
+	}
+	if c.Listener == nil && c.Socket == "" {
+		return errors.New("virtiofs: Socket or Listener is required")
+	}
+	return nil
+}
+
+// NewFileSystem builds the guarded loopback FUSE server for cfg.SharedDir.
+func NewFileSystem(cfg Config) (*fuse.ProtocolServer, error) {
+	if err := cfg.check(); err != nil {
+		return nil, err
+	}
+	root, err := fs.NewLoopbackRoot(cfg.SharedDir)
+	if err != nil {
+		return nil, fmt.Errorf("virtiofs: %w", err)
+	}
+	var ttl time.Duration
+	switch cfg.Cache {
+	case CacheAuto:
+		ttl = time.Second
+	case CacheAlways:
+		ttl = 24 * time.Hour
+	}
+	neg := ttl
+	opts := &fs.Options{EntryTimeout: &ttl, AttrTimeout: &ttl, NegativeTimeout: &neg}
+	opts.MountOptions = fuse.MountOptions{
+		MaxWrite:                 1 << 20,
+		MaxReadAhead:             1 << 20,
+		DisableXAttrs:            !cfg.Xattr,
+		EnableLocks:              true,
+		ExplicitDataCacheControl: cfg.Cache == CacheNever,
+		Logger:                   log.New(cfg.Logger, "go-fuse: ", 0),
+	}
+	opts.NullPermissions = true
+	raw := &guard{RawFileSystem: fs.NewNodeFS(root, opts), readOnly: cfg.ReadOnly, xattr: cfg.Xattr}
+	return fuse.NewProtocolServer(raw, &opts.MountOptions), nil
+}
+
+// Server is a running virtio-fs backend.
+type Server struct {
+	cancel context.CancelFunc
+	done   chan struct{}
+	err    error
+	once   sync.Once
+}
+
+// Serve starts serving cfg.SharedDir on cfg.Socket (or cfg.Listener) in this process, without a
+// sandbox: use it for trusted guests and tests, and the `virtkit virtiofsd` command (which
+// sandboxes itself) for everything else.
+func Serve(ctx context.Context, cfg Config) (*Server, error) {
+	if err := cfg.check(); err != nil {
+		return nil, err
+	}
+	l := cfg.Listener
+	if l == nil {
+		var err error
+		if l, err = Listen(cfg.Socket); err != nil {
+			return nil, err
+		}
+	}
+	raiseNoFile()
+	dev := &device{
+		log: cfg.Logger, nq: 1 + cfg.RequestQueues, workers: cfg.Workers,
+		newFS: func() (*fuse.ProtocolServer, error) { return NewFileSystem(cfg) },
+	}
+	ctx, cancel := context.WithCancel(ctx)
+	s := &Server{cancel: cancel, done: make(chan struct{})}
+	go func() {
+		defer close(s.done)
+		s.err = vhostuser.Serve(ctx, l, dev, cfg.Logger)
+	}()
+	return s, nil
+}
+
+// Close stops the server and waits for it.
+func (s *Server) Close() error {
+	s.cancel()
+	return s.Wait()
+}
+
+// Wait blocks until the server stops and returns why.
+func (s *Server) Wait() error {
+	<-s.done
+	return s.err
+}
+
+// Listen creates the vhost-user socket, replacing a stale socket file but never a live one or a
+// non-socket.
+func Listen(path string) (*net.UnixListener, error) {
+	if c, err := net.Dial("unix", path); err == nil {
+		c.Close()
+		return nil, fmt.Errorf("virtiofs: %s is in use by a live listener", path)
+	}
+	if fi, err := os.Lstat(path); err == nil {
+		if fi.Mode()&os.ModeSocket == 0 {
+			return nil, fmt.Errorf("virtiofs: %s exists and is not a socket", path)
+		}
+		os.Remove(path)
+	}
+	l, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
+	if err != nil {
+		return nil, fmt.Errorf("virtiofs: listen: %w", err)
+	}
+	l.SetUnlinkOnClose(true)
+	return l, nil
+}
+
+// raiseNoFile lifts the soft fd limit to the hard one: guests open many files, and running out
+// must mean EMFILE for the guest, which the hard limit still bounds.
+func raiseNoFile() {
+	var r syscall.Rlimit
+	if syscall.Getrlimit(syscall.RLIMIT_NOFILE, &r) == nil && r.Cur < r.Max {
+		r.Cur = r.Max
+		syscall.Setrlimit(syscall.RLIMIT_NOFILE, &r)
+	}
+}
