@@ -67,10 +67,22 @@ func (w *Worker) Run(ctx context.Context) error {
 		w.publish(ctx, &broker.VMStopped{VM: lo.Name, ExitCode: -1, Reason: "reaped: its virtkit process ended"})
 	}
 	host := w.c.Host()
+	w.log.Debug().Str("host", host).Msg("launcher worker taking work")
 	g, gctx := errgroup.WithContext(ctx)
-	for _, subj := range []string{broker.HostWorkSubject(host, KindLaunch), broker.HostWorkSubject(host, KindStop), broker.WorkVMLaunch} {
+	// Each subject gets slots of its own: a waiting fetch holds its slots, and a stop must never
+	// queue behind launches. Shared launches honour the host's capacity (w.slots); work aimed at
+	// this host was placed here on purpose.
+	for subj, slots := range map[string]*broker.Slots{
+		broker.HostWorkSubject(host, KindLaunch): broker.NewSlots(4),
+		broker.HostWorkSubject(host, KindStop):   broker.NewSlots(16),
+		broker.WorkVMLaunch:                      w.slots,
+	} {
 		g.Go(func() error {
-			return w.c.RunWork(gctx, broker.WorkOptions{Subject: subj, Slots: w.slots, Log: w.log}, w.handle)
+			err := w.c.RunWork(gctx, broker.WorkOptions{Subject: subj, Slots: slots, Log: w.log}, w.handle)
+			if err != nil && gctx.Err() == nil {
+				w.log.Error().Err(err).Str("subject", subj).Msg("work consumer ended")
+			}
+			return err
 		})
 	}
 	err = g.Wait()
@@ -96,6 +108,7 @@ func (w *Worker) Run(ctx context.Context) error {
 }
 
 func (w *Worker) handle(ctx context.Context, wk *broker.Work) error {
+	w.log.Debug().Str("subject", wk.Subject).Str("id", wk.ID).Int("attempt", wk.Attempt).Msg("work")
 	switch {
 	case wk.Subject == broker.WorkVMLaunch || wk.Subject == broker.HostWorkSubject(w.c.Host(), KindLaunch):
 		var req Request

@@ -46,7 +46,11 @@ With no daemon running (virtkit serve), run embeds a one-shot broker and the wor
   virtkit run -v $PWD:/src -p 8080:80 -e MODE=dev oci:./web`,
 		Args: cobra.MinimumNArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			return runImage(cmd.Context(), e, &f, args[0], args[1:])
+			argv := args[1:]
+			if len(argv) > 0 && argv[0] == "--" {
+				argv = argv[1:]
+			}
+			return runImage(cmd.Context(), e, &f, args[0], argv)
 		},
 	}
 	fl := cmd.Flags()

@@ -70,7 +70,11 @@ func newVM(e *env) *cobra.Command {
 				return &ExitError{Code: 125, Err: err}
 			}
 			defer c.Close()
-			req := client.ExecRequest{Argv: args[1:], Env: ef.env, Dir: ef.workdir, User: ef.user, TTY: ef.tty}
+			argv := args[1:]
+			if argv[0] == "--" {
+				argv = argv[1:]
+			}
+			req := client.ExecRequest{Argv: argv, Env: ef.env, Dir: ef.workdir, User: ef.user, TTY: ef.tty}
 			st, err := c.Attach(cmd.Context(), req, client.Terminal{Stdin: os.Stdin, Stdout: os.Stdout, Stderr: os.Stderr, Interactive: ef.interactive})
 			if err != nil {
 				return &ExitError{Code: 125, Err: err}
