@@ -4,6 +4,8 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"io"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -279,7 +281,23 @@ func TestInitEntrypointOverlay(t *testing.T) {
 func TestInitEntrypointSignalsAndWait(t *testing.T) {
 	root := busyboxRoot(t)
 	writeImage(t, root, `{"entrypoint":["sh","-c","trap 'echo got-term; exit 5' TERM; echo started; while :; do sleep 0.05; done"]}`)
-	g := boot(t, root, "virtkit.net=none\nvirtkit.listen=unix:///.virtkit/agent.sock\nvirtkit.linger=1s\n")
+	// The exit code also goes to an endpoint of the host's choosing (virtkit.exitcode).
+	exitLn, err := net.Listen("unix", filepath.Join(root, ".virtkit/exit.sock"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer exitLn.Close()
+	exitLine := make(chan string, 1)
+	go func() {
+		c, err := exitLn.Accept()
+		if err != nil {
+			exitLine <- err.Error()
+			return
+		}
+		b, _ := io.ReadAll(c)
+		exitLine <- string(b)
+	}()
+	g := boot(t, root, "virtkit.net=none\nvirtkit.listen=unix:///.virtkit/agent.sock\nvirtkit.linger=1s\nvirtkit.exitcode=unix:///.virtkit/exit.sock\n")
 	c := g.dial(t)
 	g.con.waitFor(t, "started\n")
 	type res struct {
@@ -308,6 +326,9 @@ func TestInitEntrypointSignalsAndWait(t *testing.T) {
 	con := g.con.String()
 	if !strings.Contains(con, "got-term\n") || !strings.Contains(con, "virtkit: exit-code 5\n") {
 		t.Errorf("console:\n%s", con)
+	}
+	if l := <-exitLine; l != "virtkit: exit-code 5\n" {
+		t.Errorf("exit code endpoint got %q", l)
 	}
 }
 
