@@ -1,6 +1,7 @@
 package broker
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -20,7 +21,8 @@ import (
 type Config struct {
 	// URL of the server or a comma-separated list of cluster members (nats://host:4222, tls://…).
 	URL string `json:"url"`
-	// Creds is a NATS credentials file (user JWT + nkey seed), for an operator-managed cluster.
+	// Creds is a NATS credentials file (user JWT + nkey seed) for an operator-managed cluster, or
+	// a file holding just an nkey user seed.
 	Creds string `json:"creds,omitempty"`
 	// NKeySeed is a file holding a bare nkey user seed: the credential of the embedded server.
 	NKeySeed string `json:"nkey_seed,omitempty"`
@@ -150,7 +152,18 @@ func Connect(ctx context.Context, cfg Config) (*Client, error) {
 		}),
 	}
 	if cfg.Creds != "" {
-		opts = append(opts, nats.UserCredentials(cfg.Creds))
+		// A creds file holds a user JWT and its seed; a file with only an nkey seed (like the
+		// embedded server's credential) is accepted too.
+		data, err := os.ReadFile(cfg.Creds)
+		if err != nil {
+			return nil, fmt.Errorf("broker: connect: creds file: %w", err)
+		}
+		if bytes.Contains(data, []byte("BEGIN NATS USER JWT")) {
+			opts = append(opts, nats.UserCredentials(cfg.Creds))
+		} else {
+			cfg.NKeySeed = cfg.Creds
+		}
+		clear(data)
 	}
 	if cfg.NKeySeed != "" {
 		o, err := nats.NkeyOptionFromSeed(cfg.NKeySeed)
