@@ -140,16 +140,15 @@ func Run(opt Options) (code int) {
 	}
 
 	srvDone := make(chan error, 1)
-	l, err := addr.Listen(in.cfg.Listen)
-	if err != nil {
-		in.log("exec server: %v", err)
-		close(srvDone)
-	} else {
-		srv := execserver.New(in.serverConfig())
-		go func() { srvDone <- srv.Serve(ctx, l) }()
-		in.mark("serving")
-		in.log("serving on %s (%s)", in.cfg.Listen, in.timings())
-	}
+	go func() {
+		defer func() {
+			if r := recover(); r != nil {
+				in.log("PANIC in the exec server: %v\n%s", r, debug.Stack())
+				srvDone <- fmt.Errorf("panic: %v", r)
+			}
+		}()
+		srvDone <- in.serve(ctx)
+	}()
 
 	sigs := make(chan os.Signal, 4)
 	// SIGINT: Ctrl-Alt-Del; SIGPWR: ACPI power button via the kernel; SIGTERM: a container runtime.
@@ -184,6 +183,29 @@ down:
 	cancel()
 	svcs.Wait()
 	return in.finish(poweroff, exit)
+}
+
+// serve runs the exec server until ctx ends. A listener that cannot be created yet (a vsock
+// device still probing) is retried rather than leaving a guest nobody can reach.
+func (in *Init) serve(ctx context.Context) error {
+	var l net.Listener
+	for attempt := 0; ; attempt++ {
+		var err error
+		if l, err = addr.Listen(in.cfg.Listen); err == nil {
+			break
+		}
+		if attempt == 0 {
+			in.log("exec server: %v (retrying)", err)
+		}
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-time.After(200 * time.Millisecond):
+		}
+	}
+	in.mark("serving")
+	in.log("serving on %s (%s)", in.cfg.Listen, in.timings())
+	return execserver.New(in.serverConfig()).Serve(ctx, l)
 }
 
 func (in *Init) loadConfig() error {

@@ -29,6 +29,11 @@ func (in *Init) supervise(ctx context.Context, wg *sync.WaitGroup, s *service) {
 	wg.Add(1)
 	go func() {
 		defer wg.Done()
+		defer func() {
+			if r := recover(); r != nil {
+				in.log("PANIC supervising %s: %v", s.name, r)
+			}
+		}()
 		backoff := 250 * time.Millisecond
 		for ctx.Err() == nil {
 			cmd := exec.Command(s.argv[0], s.argv[1:]...)
