@@ -86,4 +86,3 @@ func TestOrphans(t *testing.T) {
 		}
 	}
 }
-
