@@ -16,11 +16,17 @@ import (
 // startDaemon runs `virtkit virtiofsd` (sandboxed unless extra says otherwise) and waits for its
 // socket.
 func startDaemon(t testing.TB, share string, extra ...string) string {
+	return startDaemonWith(t, share, nil, extra...)
+}
+
+// startDaemonWith runs the daemon under a wrapper command (e.g. prlimit).
+func startDaemonWith(t testing.TB, share string, wrapper []string, extra ...string) string {
 	t.Helper()
 	bin := cmdtest.Binary(t, "virtkit")
 	sock := filepath.Join(t.TempDir(), "fs.sock")
 	ctx, cancel := context.WithCancel(context.Background())
-	cmd := exec.CommandContext(ctx, bin, append([]string{"virtiofsd", "--socket-path", sock, "--shared-dir", share, "--log-level", "warn"}, extra...)...)
+	argv := append(append(append([]string{}, wrapper...), bin, "virtiofsd", "--socket-path", sock, "--shared-dir", share, "--log-level", "warn"), extra...)
+	cmd := exec.CommandContext(ctx, argv[0], argv[1:]...)
 	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
 	cmd.Cancel = func() error { return cmd.Process.Signal(os.Interrupt) }
 	if err := cmd.Start(); err != nil {

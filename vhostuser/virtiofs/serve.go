@@ -104,6 +104,12 @@ func NewFileSystem(cfg Config) (*fuse.ProtocolServer, error) {
 		EnableLocks:              true,
 		ExplicitDataCacheControl: cfg.Cache == CacheNever,
 		Logger:                   log.New(cfg.Logger, "go-fuse: ", 0),
+		// A guest can make the node bridge panic with forged node IDs; answer EINVAL without
+		// logging a stack per request.
+		PanicHandler: func(r any) fuse.Status {
+			cfg.Logger.Debug().Interface("panic", r).Msg("virtiofs: request rejected by the file system")
+			return fuse.EINVAL
+		},
 	}
 	opts.NullPermissions = true
 	raw := &guard{RawFileSystem: fs.NewNodeFS(root, opts), readOnly: cfg.ReadOnly, xattr: cfg.Xattr}

@@ -1,0 +1,317 @@
+package virtiofs
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"errors"
+	"os"
+	"path/filepath"
+	"syscall"
+	"testing"
+
+	"github.com/rs/zerolog"
+
+	"github.com/virtkit/virtkit/cmd/cmdtest"
+	"github.com/virtkit/virtkit/vhostuser/vhostusertest"
+)
+
+const root = 1 // FUSE_ROOT_ID
+
+func testLogger(t testing.TB) zerolog.Logger {
+	return zerolog.New(zerolog.NewTestWriter(t)).Level(zerolog.WarnLevel)
+}
+
+// inProcess serves share from this process (no sandbox) and returns a FUSE client on it.
+func inProcess(t testing.TB, share string, mod func(*Config)) *vhostusertest.FUSE {
+	t.Helper()
+	cfg := Config{Socket: filepath.Join(t.TempDir(), "fs.sock"), SharedDir: share, Logger: testLogger(t)}
+	if mod != nil {
+		mod(&cfg)
+	}
+	s, err := Serve(context.Background(), cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { s.Close() })
+	return client(t, cfg.Socket)
+}
+
+func client(t testing.TB, sock string) *vhostusertest.FUSE {
+	t.Helper()
+	f, err := vhostusertest.Dial(sock, 64<<20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { f.Close() })
+	c, err := vhostusertest.NewFUSE(f, 256)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c
+}
+
+func isErrno(err error, e syscall.Errno) bool {
+	var fe vhostusertest.Errno
+	return errors.As(err, &fe) && syscall.Errno(fe) == e
+}
+
+// TestFUSEOps drives the usual file operations through the virtqueue.
+func TestFUSEOps(t *testing.T) {
+	share := t.TempDir()
+	os.WriteFile(filepath.Join(share, "hello.txt"), []byte("hello"), 0o644)
+	c := inProcess(t, share, nil)
+	e, err := c.Lookup(root, "hello.txt")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if e.Attr.Size != 5 {
+		t.Fatalf("size %d", e.Attr.Size)
+	}
+	fh, err := c.Open(e.NodeID, uint32(os.O_RDONLY))
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := c.Read(e.NodeID, fh, 0, 4096)
+	if err != nil || string(b) != "hello" {
+		t.Fatalf("read %q %v", b, err)
+	}
+	c.Release(e.NodeID, fh)
+
+	d, err := c.Mkdir(root, "dir", 0o755)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f, fh, err := c.Create(d.NodeID, "big", uint32(os.O_RDWR), 0o644)
+	if err != nil {
+		t.Fatal(err)
+	}
+	data := make([]byte, 1<<20)
+	rand.Read(data)
+	if n, err := c.Write(f.NodeID, fh, 0, data); err != nil || n != uint32(len(data)) {
+		t.Fatalf("write %d %v", n, err)
+	}
+	got, err := c.Read(f.NodeID, fh, 0, 1<<20)
+	if err != nil || !bytes.Equal(got, data) {
+		t.Fatalf("read back %d bytes %v", len(got), err)
+	}
+	c.Release(f.NodeID, fh)
+	onHost, _ := os.ReadFile(filepath.Join(share, "dir", "big"))
+	if !bytes.Equal(onHost, data) {
+		t.Fatal("host file differs from what the guest wrote")
+	}
+	if _, err := c.Symlink(d.NodeID, "s", "big"); err != nil {
+		t.Fatal(err)
+	}
+	l, err := c.Lookup(d.NodeID, "s")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if tgt, err := c.Readlink(l.NodeID); err != nil || tgt != "big" {
+		t.Fatalf("readlink %q %v", tgt, err)
+	}
+	if _, err := c.Link(f.NodeID, root, "hard"); err != nil {
+		t.Fatal(err)
+	}
+	if a, err := c.Getattr(f.NodeID); err != nil || a.Nlink != 2 {
+		t.Fatalf("nlink %+v %v", a, err)
+	}
+	if err := c.Rename(d.NodeID, "big", root, "moved"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(filepath.Join(share, "moved")); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Unlink(root, "moved"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.Lookup(root, "moved"); !isErrno(err, syscall.ENOENT) {
+		t.Fatalf("lookup after unlink: %v", err)
+	}
+	if err := c.Forget(l.NodeID, 1); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestGuardRefusesHostileNames covers what the guard refuses in every sandbox mode.
+func TestGuardRefusesHostileNames(t *testing.T) {
+	share := t.TempDir()
+	c := inProcess(t, share, nil)
+	for _, name := range []string{"..", ".", "../etc", "a/b", ""} {
+		if _, err := c.Lookup(root, name); err == nil {
+			t.Errorf("LOOKUP %q succeeded", name)
+		}
+		if _, err := c.Mkdir(root, name, 0o755); err == nil {
+			t.Errorf("MKDIR %q succeeded", name)
+		}
+	}
+	if _, err := c.Mknod(root, "null", syscall.S_IFCHR|0o666, 1<<8|3); !isErrno(err, syscall.EPERM) {
+		t.Errorf("MKNOD of a character device: %v, want EPERM", err)
+	}
+	if _, err := c.Mknod(root, "sda", syscall.S_IFBLK|0o666, 8<<8); !isErrno(err, syscall.EPERM) {
+		t.Errorf("MKNOD of a block device: %v, want EPERM", err)
+	}
+	if _, err := c.Mknod(root, "fifo", syscall.S_IFIFO|0o644, 0); err != nil {
+		t.Errorf("MKNOD of a fifo: %v", err)
+	}
+	// Node IDs the daemon never handed out fail cleanly.
+	if _, err := c.Getattr(0xdeadbeef); err == nil {
+		t.Error("GETATTR on a forged node id succeeded")
+	}
+	if _, err := c.Link(0xdeadbeef, root, "x"); err == nil {
+		t.Error("LINK from a forged node id succeeded")
+	}
+	if _, err := c.Getattr(root); err != nil {
+		t.Fatalf("daemon unhealthy after hostile requests: %v", err)
+	}
+}
+
+func TestReadOnly(t *testing.T) {
+	share := t.TempDir()
+	os.WriteFile(filepath.Join(share, "f"), []byte("x"), 0o644)
+	c := inProcess(t, share, func(c *Config) { c.ReadOnly = true })
+	e, err := c.Lookup(root, "f")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.Open(e.NodeID, uint32(os.O_RDWR)); !isErrno(err, syscall.EROFS) {
+		t.Errorf("open rw: %v", err)
+	}
+	if _, _, err := c.Create(root, "n", uint32(os.O_RDWR), 0o644); !isErrno(err, syscall.EROFS) {
+		t.Errorf("create: %v", err)
+	}
+	if err := c.Unlink(root, "f"); !isErrno(err, syscall.EROFS) {
+		t.Errorf("unlink: %v", err)
+	}
+	if _, err := c.Mkdir(root, "d", 0o755); !isErrno(err, syscall.EROFS) {
+		t.Errorf("mkdir: %v", err)
+	}
+	fh, err := c.Open(e.NodeID, uint32(os.O_RDONLY))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if b, err := c.Read(e.NodeID, fh, 0, 10); err != nil || string(b) != "x" {
+		t.Fatalf("read %q %v", b, err)
+	}
+}
+
+// TestSandboxStopsEscapes runs the real daemon (sandboxed) and tries to leave the share the
+// ways a hostile guest would. Each attempt must fail.
+func TestSandboxStopsEscapes(t *testing.T) {
+	cmdtest.RequireRoot(t)
+	share := t.TempDir()
+	os.Mkdir(filepath.Join(share, "d"), 0o755)
+	os.WriteFile(filepath.Join(share, "f"), []byte("inside"), 0o644)
+	// A device node placed in the share by someone on the host must not open (nodev).
+	if err := syscall.Mknod(filepath.Join(share, "hostnull"), syscall.S_IFCHR|0o666, 1<<8|3); err != nil {
+		t.Fatal(err)
+	}
+	sock := startDaemon(t, share)
+	c := client(t, sock)
+
+	d, err := c.Lookup(root, "d")
+	if err != nil {
+		t.Fatal(err)
+	}
+	f, err := c.Lookup(root, "f")
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Swap the directory for a symlink to /etc and the file for a symlink to /etc/passwd behind
+	// the daemon's back (another guest on the share, or a race between LOOKUP and use).
+	os.Rename(filepath.Join(share, "d"), filepath.Join(share, "d.old"))
+	os.Symlink("/etc", filepath.Join(share, "d"))
+	os.Rename(filepath.Join(share, "f"), filepath.Join(share, "f.old"))
+	os.Symlink("/etc/passwd", filepath.Join(share, "f"))
+
+	if e, err := c.Lookup(d.NodeID, "passwd"); err == nil {
+		fh, oerr := c.Open(e.NodeID, uint32(os.O_RDONLY))
+		if oerr == nil {
+			b, _ := c.Read(e.NodeID, fh, 0, 4096)
+			t.Fatalf("escaped through a swapped directory: read %q", b)
+		}
+	}
+	if fh, err := c.Open(f.NodeID, uint32(os.O_RDONLY)); err == nil {
+		b, _ := c.Read(f.NodeID, fh, 0, 4096)
+		if bytes.Contains(b, []byte("root:")) {
+			t.Fatalf("escaped through a swapped file: read %q", b)
+		}
+	}
+	// Absolute symlinks the guest makes resolve inside the share when the daemon follows them.
+	if _, err := c.Symlink(root, "abs", "/etc/passwd"); err != nil {
+		t.Fatal(err)
+	}
+	if e, err := c.Lookup(root, "abs"); err == nil {
+		if fh, err := c.Open(e.NodeID, uint32(os.O_RDONLY)); err == nil {
+			b, _ := c.Read(e.NodeID, fh, 0, 4096)
+			t.Fatalf("opened an absolute symlink to a host file: %q", b)
+		}
+	}
+	// Hard links to the swapped nodes must not reach host files either.
+	if e, err := c.Lookup(d.NodeID, "shadow"); err == nil {
+		if _, err := c.Link(e.NodeID, root, "stolen"); err == nil {
+			t.Fatal("hard-linked a host file into the share")
+		}
+	}
+	if _, err := os.Lstat(filepath.Join(share, "stolen")); err == nil {
+		t.Fatal("a link named stolen appeared in the share")
+	}
+	hn, err := c.Lookup(root, "hostnull")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.Open(hn.NodeID, uint32(os.O_RDWR)); err == nil {
+		t.Fatal("opened a device node through the share")
+	}
+	// Creating files through a swapped directory lands inside the share or fails.
+	if _, _, err := c.Create(d.NodeID, "planted", uint32(os.O_RDWR), 0o644); err == nil {
+		if _, err := os.Stat("/etc/planted"); err == nil {
+			os.Remove("/etc/planted")
+			t.Fatal("created /etc/planted on the host")
+		}
+	}
+	if _, err := os.Stat("/etc/planted"); err == nil {
+		os.Remove("/etc/planted")
+		t.Fatal("created /etc/planted on the host")
+	}
+}
+
+// TestFDExhaustion opens far more files than the daemon's fd limit: the guest gets errors, the
+// daemon survives and recovers when files are released.
+func TestFDExhaustion(t *testing.T) {
+	cmdtest.RequireRoot(t)
+	prlimit := cmdtest.Tool(t, "prlimit")
+	share := t.TempDir()
+	os.WriteFile(filepath.Join(share, "f"), []byte("x"), 0o644)
+	sock := startDaemonWith(t, share, []string{prlimit, "--nofile=200:200", "--"})
+	c := client(t, sock)
+	e, err := c.Lookup(root, "f")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var fhs []uint64
+	failed := false
+	for i := 0; i < 400; i++ {
+		fh, err := c.Open(e.NodeID, uint32(os.O_RDONLY))
+		if err != nil {
+			failed = true
+			break
+		}
+		fhs = append(fhs, fh)
+	}
+	if !failed {
+		t.Fatal("400 opens under a 200-fd limit all succeeded")
+	}
+	if _, err := c.Getattr(e.NodeID); err != nil {
+		t.Fatalf("daemon unhealthy at the fd limit: %v", err)
+	}
+	for _, fh := range fhs {
+		c.Release(e.NodeID, fh)
+	}
+	fh, err := c.Open(e.NodeID, uint32(os.O_RDONLY))
+	if err != nil {
+		t.Fatalf("open after releasing: %v", err)
+	}
+	c.Release(e.NodeID, fh)
+}
+
