@@ -16,6 +16,8 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/virtkit/virtkit/agent/client"
 	"github.com/virtkit/virtkit/cmd/cmdtest"
 )
@@ -226,5 +228,73 @@ func TestInfoShutdownWait(t *testing.T) {
 	if c, err := client.Dial(ctx, url); err == nil {
 		c.Close()
 		t.Fatal("agent still serving after shutdown")
+	}
+}
+
+// openPTY gives the test a terminal to run the client in, as a user's shell would.
+func openPTY(t *testing.T) (master, slave *os.File) {
+	t.Helper()
+	m, err := os.OpenFile("/dev/ptmx", os.O_RDWR|unix.O_NOCTTY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.IoctlSetPointerInt(int(m.Fd()), unix.TIOCSPTLCK, 0); err != nil {
+		t.Fatal(err)
+	}
+	n, err := unix.IoctlGetInt(int(m.Fd()), unix.TIOCGPTN)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, err := os.OpenFile(fmt.Sprintf("/dev/pts/%d", n), os.O_RDWR|unix.O_NOCTTY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { m.Close(); s.Close() })
+	return m, s
+}
+
+// TestExecTTY runs `exec -t` on a host terminal: the guest sees the host's size, follows a
+// resize, and Ctrl-C typed on the host interrupts the guest's foreground process.
+func TestExecTTY(t *testing.T) {
+	bin, url := serve(t)
+	m, s := openPTY(t)
+	unix.IoctlSetWinsize(int(s.Fd()), unix.TIOCSWINSZ, &unix.Winsize{Row: 31, Col: 91})
+	cmd := exec.Command(bin, "exec", "-t", "--connect", url, "--", "sh", "-c", `stty size; trap 'echo got-int' INT; sleep 100; stty size; read x; exit 6`)
+	cmd.Stdin, cmd.Stdout, cmd.Stderr = s, s, s
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true, Setctty: true, Ctty: 0}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- cmd.Wait() }()
+	t.Cleanup(func() { cmd.Process.Kill() })
+	var seen bytes.Buffer
+	buf := make([]byte, 4096)
+	expect := func(want string) {
+		t.Helper()
+		m.SetReadDeadline(time.Now().Add(15 * time.Second))
+		for !strings.Contains(seen.String(), want) {
+			n, err := m.Read(buf)
+			seen.Write(buf[:n])
+			if err != nil {
+				t.Fatalf("waiting for %q: %v; got %q", want, err, seen.String())
+			}
+		}
+	}
+	expect("31 91")
+	time.Sleep(200 * time.Millisecond) // sleep is running in the foreground
+	unix.IoctlSetWinsize(int(s.Fd()), unix.TIOCSWINSZ, &unix.Winsize{Row: 40, Col: 100})
+	time.Sleep(200 * time.Millisecond)
+	m.Write([]byte{3}) // Ctrl-C
+	expect("got-int")
+	expect("40 100")
+	m.Write([]byte("\r"))
+	select {
+	case err := <-done:
+		if exitCode(err) != 6 {
+			t.Fatalf("exit %v; terminal:\n%s", err, seen.String())
+		}
+	case <-time.After(15 * time.Second):
+		t.Fatalf("client did not exit; terminal:\n%s", seen.String())
 	}
 }
