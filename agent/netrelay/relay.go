@@ -20,6 +20,7 @@ import (
 	"os"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -59,6 +60,10 @@ type Config struct {
 	Hostname string
 	// Logf receives progress and errors; nil discards them.
 	Logf func(format string, args ...any)
+	// NoOffload turns off the tap's segmentation and checksum offload. By default the guest kernel
+	// hands TCP super-segments of up to 64 KiB to the relay, which completes their checksum and
+	// sends each as one frame (the switch and other relays accept frames above the MTU).
+	NoOffload bool
 	// Ready, if set, is called once the interface is configured the first time.
 	Ready func(Lease)
 }
@@ -96,12 +101,15 @@ func Run(ctx context.Context, cfg Config) error {
 	if _, err := addr.Parse(cfg.Connect); err != nil {
 		return fmt.Errorf("netrelay: %w", err)
 	}
-	tap, err := openTap(cfg.Tap)
+	tap, vnet, err := openTap(cfg.Tap, !cfg.NoOffload)
 	if err != nil {
 		return err
 	}
 	defer tap.Close()
-	r := &relay{cfg: cfg, tap: tap}
+	r := &relay{cfg: cfg, tap: tap, vnet: vnet}
+	if r.rawTap, err = tap.SyscallConn(); err != nil {
+		return fmt.Errorf("netrelay: tap: %w", err)
+	}
 	if len(cfg.MAC) > 0 {
 		m, ok := frame.MACFrom(cfg.MAC)
 		if !ok {
@@ -136,6 +144,8 @@ func Run(ctx context.Context, cfg Config) error {
 type relay struct {
 	cfg     Config
 	tap     *os.File
+	vnet    bool            // frames on the tap carry a virtio-net header
+	rawTap  syscall.RawConn // for writev of header and frame
 	mac     frame.MAC
 	applied *dhcp.Lease
 	ready   bool
@@ -204,12 +214,12 @@ func (r *relay) session(ctx context.Context, c net.Conn) error {
 				errc <- fmt.Errorf("read from switch: %w", err)
 				return
 			}
-			if _, err := r.tap.Write(f); err != nil {
+			if err := r.writeTap(f); err != nil {
 				if errors.Is(err, os.ErrClosed) {
 					errc <- err
 					return
 				}
-				// EINVAL for a frame above the tap MTU, ENOBUFS under pressure: drop the frame.
+				// EINVAL for a malformed frame, ENOBUFS under pressure: drop the frame.
 			}
 		}
 	}()
@@ -233,12 +243,23 @@ func (r *relay) tapToSwitch(c net.Conn) error {
 		return fmt.Errorf("tap: %w", err)
 	}
 	buf := make([]byte, 4*(frame.HeaderLen+frame.MaxLen))
+	var hdr [vnetHdrLen]byte
+	iov := [][]byte{hdr[:], nil}
 	for {
 		off, frames := 0, 0
 		var rerr error
 		err := rc.Read(func(fd uintptr) bool {
 			for len(buf)-off >= frame.HeaderLen+frame.MaxLen && frames < 128 {
-				n, err := unix.Read(int(fd), buf[off+frame.HeaderLen:off+frame.HeaderLen+frame.MaxLen])
+				dst := buf[off+frame.HeaderLen : off+frame.HeaderLen+frame.MaxLen]
+				var n int
+				var err error
+				if r.vnet {
+					iov[1] = dst
+					n, err = unix.Readv(int(fd), iov)
+					n -= vnetHdrLen
+				} else {
+					n, err = unix.Read(int(fd), dst)
+				}
 				if err == unix.EAGAIN {
 					return off > 0 // nothing more ready: send what we have, or wait
 				}
@@ -251,6 +272,11 @@ func (r *relay) tapToSwitch(c net.Conn) error {
 				}
 				if n < frame.MinLen {
 					continue
+				}
+				if r.vnet && hdr[0]&vnetNeedsCsum != 0 {
+					// A super-segment or a packet with its checksum left to the "hardware": the
+					// relay is the hardware. The whole segment goes as one frame.
+					frame.FixChecksum(dst[:n])
 				}
 				frame.PutHeader(buf[off:], n)
 				off += frame.HeaderLen + n
@@ -273,6 +299,26 @@ func (r *relay) tapToSwitch(c net.Conn) error {
 			return fmt.Errorf("read from tap: %w", rerr)
 		}
 	}
+}
+
+// zeroVnet is the header of frames written to the tap: no offload, checksum already complete.
+var zeroVnet [vnetHdrLen]byte
+
+// writeTap writes one frame to the tap.
+func (r *relay) writeTap(f []byte) error {
+	if !r.vnet {
+		_, err := r.tap.Write(f)
+		return err
+	}
+	var werr error
+	err := r.rawTap.Write(func(fd uintptr) bool {
+		_, werr = unix.Writev(int(fd), [][]byte{zeroVnet[:], f})
+		return werr != unix.EAGAIN
+	})
+	if err != nil {
+		return err
+	}
+	return werr
 }
 
 // dhcp runs the built-in client over the fresh connection, before frames are relayed.

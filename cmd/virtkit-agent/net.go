@@ -32,6 +32,7 @@ func runNet(ctx context.Context, args []string) int {
 	fs.StringVar(&cfg.Search, "search", "", "static DNS search domain")
 	fs.StringVar(&cfg.ResolvConf, "resolv-conf", "/etc/resolv.conf", "resolv.conf to write with the DNS configuration (empty: leave alone)")
 	fs.StringVar(&cfg.Hostname, "hostname", "", "host name sent in DHCP requests (default: this host's)")
+	fs.BoolVar(&cfg.NoOffload, "no-offload", false, "disable the tap's TCP segmentation/checksum offload (frames then never exceed the MTU)")
 	quiet := fs.Bool("quiet", false, "log only errors")
 	if err := fs.Parse(args); err != nil {
 		return 2

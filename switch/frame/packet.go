@@ -177,3 +177,43 @@ func BuildIPv4(dstMAC, srcMAC MAC, src, dst netip.Addr, proto uint8, payload []b
 	copy(ip[20:], payload)
 	return f
 }
+
+// FixChecksum recomputes the TCP or UDP checksum of the IPv4 packet in the Ethernet frame f in
+// place. It completes packets handed over with the checksum left to "hardware" (a tap's
+// CHECKSUM_PARTIAL, a netstack's segmentation offload), whatever partial sum the field holds. It
+// reports false, leaving f alone, for anything else.
+func FixChecksum(f []byte) bool {
+	if len(f) < EthHeaderLen+20 || Type(f) != TypeIPv4 {
+		return false
+	}
+	ip := f[EthHeaderLen:]
+	hl := int(ip[0]&0xf) * 4
+	tl := int(binary.BigEndian.Uint16(ip[2:4]))
+	if ip[0]>>4 != 4 || hl < 20 || tl < hl || tl > len(ip) || binary.BigEndian.Uint16(ip[6:8])&0x3fff != 0 {
+		return false // not IPv4, inconsistent, or a fragment
+	}
+	l4 := ip[hl:tl]
+	var off int
+	switch ip[9] {
+	case ProtoTCP:
+		off = 16
+	case ProtoUDP:
+		off = 6
+	default:
+		return false
+	}
+	if len(l4) < off+2 {
+		return false
+	}
+	l4[off], l4[off+1] = 0, 0
+	var ph [12]byte
+	copy(ph[0:8], ip[12:20])
+	ph[9] = ip[9]
+	binary.BigEndian.PutUint16(ph[10:12], uint16(len(l4)))
+	cs := ^checksum(l4, checksum(ph[:], 0))
+	if cs == 0 && ip[9] == ProtoUDP {
+		cs = 0xffff
+	}
+	binary.BigEndian.PutUint16(l4[off:], cs)
+	return true
+}

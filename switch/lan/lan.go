@@ -61,6 +61,10 @@ type Config struct {
 	DNSUpstream []netip.AddrPort
 	// UDPTimeout closes idle UDP flows; default 60s.
 	UDPTimeout time.Duration
+	// NoOffload makes the gateway send TCP in MTU-sized frames only. By default it sends
+	// super-segments of up to 64 KiB as single frames (like a NIC's receive offload), which
+	// virtkit's relay and Linux taps accept; set this for peers that drop frames above the MTU.
+	NoOffload bool
 	// QueueLen is each port's transmit queue in frames; default 1024.
 	QueueLen int
 	// Logger receives the switch's logs.
