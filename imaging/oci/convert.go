@@ -136,18 +136,32 @@ func build(ctx context.Context, im *image, cfg *store.ImageConfig, dir string, o
 	if err := os.WriteFile(cfgFile, cfgJSON, 0o644); err != nil {
 		return fmt.Errorf("oci: %w", err)
 	}
+	tree, err := im.merge(o, layers)
+	if err != nil {
+		return err
+	}
+	// Inject where the paths really live: on a usrmerged image /sbin is a symlink to usr/sbin,
+	// and the agent must land in usr/sbin rather than replace the symlink with a directory.
+	agentDst, err := tree.Resolve(AgentPath)
+	if err != nil {
+		return fmt.Errorf("oci: %w", err)
+	}
+	cfgDst, err := tree.Resolve(ImageConfigPath)
+	if err != nil {
+		return fmt.Errorf("oci: %w", err)
+	}
 	pr, pw := io.Pipe()
 	flat := make(chan error, 1)
 	go func() {
-		_, err := im.flatten(ctx, o, c, layers, pw)
+		_, err := im.write(ctx, o, c, tree, layers, pw)
 		pw.CloseWithError(err)
 		flat <- err
 	}()
 	res, werr := ext4.WriteTar(ctx, pr, filepath.Join(dir, "rootfs.ext4"), ext4.Options{
 		Size: opts.Size, Free: opts.Free, NoJournal: opts.NoJournal,
 		Inject: []ext4.Inject{
-			{Src: opts.Agent, Dst: AgentPath, Mode: 0o755},
-			{Src: cfgFile, Dst: ImageConfigPath, Mode: 0o644},
+			{Src: opts.Agent, Dst: "/" + agentDst, Mode: 0o755},
+			{Src: cfgFile, Dst: "/" + cfgDst, Mode: 0o644},
 		},
 	})
 	pr.CloseWithError(errors.New("ext4 writer stopped reading"))

@@ -152,10 +152,23 @@ func (im *image) prepare(ctx context.Context, o *Options, c *blobcache.Cache) ([
 
 // flatten writes the image's root filesystem to w, evicting a cached blob that turns out corrupt.
 func (im *image) flatten(ctx context.Context, o *Options, c *blobcache.Cache, layers []rootfs.Layer, w io.Writer) (rootfs.Stats, error) {
+	tree, err := im.merge(o, layers)
+	if err != nil {
+		return rootfs.Stats{}, err
+	}
+	return im.write(ctx, o, c, tree, layers, w)
+}
+
+func (im *image) merge(o *Options, layers []rootfs.Layer) (*rootfs.Tree, error) {
 	tree, err := rootfs.Merge(tocs(layers), o.Limits)
 	if err != nil {
-		return rootfs.Stats{}, fmt.Errorf("oci: %s: %w", im.src, err)
+		return nil, fmt.Errorf("oci: %s: %w", im.src, err)
 	}
+	return tree, nil
+}
+
+// write runs the second pass of a merged tree into w.
+func (im *image) write(ctx context.Context, o *Options, c *blobcache.Cache, tree *rootfs.Tree, layers []rootfs.Layer, w io.Writer) (rootfs.Stats, error) {
 	st := rootfs.Stats{TOCs: tocs(layers)}
 	opts := rootfs.Options{Limits: o.Limits, Progress: func(i int, n int64) {
 		o.progress(Event{Phase: "flatten", Layer: i, Layers: len(layers), Bytes: n, Total: im.layers[i].size})

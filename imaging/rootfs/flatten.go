@@ -23,6 +23,7 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"strings"
 	"time"
 )
 
@@ -253,4 +254,32 @@ func (p *progressReader) Read(b []byte) (int, error) {
 	p.n += int64(n)
 	p.fn(p.n)
 	return n, err
+}
+
+// Resolve returns where a path of the merged image really lives: symlinked directories on the way
+// are followed inside the image (the last component is not), and components that do not exist
+// are kept as given. The result is relative to the root. Callers adding files next to the image
+// (the guest agent at /sbin/virtkit-agent on a usrmerged distribution, where /sbin is a symlink)
+// use it so that they do not replace a symlink with a directory.
+func (tr *Tree) Resolve(name string) (string, error) {
+	parts, err := cleanName(name)
+	if err != nil {
+		return "", err
+	}
+	if len(parts) == 0 {
+		return ".", nil
+	}
+	// Walk the longest existing directory prefix.
+	for i := len(parts) - 1; i >= 0; i-- {
+		dir, err := tr.t.lookup(parts[:i], true, false)
+		if err != nil || dir == nil || !dir.isDir() {
+			continue
+		}
+		rest := strings.Join(parts[i:], "/")
+		if dir.parent == nil {
+			return rest, nil
+		}
+		return dir.path() + "/" + rest, nil
+	}
+	return strings.Join(parts, "/"), nil
 }

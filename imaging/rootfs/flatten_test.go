@@ -267,3 +267,26 @@ func TestTOCCache(t *testing.T) {
 		t.Error("garbage TOC decoded")
 	}
 }
+
+func TestResolve(t *testing.T) {
+	ls := layersOf(t, false, imagetest.Tar(t, dir("usr"), dir("usr/sbin"), sym("sbin", "usr/sbin"), sym("abs", "/usr"), sym("loop", "loop")))
+	toc, err := rootfs.ReadTOC(context.Background(), ls[0], rootfs.Limits{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	tr, err := rootfs.Merge([]*rootfs.TOC{toc}, rootfs.Limits{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for in, want := range map[string]string{
+		"/sbin/virtkit-agent": "usr/sbin/virtkit-agent", "/.virtkit/image.json": ".virtkit/image.json",
+		"/abs/x/y": "usr/x/y", "/sbin": "sbin", "/loop/x": "loop/x", "/": ".",
+	} {
+		if got, err := tr.Resolve(in); err != nil || got != want {
+			t.Errorf("Resolve(%q) = %q, %v; want %q", in, got, err, want)
+		}
+	}
+	if _, err := tr.Resolve("/../x"); err == nil {
+		t.Error("Resolve accepted ..")
+	}
+}
