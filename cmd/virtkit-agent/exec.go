@@ -5,13 +5,9 @@ import (
 	"errors"
 	"flag"
 	"fmt"
-	"io"
 	"os"
-	"os/signal"
 	"strings"
-	"syscall"
 
-	"golang.org/x/term"
 
 	"github.com/virtkit/virtkit/agent/client"
 	"github.com/virtkit/virtkit/agent/proto"
@@ -53,65 +49,15 @@ func runExec(ctx context.Context, args []string) int {
 	return code
 }
 
-// execRemote runs req and relays stdin, signals and terminal size; it returns the exit code.
+// execRemote runs req with this process's terminal attached (client.Attach: stdin, signals,
+// terminal size) and returns the exit code.
 func execRemote(ctx context.Context, url string, req client.ExecRequest, interactive bool) (int, error) {
-	// Signals go to the guest command, so the session must not end with ours.
-	sctx := context.WithoutCancel(ctx)
-	c, err := client.Dial(sctx, url)
+	c, err := client.Dial(context.WithoutCancel(ctx), url)
 	if err != nil {
 		return 0, err
 	}
 	defer c.Close()
-	inFd := int(os.Stdin.Fd())
-	isTerm := term.IsTerminal(inFd)
-	if req.TTY {
-		if ws, err := unixWinsize(int(os.Stdout.Fd())); err == nil {
-			req.Rows, req.Cols = ws[0], ws[1]
-		}
-		if t := os.Getenv("TERM"); t != "" {
-			req.Env = append([]string{"TERM=" + t}, req.Env...)
-		}
-	}
-	s, err := c.StartIO(sctx, req, os.Stdout, os.Stderr)
-	if err != nil {
-		return 0, err
-	}
-	if req.TTY && isTerm {
-		if old, err := term.MakeRaw(inFd); err == nil {
-			defer term.Restore(inFd, old)
-		}
-	}
-	sigs := make(chan os.Signal, 8)
-	fwd := []os.Signal{syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP, syscall.SIGQUIT, syscall.SIGUSR1, syscall.SIGUSR2, syscall.SIGWINCH}
-	signal.Notify(sigs, fwd...)
-	defer signal.Stop(sigs)
-	go func() {
-		for {
-			select {
-			case sig := <-sigs:
-				if sig == syscall.SIGWINCH {
-					if ws, err := unixWinsize(int(os.Stdout.Fd())); err == nil {
-						s.Resize(ws[0], ws[1])
-					}
-					continue
-				}
-				s.Signal(sig.(syscall.Signal))
-			case <-s.Done():
-				return
-			}
-		}
-	}()
-	in := s.Stdin()
-	if interactive {
-		go func() {
-			if _, err := io.Copy(in, os.Stdin); err == nil {
-				in.Close()
-			}
-		}()
-	} else {
-		in.Close()
-	}
-	st, err := s.Wait()
+	st, err := c.Attach(ctx, req, client.Terminal{Stdin: os.Stdin, Stdout: os.Stdout, Stderr: os.Stderr, Interactive: interactive})
 	if err != nil {
 		return 0, err
 	}
