@@ -8,7 +8,6 @@ import (
 	"os"
 	"strings"
 
-
 	"github.com/virtkit/virtkit/agent/client"
 	"github.com/virtkit/virtkit/agent/proto"
 )
