@@ -44,7 +44,9 @@ func decompress(br *bufio.Reader) (io.Reader, func(), error) {
 // readTar adds every entry of a (possibly compressed) tar stream. All input bytes, including
 // any after the end-of-archive marker, go into the identity hash.
 func (b *builder) readTar(r io.Reader) error {
-	br := bufio.NewReaderSize(io.TeeReader(r, b.sum), 1<<20)
+	hr := newHashReader(b.ctx, r, b.sum)
+	defer hr.Close()
+	br := bufio.NewReaderSize(hr, 64<<10)
 	tr, done, err := decompress(br)
 	if err != nil {
 		return err
