@@ -23,17 +23,19 @@ for line in open(sys.argv[1]):
     if m:
         mtu, net, d, s, g, c = m.groups()
         rows[(int(mtu), d, int(s), net)] = (float(g), float(c))
-nets = ["virtkit", "gvproxy", "slirp4netns", "pasta"]
+nets = ["virtkit", "virtkit-nooffload", "gvproxy", "slirp4netns", "pasta"]
+peers = ["gvproxy", "slirp4netns", "pasta"]
 print()
-print("%-6s %-4s %-3s | %s | %s" % ("mtu", "dir", "P", " ".join("%12s" % n for n in nets),
-      " ".join("%10s" % ("vk/" + n[:6]) for n in nets[1:])))
+print("%-6s %-4s %-3s | %s | %s" % ("mtu", "dir", "P", " ".join("%13s" % n[:13] for n in nets),
+      " ".join("%10s" % ("vk/" + n[:6]) for n in peers)))
 keys = sorted({k[:3] for k in rows})
 for k in keys:
     vals = [rows.get(k + (n,)) for n in nets]
     vk = vals[0]
-    cells = " ".join("%12s" % ("%.2fG %.1fc" % v if v else "-") for v in vals)
-    ratios = " ".join("%10s" % ("%.2fx" % (vk[0] / v[0]) if vk and v and v[0] else "-") for v in vals[1:])
+    cells = " ".join("%13s" % ("%.2fG %.1fc" % v if v else "-") for v in vals)
+    ratios = " ".join("%10s" % ("%.2fx" % (vk[0] / v[0]) if vk and v and v[0] else "-") for v in (rows.get(k + (n,)) for n in peers))
     print("%-6d %-4s %-3d | %s | %s" % (k[0], k[1], k[2], cells, ratios))
 print("\nG = Gbit/s received; c = CPU seconds per GB in the backend's processes (virtkit and gvproxy include the guest relay).")
-print("vk/X = virtkit throughput / X throughput.")
+print("vk/X = virtkit throughput / X throughput. virtkit-nooffload: the same without TCP segmentation offload")
+print("(switch --no-offload, relay --no-offload): frames never exceed the MTU.")
 PY

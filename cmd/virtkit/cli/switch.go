@@ -23,7 +23,7 @@ func init() {
 			listens, hosts, allows, denies, forwards, upstream []string
 			subnet, gateway, domain, metrics                   string
 			mtu                                                int
-			allowLoop                                          bool
+			allowLoop, noOffload                               bool
 		)
 		cmd := &cobra.Command{
 			Use:   "switch",
@@ -36,7 +36,7 @@ Guests connect with "virtkit-agent net --connect unix:///PATH".`,
       --forward tcp:127.0.0.1:8080=vm1:80 --host db=10.77.0.20`,
 			Args: cobra.NoArgs,
 			RunE: func(cmd *cobra.Command, args []string) error {
-				cfg := lan.Config{Domain: domain, MTU: mtu, AllowHostLoopback: allowLoop, Logger: e.log, DNSHosts: map[string]netip.Addr{}}
+				cfg := lan.Config{Domain: domain, MTU: mtu, AllowHostLoopback: allowLoop, NoOffload: noOffload, Logger: e.log, DNSHosts: map[string]netip.Addr{}}
 				sn := subnet
 				if sn == "" {
 					sn = e.cfg.Net.Subnet
@@ -149,6 +149,7 @@ Guests connect with "virtkit-agent net --connect unix:///PATH".`,
 		f.StringArrayVar(&denies, "deny", nil, "CIDR guests may not reach (repeatable)")
 		f.StringArrayVar(&forwards, "forward", nil, "host→guest TCP forward tcp:HOST:PORT=NAME:PORT (repeatable)")
 		f.StringArrayVar(&upstream, "dns-upstream", nil, "resolver for names outside the LAN (default: /etc/resolv.conf)")
+		f.BoolVar(&noOffload, "no-offload", false, "send TCP to guests in MTU-sized frames only (for peers that drop frames above the MTU)")
 		f.StringVar(&metrics, "metrics", "", "serve Prometheus metrics (/metrics) and counters (/counters) on this host:port")
 		return cmd
 	})
