@@ -8,6 +8,7 @@ import (
 	"strconv"
 	"time"
 
+	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/rs/zerolog"
 )
@@ -502,11 +503,18 @@ func (p *Projector) Run(ctx context.Context) error {
 		return nil
 	}
 	p.log.Debug().Uint64("from", done+1).Msg("projecting events")
+	batch := newWriteBatch()
+	flush := func() error {
+		if err := p.flush(wctx, batch); err != nil {
+			return err
+		}
+		return save()
+	}
 	for {
 		msg, err := it.Next()
 		if err != nil {
 			if errors.Is(err, jetstream.ErrMsgIteratorClosed) {
-				return save()
+				return flush()
 			}
 			return fmt.Errorf("broker: projector: %w", err)
 		}
@@ -517,18 +525,148 @@ func (p *Projector) Run(ctx context.Context) error {
 		env, ev, err := decodeMsg(msg)
 		if err != nil {
 			p.log.Warn().Err(err).Str("subject", msg.Subject()).Msg("skip event")
-		} else if err := p.apply(wctx, env, ev); err != nil {
+		} else if err := p.stage(wctx, batch, env, ev); err != nil {
 			it.Stop()
 			return fmt.Errorf("broker: projector: event %d (%s %s): %w", env.Seq, env.Type, env.Subject, err)
 		}
 		done = md.Sequence.Stream
-		if md.NumPending == 0 || done-saved >= 1024 || time.Since(lastSave) > time.Second {
-			if err := save(); err != nil {
+		// Write when caught up, or every so often while catching up on a long log.
+		if md.NumPending == 0 || len(batch.rows) >= 512 || done-saved >= 4096 || time.Since(lastSave) > time.Second {
+			if err := flush(); err != nil {
 				it.Stop()
 				return err
 			}
 		}
 	}
+}
+
+// writeBatch is the rows changed since the last flush, with the events that changed them (to
+// fold them again if a write loses a compare-and-set race).
+type writeBatch struct {
+	rows  map[string]*dirtyRow
+	order []string
+}
+
+type dirtyRow struct {
+	bucket, id string
+	events     []stagedEvent
+}
+
+type stagedEvent struct {
+	env *Envelope
+	ev  Event
+}
+
+func newWriteBatch() *writeBatch { return &writeBatch{rows: map[string]*dirtyRow{}} }
+
+// stage folds one event into the cached row; the write happens at the next flush, so several
+// events for one row in a batch cost one write.
+func (p *Projector) stage(ctx context.Context, b *writeBatch, env *Envelope, ev Event) error {
+	bucket := bucketOf(env.Aggregate())
+	if bucket == "" {
+		return nil
+	}
+	key := bucket + "/" + env.Subject
+	cur, ok := p.cache[key]
+	if !ok {
+		var err error
+		if cur, err = p.load(ctx, bucket, env.Subject); err != nil {
+			return err
+		}
+		p.cache[key] = cur
+	}
+	if !cur.state.Apply(env, ev) {
+		return nil
+	}
+	d := b.rows[key]
+	if d == nil {
+		d = &dirtyRow{bucket: bucket, id: env.Subject}
+		b.rows[key] = d
+		b.order = append(b.order, key)
+	}
+	d.events = append(d.events, stagedEvent{env, ev})
+	return nil
+}
+
+func (p *Projector) load(ctx context.Context, bucket, id string) (cached, error) {
+	cur := cached{state: NewState()}
+	kv, err := p.c.js.KeyValue(ctx, bucket)
+	if err != nil {
+		return cur, err
+	}
+	e, err := kv.Get(ctx, id)
+	switch {
+	case errors.Is(err, jetstream.ErrKeyNotFound):
+		return cur, nil
+	case err != nil:
+		return cur, err
+	}
+	if err := cur.state.load(bucket, id, e.Value()); err != nil {
+		return cur, err
+	}
+	cur.rev = e.Revision()
+	return cur, nil
+}
+
+// flush writes the batch's rows with pipelined compare-and-set publishes (expected last
+// sequence of the key's subject = the revision the row was read at). A row that lost a race
+// with another host's projector is read again and its events folded again, one write at a time.
+func (p *Projector) flush(ctx context.Context, b *writeBatch) error {
+	if len(b.order) == 0 {
+		return nil
+	}
+	type inflight struct {
+		key string
+		fut jetstream.PubAckFuture
+	}
+	futs := make([]inflight, 0, len(b.order))
+	for _, key := range b.order {
+		d := b.rows[key]
+		cur := p.cache[key]
+		data, err := cur.state.row(d.bucket, d.id)
+		if err != nil {
+			return err
+		}
+		msg := nats.NewMsg("$KV." + d.bucket + "." + d.id)
+		msg.Data = data
+		fut, err := p.c.js.PublishMsgAsync(msg, jetstream.WithExpectLastSequencePerSubject(cur.rev))
+		if err != nil {
+			return err
+		}
+		futs = append(futs, inflight{key, fut})
+	}
+	var retry []string
+	for _, f := range futs {
+		select {
+		case ack := <-f.fut.Ok():
+			c := p.cache[f.key]
+			c.rev = ack.Sequence
+			p.cache[f.key] = c
+		case err := <-f.fut.Err():
+			var apiErr *jetstream.APIError
+			if !errors.As(err, &apiErr) || (apiErr.ErrorCode != jetstream.JSErrCodeStreamWrongLastSequence &&
+				apiErr.ErrorCode != jetstream.JSErrCodeStreamWrongLastSequenceConstant) {
+				return fmt.Errorf("write %s: %w", f.key, err)
+			}
+			retry = append(retry, f.key)
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+	for _, key := range retry {
+		delete(p.cache, key)
+		for _, se := range b.rows[key].events {
+			if err := p.apply(ctx, se.env, se.ev); err != nil {
+				return fmt.Errorf("write %s: %w", key, err)
+			}
+		}
+	}
+	if len(p.cache) > 50000 {
+		clear(p.cache)
+	}
+	clear(b.rows)
+	b.order = b.order[:0]
+	return nil
 }
 
 // apply writes one event into its row with compare-and-set, retrying on conflicts.
@@ -545,20 +683,12 @@ func (p *Projector) apply(ctx context.Context, env *Envelope, ev Event) error {
 	for attempt := 0; ; attempt++ {
 		cur, ok := p.cache[key]
 		if !ok {
-			cur = cached{state: NewState()}
-			e, err := kv.Get(ctx, env.Subject)
-			switch {
-			case errors.Is(err, jetstream.ErrKeyNotFound):
-			case err != nil:
+			if cur, err = p.load(ctx, bucket, env.Subject); err != nil {
 				return err
-			default:
-				if err := cur.state.load(bucket, env.Subject, e.Value()); err != nil {
-					return err
-				}
-				cur.rev = e.Revision()
 			}
 		}
 		if !cur.state.Apply(env, ev) {
+			p.cache[key] = cur
 			return nil
 		}
 		data, err := cur.state.row(bucket, env.Subject)
@@ -566,24 +696,13 @@ func (p *Projector) apply(ctx context.Context, env *Envelope, ev Event) error {
 			return err
 		}
 		var rev uint64
-		switch {
-		case data == nil && cur.rev != 0:
-			err = kv.Delete(ctx, env.Subject, jetstream.LastRevision(cur.rev))
-		case data == nil:
-		case cur.rev == 0:
+		if cur.rev == 0 {
 			rev, err = kv.Create(ctx, env.Subject, data)
-		default:
+		} else {
 			rev, err = kv.Update(ctx, env.Subject, data, cur.rev)
 		}
 		if err == nil {
-			if len(p.cache) > 50000 {
-				clear(p.cache)
-			}
-			if data == nil {
-				delete(p.cache, key)
-			} else {
-				p.cache[key] = cached{state: cur.state, rev: rev}
-			}
+			p.cache[key] = cached{state: cur.state, rev: rev}
 			return nil
 		}
 		delete(p.cache, key)
