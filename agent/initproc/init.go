@@ -82,6 +82,10 @@ func Run(opt Options) (code int) {
 		}
 	}()
 	unix.Umask(0o022)
+	if os.Getenv("PATH") == "" {
+		// The kernel gives init no PATH; children (relay, sshd, the entrypoint's base) need one.
+		os.Setenv("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+	}
 	// So that init's mounts never leak to a parent namespace (harmless in a VM).
 	_ = unix.Mount("", "/", "", unix.MS_REC|unix.MS_PRIVATE, "")
 	if err := in.do(earlyMounts); err != nil {
@@ -133,11 +137,6 @@ func Run(opt Options) (code int) {
 	if in.cfg.Net.Mode != "none" {
 		in.supervise(ctx, &svcs, &service{name: "network relay", argv: in.relayArgv(), env: os.Environ()})
 	}
-	if len(in.cfg.SSHKeys) > 0 {
-		if argv := in.prepareSSH(); argv != nil {
-			in.supervise(ctx, &svcs, &service{name: "sshd", argv: argv, env: os.Environ()})
-		}
-	}
 
 	srvDone := make(chan error, 1)
 	go func() {
@@ -149,6 +148,16 @@ func Run(opt Options) (code int) {
 		}()
 		srvDone <- in.serve(ctx)
 	}()
+	if len(in.cfg.SSHKeys) > 0 {
+		// Host key generation takes a while: never before the exec server is up.
+		svcs.Add(1)
+		go func() {
+			defer svcs.Done()
+			if argv := in.prepareSSH(); argv != nil && ctx.Err() == nil {
+				in.supervise(ctx, &svcs, &service{name: "sshd", argv: argv, env: os.Environ()})
+			}
+		}()
+	}
 
 	sigs := make(chan os.Signal, 4)
 	// SIGINT: Ctrl-Alt-Del; SIGPWR: ACPI power button via the kernel; SIGTERM: a container runtime.

@@ -3,6 +3,7 @@ package initproc_test
 import (
 	"bytes"
 	"context"
+	"encoding/base64"
 	"errors"
 	"io"
 	"net"
@@ -428,4 +429,80 @@ func TestInitSystemdHandOff(t *testing.T) {
 	}
 	c.Shutdown(context.Background(), true)
 	poweredOff(t, g.wait(t))
+}
+
+// installDynamic copies a host program and the shared libraries it needs into root.
+func installDynamic(t *testing.T, root, prog string) {
+	t.Helper()
+	out, err := exec.Command("ldd", prog).Output()
+	if err != nil {
+		t.Fatalf("ldd %s: %v", prog, err)
+	}
+	files := []string{prog}
+	for _, line := range strings.Split(string(out), "\n") {
+		for _, f := range strings.Fields(line) {
+			if strings.HasPrefix(f, "/") {
+				files = append(files, f)
+			}
+		}
+	}
+	for _, f := range files {
+		dst := filepath.Join(root, f)
+		if _, err := os.Stat(dst); err == nil {
+			continue
+		}
+		os.MkdirAll(filepath.Dir(dst), 0o755)
+		real, err := filepath.EvalSymlinks(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		copyFile(t, real, dst)
+	}
+}
+
+// TestInitSSH gives the guest an authorized key on its configuration, lets init start the
+// image's sshd with it, and logs in with the host's ssh through `virtkit-agent connect` as the
+// ProxyCommand (guest port 22 through the agent).
+func TestInitSSH(t *testing.T) {
+	root := busyboxRoot(t)
+	sshd := cmdtest.Tool(t, "sshd")
+	keygen := cmdtest.Tool(t, "ssh-keygen")
+	sshc := cmdtest.Tool(t, "ssh")
+	installDynamic(t, root, sshd)
+	installDynamic(t, root, keygen)
+	os.MkdirAll(filepath.Join(root, "etc/ssh"), 0o755)
+	os.WriteFile(filepath.Join(root, "etc/ssh/sshd_config"), []byte("Port 22\nPermitRootLogin prohibit-password\nPasswordAuthentication no\nUsePAM no\nPidFile /run/sshd.pid\n"), 0o644)
+	f, _ := os.OpenFile(filepath.Join(root, "etc/passwd"), os.O_APPEND|os.O_WRONLY, 0)
+	f.WriteString("sshd:x:100:65534::/run/sshd:/bin/false\n")
+	f.Close()
+	os.Chmod(filepath.Join(root, "root"), 0o700)
+
+	key := filepath.Join(t.TempDir(), "id")
+	if out, err := exec.Command(keygen, "-q", "-t", "ed25519", "-N", "", "-f", key).CombinedOutput(); err != nil {
+		t.Fatalf("ssh-keygen: %v %s", err, out)
+	}
+	pub, _ := os.ReadFile(key + ".pub")
+	conf := "virtkit.mode=agent\nvirtkit.hostname=vk-ssh\nvirtkit.net=none\nvirtkit.listen=unix:///.virtkit/agent.sock\nvirtkit.ssh_key=b64:" + base64.StdEncoding.EncodeToString(pub) + "\n"
+	g := boot(t, root, conf)
+	c := g.dial(t)
+	defer func() {
+		c.Shutdown(context.Background(), true)
+		g.wait(t)
+	}()
+	agent := cmdtest.Binary(t, "virtkit-agent")
+	proxy := agent + " connect --port 22 unix://" + filepath.Join(root, ".virtkit/agent.sock")
+	var out []byte
+	var err error
+	for range 50 { // sshd starts after the exec server
+		out, err = exec.Command(sshc, "-F", "/dev/null", "-i", key, "-o", "ProxyCommand="+proxy, "-o", "BatchMode=yes",
+			"-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR",
+			"root@guest", "echo $((6*7)); hostname").CombinedOutput()
+		if err == nil {
+			break
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if err != nil || string(out) != "42\nvk-ssh\n" {
+		t.Fatalf("ssh through the agent: %q %v", out, err)
+	}
 }

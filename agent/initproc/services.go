@@ -104,13 +104,7 @@ func (in *Init) relayArgv() []string {
 // prepareSSH installs the authorized keys and host keys; it returns sshd's argv, or nil when the
 // image has no sshd.
 func (in *Init) prepareSSH() []string {
-	sshd := ""
-	for _, p := range []string{"/usr/sbin/sshd", "/usr/bin/sshd", "/sbin/sshd"} {
-		if _, err := os.Stat(p); err == nil {
-			sshd = p
-			break
-		}
-	}
+	sshd := findProgram("sshd")
 	if sshd == "" {
 		in.log("ssh keys given but the image has no sshd")
 		return nil
@@ -125,7 +119,7 @@ func (in *Init) prepareSSH() []string {
 	}
 	_ = os.MkdirAll("/run/sshd", 0o755)
 	if keys, _ := filepath.Glob("/etc/ssh/ssh_host_*_key"); len(keys) == 0 {
-		if kg, err := exec.LookPath("ssh-keygen"); err == nil {
+		if kg := findProgram("ssh-keygen"); kg != "" {
 			cmd := exec.Command(kg, "-A")
 			cmd.Stdout, cmd.Stderr = in.console, in.console
 			if p, err := in.reaper.Start(cmd); err == nil {
@@ -134,4 +128,15 @@ func (in *Init) prepareSSH() []string {
 		}
 	}
 	return []string{sshd, "-D", "-e"}
+}
+
+// findProgram looks in the standard folders: the kernel starts init with no PATH.
+func findProgram(name string) string {
+	for _, dir := range []string{"/usr/sbin", "/usr/bin", "/sbin", "/bin", "/usr/local/sbin", "/usr/local/bin"} {
+		p := filepath.Join(dir, name)
+		if fi, err := os.Stat(p); err == nil && fi.Mode().IsRegular() && fi.Mode()&0o111 != 0 {
+			return p
+		}
+	}
+	return ""
 }
