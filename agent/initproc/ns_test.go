@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/base64"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"os"
@@ -505,4 +506,103 @@ func TestInitSSH(t *testing.T) {
 	if err != nil || string(out) != "42\nvk-ssh\n" {
 		t.Fatalf("ssh through the agent: %q %v", out, err)
 	}
+}
+
+// readFrame reads one length-prefixed Ethernet frame (the switch's stream framing).
+func readFrame(r io.Reader) ([]byte, error) {
+	var h [4]byte
+	if _, err := io.ReadFull(r, h[:]); err != nil {
+		return nil, err
+	}
+	n := int(h[0])<<24 | int(h[1])<<16 | int(h[2])<<8 | int(h[3])
+	if n > 65536 {
+		return nil, fmt.Errorf("frame of %d bytes", n)
+	}
+	b := make([]byte, n)
+	_, err := io.ReadFull(r, b)
+	return b, err
+}
+
+// isDHCPDiscover reports an Ethernet/IPv4/UDP frame to port 67 carrying a DHCPDISCOVER.
+func isDHCPDiscover(f []byte) bool {
+	if len(f) < 14+20+8+240 || f[12] != 0x08 || f[13] != 0x00 || f[14+9] != 17 {
+		return false
+	}
+	ihl := int(f[14]&0x0f) * 4
+	udp := f[14+ihl:]
+	if len(udp) < 8+240 || int(udp[2])<<8|int(udp[3]) != 67 {
+		return false
+	}
+	opts := udp[8+240:]
+	for i := 0; i+1 < len(opts) && opts[i] != 255; i += 2 + int(opts[i+1]) {
+		if opts[i] == 53 && i+2 < len(opts) {
+			return opts[i+2] == 1
+		}
+	}
+	return false
+}
+
+// TestInitNetworkRelay checks that init starts the network relay (the net subcommand) as a
+// supervised child with the configuration from virtkit.net: it reaches the switch endpoint and
+// asks for an address with DHCP, restarts when the switch goes away, and with a static address
+// configures the tap itself.
+func TestInitNetworkRelay(t *testing.T) {
+	root := busyboxRoot(t)
+	sw, err := net.Listen("unix", filepath.Join(root, ".virtkit/switch.sock"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sw.Close()
+	g := boot(t, root, "virtkit.mode=agent\nvirtkit.net=dhcp\nvirtkit.relay=unix:///.virtkit/switch.sock\nvirtkit.listen=unix:///.virtkit/agent.sock\n")
+	accept := func() net.Conn {
+		t.Helper()
+		sw.(*net.UnixListener).SetDeadline(time.Now().Add(20 * time.Second))
+		c, err := sw.Accept()
+		if err != nil {
+			t.Fatalf("the relay never connected to the switch: %v", err)
+		}
+		return c
+	}
+	c := accept()
+	c.SetReadDeadline(time.Now().Add(20 * time.Second))
+	for {
+		f, err := readFrame(c)
+		if err != nil {
+			t.Fatalf("no DHCPDISCOVER from the relay: %v", err)
+		}
+		if isDHCPDiscover(f) {
+			break
+		}
+	}
+	c.Close()
+	accept().Close() // the switch went away: the relay comes back
+	ag := g.dial(t)
+	ag.Shutdown(context.Background(), true)
+	poweredOff(t, g.wait(t))
+
+	root = busyboxRoot(t)
+	sw2, err := net.Listen("unix", filepath.Join(root, ".virtkit/switch.sock"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sw2.Close()
+	sw = sw2
+	g = boot(t, root, "virtkit.mode=agent\nvirtkit.net=static:10.77.0.5/24,10.77.0.1\nvirtkit.dns=10.77.0.1\nvirtkit.relay=unix:///.virtkit/switch.sock\nvirtkit.listen=unix:///.virtkit/agent.sock\n")
+	c = accept()
+	defer c.Close()
+	go io.Copy(io.Discard, c)
+	ag = g.dial(t)
+	var got string
+	for range 100 {
+		got = sh(t, ag, "ip -4 addr show vk0; ip route")
+		if strings.Contains(got, "10.77.0.5/24") && strings.Contains(got, "default via 10.77.0.1") {
+			break
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if !strings.Contains(got, "10.77.0.5/24") || !strings.Contains(got, "default via 10.77.0.1") {
+		t.Fatalf("static address not configured:\n%s", got)
+	}
+	ag.Shutdown(context.Background(), true)
+	poweredOff(t, g.wait(t))
 }
