@@ -1,0 +1,135 @@
+package gitlab
+
+import (
+	"crypto/sha256"
+	"encoding/hex"
+	"fmt"
+	"path"
+	"regexp"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/virtkit/virtkit/broker"
+	"github.com/virtkit/virtkit/ci/jobs"
+)
+
+// Variables a job sets to choose its VM.
+const (
+	VarImage  = "MICROVM_IMAGE" // overrides the job's image:
+	VarCPUs   = "MICROVM_CPUS"
+	VarMemory = "MICROVM_MEM" // 2048, 512M, 2G
+)
+
+// Key names the job's state on the runner machine: stable across the job's hooks, distinct
+// across GitLab instances and jobs.
+func (e *Env) Key() (string, error) {
+	id := e.Vars["CI_JOB_ID"]
+	if id == "" && e.Job != nil && e.Job.ID > 0 {
+		id = strconv.FormatInt(e.Job.ID, 10)
+	}
+	if _, err := strconv.ParseUint(id, 10, 63); err != nil {
+		return "", fmt.Errorf("gitlab: CUSTOM_ENV_CI_JOB_ID=%q: not a job id (is this run by GitLab Runner?)", id)
+	}
+	h := sha256.Sum256([]byte(e.Vars["CI_SERVER_URL"]))
+	return "gl" + hex.EncodeToString(h[:3]) + "-" + id, nil
+}
+
+// Spec builds the job's spec: the image (MICROVM_IMAGE, else the job's image:, else
+// defaultImage), size (MICROVM_CPUS, MICROVM_MEM), services and timeout. id must be unique per
+// attempt (Key plus a nonce).
+func (e *Env) Spec(id, defaultImage string) (jobs.Spec, error) {
+	s := jobs.Spec{ID: id, Origin: e.Vars["CI_JOB_URL"]}
+	s.Image = firstNonEmpty(e.Vars[VarImage], e.Vars["CI_JOB_IMAGE"])
+	if s.Image == "" && e.Job != nil {
+		s.Image = e.Job.Image.Name
+	}
+	if s.Image == "" {
+		s.Image = defaultImage
+	}
+	if s.Image == "" {
+		return s, fmt.Errorf("gitlab: the job names no image (image: or %s) and ci.default_image is not set", VarImage)
+	}
+	if v := e.Vars[VarCPUs]; v != "" {
+		n, err := strconv.Atoi(v)
+		if err != nil || n < 1 || n > 1024 {
+			return s, fmt.Errorf("gitlab: %s=%q: want a whole number of vCPUs", VarCPUs, v)
+		}
+		s.CPUs = n
+	}
+	if v := e.Vars[VarMemory]; v != "" {
+		n, err := ParseMiB(v)
+		if err != nil {
+			return s, fmt.Errorf("gitlab: %s: %w", VarMemory, err)
+		}
+		s.MemoryMiB = n
+	}
+	if e.Job != nil {
+		if t := e.Job.RunnerInfo.Timeout; t > 0 {
+			// Leave the runner time to call cleanup after its own timeout fired.
+			s.Timeout = broker.Duration(time.Duration(t)*time.Second + 5*time.Minute)
+		}
+		for _, sv := range e.Job.Services {
+			if sv.Name == "" {
+				continue
+			}
+			svc := jobs.Service{Image: sv.Name, Entrypoint: sv.Entrypoint, Command: sv.Command}
+			for _, v := range sv.Variables {
+				svc.Env = append(svc.Env, v.Key+"="+v.Value)
+			}
+			if sv.Alias != "" {
+				for _, a := range strings.FieldsFunc(sv.Alias, func(r rune) bool { return r == ',' || r == ' ' }) {
+					svc.Aliases = append(svc.Aliases, strings.ToLower(a))
+				}
+			} else if a := DefaultAlias(sv.Name); a != "" {
+				svc.Aliases = []string{a}
+			}
+			s.Services = append(s.Services, svc)
+		}
+	}
+	return s, s.Validate()
+}
+
+var notLabel = regexp.MustCompile(`[^a-z0-9-]+`)
+
+// DefaultAlias is a service's host name when it sets no alias: its image's last path component
+// without tag or digest ("postgres:15" → "postgres", "reg.io/team/my_db:1" → "my-db").
+func DefaultAlias(image string) string {
+	image, _, _ = strings.Cut(image, "@")
+	base := path.Base(image)
+	if i := strings.LastIndex(base, ":"); i > 0 {
+		base = base[:i]
+	}
+	base = strings.Trim(notLabel.ReplaceAllString(strings.ToLower(base), "-"), "-")
+	if len(base) > 63 {
+		base = strings.Trim(base[:63], "-")
+	}
+	return base
+}
+
+// ParseMiB reads a memory size: 2048 (MiB), 512M, 512MiB, 2G, 2GiB.
+func ParseMiB(s string) (int, error) {
+	t := strings.ToUpper(strings.TrimSpace(s))
+	t = strings.TrimSuffix(strings.TrimSuffix(t, "B"), "I")
+	mult := 1
+	switch {
+	case strings.HasSuffix(t, "G"):
+		mult, t = 1024, strings.TrimSuffix(t, "G")
+	case strings.HasSuffix(t, "M"):
+		t = strings.TrimSuffix(t, "M")
+	}
+	n, err := strconv.Atoi(t)
+	if err != nil || n <= 0 || n > 1<<30/mult {
+		return 0, fmt.Errorf("%q: want a size like 512M or 2G", s)
+	}
+	return n * mult, nil
+}
+
+func firstNonEmpty(v ...string) string {
+	for _, s := range v {
+		if s != "" {
+			return s
+		}
+	}
+	return ""
+}

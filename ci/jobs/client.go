@@ -1,0 +1,224 @@
+package jobs
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"syscall"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/virtkit/virtkit/broker"
+)
+
+// Submit queues spec on the pool and waits until a host has booted its VM (job.started), the job
+// failed to start (job.failed: a *Failure, system or not) or ctx ends.
+func Submit(ctx context.Context, c *broker.Client, spec Spec) (*Placement, error) {
+	if err := spec.Validate(); err != nil {
+		return nil, &Failure{Msg: err.Error()}
+	}
+	evs := make(chan broker.Event, 8)
+	sub, err := c.Subscribe(ctx, broker.SubscribeOptions{Filters: []string{broker.EventFilter("job", spec.ID, "")}},
+		func(ctx context.Context, _ *broker.Envelope, ev broker.Event) error {
+			select {
+			case evs <- ev:
+			case <-ctx.Done():
+			}
+			return nil
+		})
+	if err != nil {
+		return nil, fmt.Errorf("jobs: submit %s: %w", spec.ID, err)
+	}
+	defer sub.Stop()
+	p := &Placement{Job: spec.ID, Queued: time.Now()}
+	if _, err := c.Publish(ctx, &broker.JobQueued{Job: spec.ID, Image: spec.Image, Origin: spec.Origin}); err != nil {
+		return nil, fmt.Errorf("jobs: submit %s: %w", spec.ID, err)
+	}
+	if _, err := c.Submit(ctx, broker.WorkCIJob, spec.ID, spec); err != nil {
+		return nil, fmt.Errorf("jobs: submit %s: %w", spec.ID, err)
+	}
+	for {
+		select {
+		case ev := <-evs:
+			switch e := ev.(type) {
+			case *broker.JobStarted:
+				p.Host, p.VM, p.Ready = e.Host, e.VM, time.Now()
+				return p, nil
+			case *broker.JobFailed:
+				return nil, &Failure{System: e.System, Msg: e.Error}
+			case *broker.JobCanceled:
+				return nil, &Failure{System: true, Msg: "canceled: " + e.Reason}
+			}
+		case <-ctx.Done():
+			return nil, fmt.Errorf("jobs: job %s: waiting for a host to start it: %w", spec.ID, ctx.Err())
+		}
+	}
+}
+
+// ExecOptions tune Exec.
+type ExecOptions struct {
+	// Signals delivers signals to forward to the guest command (SIGTERM, SIGKILL, …).
+	Signals <-chan syscall.Signal
+	// KeepAlive is the interval of keep-alives to the host; default 1 s.
+	KeepAlive time.Duration
+	// HostTimeout is how long the host may leave keep-alives unanswered before the stage is
+	// given up as a system failure (the host died); default 20 s.
+	HostTimeout time.Duration
+	// Env is KEY=VALUE for the stage.
+	Env []string
+	// OnStarted, when set, is called once the host accepted the stage (for latency measurements).
+	OnStarted func()
+}
+
+// Exec runs script as stage in the job VM that p names, streaming its output to stdout and
+// stderr as it comes. It returns the command's exit (code 0 is success); an error wrapping
+// ErrSystem when the host, VM or broker failed.
+func Exec(ctx context.Context, c *broker.Client, p *Placement, stage string, script []byte, stdout, stderr io.Writer, o ExecOptions) (Exit, error) {
+	if o.KeepAlive <= 0 {
+		o.KeepAlive = time.Second
+	}
+	if o.HostTimeout <= 0 {
+		o.HostTimeout = 20 * time.Second
+	}
+	if len(script) > MaxScript {
+		return Exit{}, &Failure{Msg: fmt.Sprintf("stage %s: script of %d bytes is larger than %d", stage, len(script), MaxScript)}
+	}
+	id := p.Job + "-" + nonce()
+	sysErr := func(format string, args ...any) (Exit, error) {
+		return Exit{}, &Failure{System: true, Msg: fmt.Sprintf("stage %s of job %s on host %s: ", stage, p.Job, p.Host) + fmt.Sprintf(format, args...)}
+	}
+	// Follow the output before asking, so nothing is missed.
+	js := c.JetStream()
+	cons, err := js.OrderedConsumer(ctx, broker.ExecStream, jetstream.OrderedConsumerConfig{
+		FilterSubjects: []string{broker.ExecSubject(id, broker.ExecStdout), broker.ExecSubject(id, broker.ExecStderr), broker.ExecSubject(id, broker.ExecExit)},
+		DeliverPolicy:  jetstream.DeliverAllPolicy,
+	})
+	if err != nil {
+		return sysErr("follow output: %v", err)
+	}
+	msgs, err := cons.Messages()
+	if err != nil {
+		return sysErr("follow output: %v", err)
+	}
+	defer msgs.Stop()
+
+	req, _ := json.Marshal(ExecRequest{Job: p.Job, Exec: id, Stage: stage, Script: script, Env: o.Env})
+	rctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
+	reply, err := c.Conn().RequestWithContext(rctx, ControlSubject(p.Host, "exec"), req)
+	cancel()
+	if err != nil {
+		if errors.Is(err, nats.ErrNoResponders) {
+			return sysErr("host %s does not answer (it died or left the pool)", p.Host)
+		}
+		return sysErr("%v", err)
+	}
+	var rep Reply
+	if err := json.Unmarshal(reply.Data, &rep); err != nil {
+		return sysErr("bad reply: %v", err)
+	}
+	if !rep.OK {
+		return sysErr("%s", rep.Error)
+	}
+	if o.OnStarted != nil {
+		o.OnStarted()
+	}
+
+	type item struct {
+		msg jetstream.Msg
+		err error
+	}
+	items := make(chan item)
+	done := make(chan struct{})
+	defer close(done)
+	go func() {
+		for {
+			m, err := msgs.Next()
+			select {
+			case items <- item{m, err}:
+			case <-done:
+				return
+			}
+			if err != nil {
+				return
+			}
+		}
+	}()
+	sigSubj := broker.ExecSubject(id, broker.ExecSignal)
+	send := func(sig int) bool {
+		b, _ := json.Marshal(Signal{Signal: sig})
+		sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 2*time.Second)
+		defer cancel()
+		_, err := c.Conn().RequestWithContext(sctx, sigSubj, b)
+		return err == nil
+	}
+	tick := time.NewTicker(o.KeepAlive)
+	defer tick.Stop()
+	lastAnswer := time.Now()
+	alive := make(chan bool, 1)
+	pinging := false
+	for {
+		select {
+		case it := <-items:
+			if it.err != nil {
+				return sysErr("follow output: %v", it.err)
+			}
+			switch it.msg.Subject() {
+			case broker.ExecSubject(id, broker.ExecStdout):
+				stdout.Write(it.msg.Data())
+			case broker.ExecSubject(id, broker.ExecStderr):
+				stderr.Write(it.msg.Data())
+			case broker.ExecSubject(id, broker.ExecExit):
+				var ex Exit
+				if err := json.Unmarshal(it.msg.Data(), &ex); err != nil {
+					return sysErr("bad exit message: %v", err)
+				}
+				if ex.Error != "" {
+					return ex, &Failure{System: true, Msg: fmt.Sprintf("stage %s of job %s on host %s: %s", stage, p.Job, p.Host, ex.Error)}
+				}
+				return ex, nil
+			}
+		case sig := <-o.Signals:
+			send(int(sig))
+		case <-tick.C:
+			if !pinging {
+				pinging = true
+				go func() { alive <- send(0) }()
+			}
+			if time.Since(lastAnswer) > o.HostTimeout {
+				return sysErr("host %s stopped answering for %v", p.Host, o.HostTimeout)
+			}
+		case ok := <-alive:
+			pinging = false
+			if ok {
+				lastAnswer = time.Now()
+			}
+		case <-ctx.Done():
+			return Exit{}, fmt.Errorf("jobs: stage %s of job %s: %w", stage, p.Job, ctx.Err())
+		}
+	}
+}
+
+// Cleanup asks the host that runs the job to tear it down and waits until it has. A host that is
+// gone has nothing left to clean (its VMs died with it).
+func Cleanup(ctx context.Context, c *broker.Client, p *Placement, failed bool, exitCode int) error {
+	b, _ := json.Marshal(CleanupRequest{Job: p.Job, Failed: failed, ExitCode: exitCode})
+	reply, err := c.Conn().RequestWithContext(ctx, ControlSubject(p.Host, "cleanup"), b)
+	if errors.Is(err, nats.ErrNoResponders) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("jobs: cleanup %s on %s: %w", p.Job, p.Host, err)
+	}
+	var rep Reply
+	if err := json.Unmarshal(reply.Data, &rep); err != nil {
+		return fmt.Errorf("jobs: cleanup %s on %s: bad reply: %w", p.Job, p.Host, err)
+	}
+	if !rep.OK {
+		return fmt.Errorf("jobs: cleanup %s on %s: %s", p.Job, p.Host, rep.Error)
+	}
+	return nil
+}

@@ -1,0 +1,385 @@
+package jobs
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/rs/zerolog"
+
+	"github.com/virtkit/virtkit/agent/client"
+	"github.com/virtkit/virtkit/broker"
+	"github.com/virtkit/virtkit/workers/launcher"
+)
+
+// Config configures a Runner. Client, Slots, Machines and Images are required.
+type Config struct {
+	Client   *broker.Client
+	Slots    *broker.Slots
+	Machines Machines
+	Images   Images
+	// JobTimeout bounds a job that names none (and caps one that does); default 1 hour.
+	JobTimeout time.Duration
+	// CPUs and MemoryMiB are a job's defaults; MaxCPUs and MaxMemoryMiB cap what it may ask.
+	CPUs, MemoryMiB, MaxCPUs, MaxMemoryMiB int
+	// Net is the job VMs' network: "dhcp" (default: a LAN of the job's own) or "none".
+	Net string
+	// LeaseTimeout is how long a running stage may go without a keep-alive from its hook before
+	// the guest command is killed; default 15 s.
+	LeaseTimeout time.Duration
+	Log          zerolog.Logger
+}
+
+// Runner is the CI worker of a host: see the package comment.
+type Runner struct {
+	cfg  Config
+	host string
+	log  zerolog.Logger
+
+	mu   sync.Mutex
+	jobs map[string]*job
+	// stopping is closed when Run's ctx ends: running jobs fail as system failures.
+	stopping chan struct{}
+	wg       sync.WaitGroup
+}
+
+// New checks cfg and returns a Runner.
+func New(cfg Config) (*Runner, error) {
+	if cfg.Client == nil || cfg.Slots == nil || cfg.Machines == nil || cfg.Images == nil {
+		return nil, errors.New("jobs: runner needs Client, Slots, Machines and Images")
+	}
+	if cfg.JobTimeout <= 0 {
+		cfg.JobTimeout = time.Hour
+	}
+	if cfg.CPUs == 0 {
+		cfg.CPUs = 1
+	}
+	if cfg.MemoryMiB == 0 {
+		cfg.MemoryMiB = 512
+	}
+	if cfg.MaxCPUs == 0 {
+		cfg.MaxCPUs = cfg.CPUs
+	}
+	if cfg.MaxMemoryMiB == 0 {
+		cfg.MaxMemoryMiB = cfg.MemoryMiB
+	}
+	switch cfg.Net {
+	case "":
+		cfg.Net = "dhcp"
+	case "dhcp", "none":
+	default:
+		return nil, fmt.Errorf("jobs: net %q: want dhcp or none", cfg.Net)
+	}
+	if cfg.LeaseTimeout <= 0 {
+		cfg.LeaseTimeout = 15 * time.Second
+	}
+	return &Runner{cfg: cfg, host: cfg.Client.Host(), log: cfg.Log, jobs: map[string]*job{}, stopping: make(chan struct{})}, nil
+}
+
+// Name implements workers.Worker.
+func (r *Runner) Name() string { return "ci" }
+
+// Running is the number of jobs this host runs.
+func (r *Runner) Running() int { r.mu.Lock(); defer r.mu.Unlock(); return len(r.jobs) }
+
+// Run takes jobs until ctx ends; then the jobs still running are torn down and failed as system
+// failures (their VMs cannot outlive the host's process).
+func (r *Runner) Run(ctx context.Context) error {
+	nc := r.cfg.Client.Conn()
+	var subs []*nats.Subscription
+	defer func() {
+		for _, s := range subs {
+			s.Unsubscribe()
+		}
+	}()
+	for kind, h := range map[string]func(*nats.Msg){"exec": r.onExec, "cleanup": r.onCleanup} {
+		s, err := nc.Subscribe(ControlSubject(r.host, kind), func(m *nats.Msg) {
+			r.wg.Add(1)
+			go func() { defer r.wg.Done(); h(m) }()
+		})
+		if err != nil {
+			return fmt.Errorf("jobs: subscribe %s: %w", kind, err)
+		}
+		subs = append(subs, s)
+	}
+	if err := nc.Flush(); err != nil {
+		return fmt.Errorf("jobs: subscribe: %w", err)
+	}
+	runDone := make(chan struct{})
+	go func() {
+		select {
+		case <-ctx.Done():
+			close(r.stopping)
+		case <-runDone:
+		}
+	}()
+	err := r.cfg.Client.RunWork(ctx, broker.WorkOptions{Subject: broker.WorkCIJob, Slots: r.cfg.Slots, Log: r.log}, r.handle)
+	close(runDone)
+	for _, s := range subs {
+		s.Unsubscribe()
+	}
+	r.wg.Wait()
+	return err
+}
+
+// job is one running job on this host.
+type job struct {
+	spec     Spec
+	lan      string
+	vm       Machine
+	agent    *client.Client
+	services []*service
+	cleanup  chan cleanupAsk
+	// gone is closed once the job is torn down.
+	gone chan struct{}
+	log  zerolog.Logger
+
+	mu    sync.Mutex
+	execs map[string]*client.Session
+	ended bool
+}
+
+type service struct {
+	m    Machine
+	sess *client.Session
+	ag   *client.Client
+}
+
+type cleanupAsk struct {
+	req  CleanupRequest
+	done chan struct{}
+}
+
+func (r *Runner) publish(ctx context.Context, ev broker.Event) {
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 15*time.Second)
+	defer cancel()
+	if _, err := r.cfg.Client.Publish(ctx, ev); err != nil {
+		r.log.Error().Err(err).Str("event", ev.EventType()).Msg("publish")
+	}
+}
+
+func (r *Runner) handle(ctx context.Context, w *broker.Work) error {
+	var spec Spec
+	if err := w.Decode(&spec); err != nil {
+		return err
+	}
+	if err := spec.Validate(); err != nil {
+		return broker.Permanent(err)
+	}
+	log := r.log.With().Str("job", spec.ID).Logger()
+	if w.Attempt > 1 {
+		// The host that took it before died or stopped mid-job: its VM is gone with it. Running the
+		// job again here could run a stage twice; GitLab retries system failures instead.
+		log.Warn().Int("attempt", w.Attempt).Msg("redelivered job: failing it as a system failure")
+		r.publish(ctx, &broker.JobFailed{Job: spec.ID, ExitCode: -1, System: true,
+			Error: "the host that took this job went away before it ended; it is not run twice"})
+		return nil
+	}
+	timeout := r.cfg.JobTimeout
+	if t := time.Duration(spec.Timeout); t > 0 && t < timeout {
+		timeout = t
+	}
+	jctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	j, err := r.boot(jctx, spec, log)
+	if err != nil {
+		var f *Failure
+		system := !errors.As(err, &f) || f.System
+		log.Warn().Err(err).Bool("system", system).Msg("job did not start")
+		r.publish(ctx, &broker.JobFailed{Job: spec.ID, ExitCode: -1, System: system, Error: err.Error()})
+		return nil
+	}
+	r.publish(ctx, &broker.JobStarted{Job: spec.ID, Host: r.host, VM: spec.ID})
+	log.Info().Str("vm", spec.ID).Dur("timeout", timeout).Msg("job ready")
+
+	var ask *cleanupAsk
+	var final broker.Event
+	select {
+	case a := <-j.cleanup:
+		ask = &a
+		if a.req.Failed {
+			final = &broker.JobFailed{Job: spec.ID, ExitCode: a.req.ExitCode}
+		} else {
+			final = &broker.JobSucceeded{Job: spec.ID}
+		}
+	case <-jctx.Done():
+		if ctx.Err() == nil {
+			final = &broker.JobCanceled{Job: spec.ID, Reason: fmt.Sprintf("reaped: no cleanup within the job timeout (%v)", timeout)}
+			log.Warn().Dur("timeout", timeout).Msg("reaping job: no cleanup within its timeout")
+		} else {
+			final = &broker.JobFailed{Job: spec.ID, ExitCode: -1, System: true, Error: "the host stopped"}
+		}
+	case <-r.stopping:
+		final = &broker.JobFailed{Job: spec.ID, ExitCode: -1, System: true, Error: "the host is shutting down"}
+	}
+	r.teardown(j)
+	r.publish(ctx, final)
+	if ask != nil {
+		close(ask.done)
+	}
+	log.Info().Str("end", final.EventType()).Msg("job cleaned up")
+	return nil
+}
+
+// boot resolves the images and boots the services and then the job VM, all on the job's LAN.
+// On error nothing is left running.
+func (r *Runner) boot(ctx context.Context, spec Spec, log zerolog.Logger) (_ *job, err error) {
+	cpus, mem := spec.CPUs, spec.MemoryMiB
+	if cpus == 0 {
+		cpus = r.cfg.CPUs
+	}
+	if mem == 0 {
+		mem = r.cfg.MemoryMiB
+	}
+	if cpus > r.cfg.MaxCPUs || mem > r.cfg.MaxMemoryMiB {
+		return nil, &Failure{Msg: fmt.Sprintf("job asks for %d cpus / %d MiB; this host allows at most %d cpus / %d MiB", cpus, mem, r.cfg.MaxCPUs, r.cfg.MaxMemoryMiB)}
+	}
+	j := &job{spec: spec, lan: "ci-" + spec.ID, cleanup: make(chan cleanupAsk), gone: make(chan struct{}), log: log, execs: map[string]*client.Session{}}
+	r.mu.Lock()
+	if _, dup := r.jobs[spec.ID]; dup {
+		r.mu.Unlock()
+		return nil, &Failure{System: true, Msg: fmt.Sprintf("job %s already runs on this host", spec.ID)}
+	}
+	r.jobs[spec.ID] = j
+	r.mu.Unlock()
+	defer func() {
+		if err != nil {
+			r.teardown(j)
+		}
+	}()
+	bundle, err := r.cfg.Images.Resolve(ctx, spec.Image)
+	if err != nil {
+		return nil, err
+	}
+	for i, sv := range spec.Services {
+		sb, err := r.cfg.Images.Resolve(ctx, sv.Image)
+		if err != nil {
+			return nil, err
+		}
+		name := spec.ID + "-s" + strconv.Itoa(i)
+		m, err := r.cfg.Machines.Boot(ctx, launcher.Request{Name: name, Rootfs: sb.Rootfs, CPUs: 1, MemoryMiB: r.cfg.MemoryMiB, Net: r.cfg.Net, LAN: j.lan})
+		if err != nil {
+			return nil, &Failure{System: true, Msg: fmt.Sprintf("service %s: %v", sv.Image, err)}
+		}
+		s := &service{m: m}
+		j.services = append(j.services, s)
+		if s.ag, err = client.Dial(ctx, m.ExecURL()); err != nil {
+			return nil, &Failure{System: true, Msg: fmt.Sprintf("service %s: %v", sv.Image, err)}
+		}
+		argv := sv.Entrypoint
+		if len(argv) == 0 {
+			argv = sb.Image.Entrypoint
+		}
+		cmd := sv.Command
+		if len(cmd) == 0 && len(sv.Entrypoint) == 0 {
+			cmd = sb.Image.Cmd
+		}
+		argv = append(append([]string{}, argv...), cmd...)
+		if len(argv) == 0 {
+			return nil, &Failure{Msg: fmt.Sprintf("service %s has no entrypoint or command", sv.Image)}
+		}
+		env := append(append([]string{}, sb.Image.Env...), sv.Env...)
+		// The service runs as a session for the job's life; its output is not kept.
+		if s.sess, err = s.ag.StartIO(context.WithoutCancel(ctx), client.ExecRequest{Argv: argv, Env: env, Dir: sb.Image.WorkingDir, User: sb.Image.User}, nil, nil); err != nil {
+			return nil, &Failure{System: true, Msg: fmt.Sprintf("service %s: start %v: %v", sv.Image, argv, err)}
+		}
+		if ip := m.IP(); ip != "" {
+			for _, a := range sv.Aliases {
+				r.cfg.Machines.SetHost(j.lan, a, ip)
+			}
+		}
+	}
+	m, err := r.cfg.Machines.Boot(ctx, launcher.Request{Name: spec.ID, Rootfs: bundle.Rootfs, CPUs: cpus, MemoryMiB: mem, Net: r.cfg.Net, LAN: j.lan})
+	if err != nil {
+		return nil, &Failure{System: true, Msg: fmt.Sprintf("boot job VM: %v", err)}
+	}
+	j.vm = m
+	if j.agent, err = client.Dial(ctx, m.ExecURL()); err != nil {
+		return nil, &Failure{System: true, Msg: fmt.Sprintf("job VM agent: %v", err)}
+	}
+	return j, nil
+}
+
+// teardown stops the job's VMs and forgets it. Stages still running end with a system failure.
+func (r *Runner) teardown(j *job) {
+	j.mu.Lock()
+	j.ended = true
+	for _, s := range j.execs {
+		s.Close()
+	}
+	j.mu.Unlock()
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	var wg sync.WaitGroup
+	stop := func(m Machine) {
+		defer wg.Done()
+		if err := m.Stop(ctx); err != nil {
+			j.log.Warn().Err(err).Msg("stop VM")
+		}
+	}
+	if j.agent != nil {
+		j.agent.Close()
+	}
+	if j.vm != nil {
+		wg.Add(1)
+		go stop(j.vm)
+	}
+	for _, s := range j.services {
+		if s.sess != nil {
+			s.sess.Close()
+		}
+		if s.ag != nil {
+			s.ag.Close()
+		}
+		wg.Add(1)
+		go stop(s.m)
+	}
+	wg.Wait()
+	r.mu.Lock()
+	if r.jobs[j.spec.ID] == j {
+		delete(r.jobs, j.spec.ID)
+	}
+	r.mu.Unlock()
+	close(j.gone)
+}
+
+func (r *Runner) lookup(id string) *job {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	j := r.jobs[id]
+	if j == nil || j.vm == nil {
+		return nil
+	}
+	return j
+}
+
+func respond(m *nats.Msg, rep Reply) {
+	b, _ := json.Marshal(rep)
+	m.Respond(b)
+}
+
+func (r *Runner) onCleanup(m *nats.Msg) {
+	var req CleanupRequest
+	if err := json.Unmarshal(m.Data, &req); err != nil {
+		respond(m, Reply{Error: "bad cleanup request: " + err.Error()})
+		return
+	}
+	j := r.lookup(req.Job)
+	if j == nil {
+		respond(m, Reply{OK: true, Unknown: true})
+		return
+	}
+	ask := cleanupAsk{req: req, done: make(chan struct{})}
+	select {
+	case j.cleanup <- ask:
+		<-ask.done
+	case <-j.gone:
+		// The job ended by itself meanwhile (reaped, host stopping): nothing left to do.
+	}
+	respond(m, Reply{OK: true})
+}
