@@ -313,3 +313,25 @@ func deadPID(t *testing.T) int {
 	t.Fatal("no free pid")
 	return 0
 }
+
+// FuzzReadEndpoint: whatever is in the endpoint file, ReadEndpoint returns an endpoint with a URL
+// or an error; it never panics.
+func FuzzReadEndpoint(f *testing.F) {
+	f.Add([]byte(`{"url":"nats://127.0.0.1:4222","nkey_seed":"/x/local.nk","pid":0,"started":"2026-01-01T00:00:00Z","embedded":true}`))
+	f.Add([]byte(`{"url":""}`))
+	f.Add([]byte(`{"url":"tls://a:1,tls://b:2","creds":"/c","tls_ca":"/ca","pid":-5}`))
+	f.Add([]byte(`[]`))
+	f.Add([]byte{})
+	f.Fuzz(func(t *testing.T, data []byte) {
+		dir := t.TempDir()
+		p := broker.EndpointPath(dir)
+		os.MkdirAll(filepath.Dir(p), 0o700)
+		if err := os.WriteFile(p, data, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		ep, err := broker.ReadEndpoint(dir)
+		if err == nil && ep.URL == "" {
+			t.Fatal("accepted an endpoint without a URL")
+		}
+	})
+}

@@ -77,8 +77,10 @@ type Daemon struct {
 	err      error
 }
 
-// Serve runs `virtkit serve` (built with cmdtest.Binary) on stateDir with an empty config and
-// waits until its endpoint file names it. Extra args go to serve.
+// Serve runs `virtkit serve` (built with cmdtest.Binary) on stateDir with an empty config, host
+// name "testhost" and only the broker's own workers (projector, heartbeat; pass "--workers",
+// "all" or a list to change that), and waits until its endpoint file names it. Extra args go to
+// serve.
 func Serve(t testing.TB, stateDir string, args ...string) *Daemon {
 	t.Helper()
 	bin := cmdtest.Binary(t, "virtkit")
