@@ -591,3 +591,28 @@ func TestWaitReady(t *testing.T) {
 		t.Fatalf("WaitReady on nothing: %v", err)
 	}
 }
+
+// TestTTYSignalForeground: with a TTY, a signal goes to the terminal's foreground job, as
+// Ctrl-C would — not to a job-control shell that moved the job to its own group.
+func TestTTYSignalForeground(t *testing.T) {
+	c := dial(t, startAgent(t, execserver.Config{}))
+	s, err := c.Start(testCtx(t), client.ExecRequest{Argv: []string{"sh", "-i"}, Env: []string{"PS1=$ ", "ENV="}, TTY: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := bufio.NewReader(s.Stdout())
+	io.WriteString(s.Stdin(), "echo g''o; sleep 100\n")
+	readUntil(t, r, "go\r\n")
+	time.Sleep(300 * time.Millisecond) // sleep is now the foreground job
+	if err := s.Signal(syscall.SIGINT); err != nil {
+		t.Fatal(err)
+	}
+	// The job died, the shell did not: it prompts again and saw the job's status.
+	readUntil(t, r, "\r\n$ ")
+	io.WriteString(s.Stdin(), "echo st=$?; exit 0\n")
+	readUntil(t, r, "st=130")
+	go io.Copy(io.Discard, r)
+	if st, err := s.Wait(); err != nil || st.Code != 0 {
+		t.Fatalf("shell after its job was interrupted: %+v %v", st, err)
+	}
+}

@@ -310,7 +310,7 @@ func (ss *session) readLoop(r *proto.Reader) {
 		case proto.TSignal:
 			var sig proto.Signal
 			if proto.Decode(f, &sig) == nil && sig.Signal > 0 && sig.Signal < 65 {
-				_ = unix.Kill(-ss.pgid, syscall.Signal(sig.Signal))
+				_ = unix.Kill(-ss.signalGroup(), syscall.Signal(sig.Signal))
 			}
 		case proto.TResize:
 			var rs proto.Resize
@@ -377,6 +377,17 @@ func (ss *session) stdinLoop() {
 			return
 		}
 	}
+}
+
+// signalGroup is who a signal is for: the terminal's foreground process group (a job-control
+// shell puts its current job there), else the session's own group.
+func (ss *session) signalGroup() int {
+	if ss.tty != nil {
+		if pg, err := unix.IoctlGetInt(int(ss.tty.Fd()), unix.TIOCGPGRP); err == nil && pg > 0 {
+			return pg
+		}
+	}
+	return ss.pgid
 }
 
 // kill ends the session's whole process group.
