@@ -229,7 +229,9 @@ func (s *session) handle(m *Message) (err error) {
 			opErr = fmt.Errorf("SET_VRING_ADDR ring %d: dirty logging was not offered", a.Index)
 			break
 		}
+		s.stopRing(int(a.Index))
 		r.addr = &a
+		opErr = s.maybeStart(int(a.Index))
 	case reqGetVringBase:
 		var idx uint32
 		if idx, _, err = m.vringState(); err != nil {
@@ -396,6 +398,11 @@ func (s *session) withRingsStopped(f func() error) error {
 	}
 	err := f()
 	for _, i := range running {
+		if e := s.maybeStart(i); e != nil && err == nil {
+			err = e
+		}
+	}
+	for i := range s.rings { // rings that were only waiting for memory
 		if e := s.maybeStart(i); e != nil && err == nil {
 			err = e
 		}

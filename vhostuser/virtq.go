@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"runtime"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -337,6 +338,24 @@ func (q *Queue) EnableNotify() bool {
 	}
 	fence()
 	return q.broken == nil && q.loadAvailIdx() != q.lastAvail
+}
+
+// Poll spins for up to d waiting for new available buffers, without asking the guest to kick;
+// request/response traffic then needs no notification in either direction.
+func (q *Queue) Poll(d time.Duration) bool {
+	deadline := time.Now().Add(d)
+	for {
+		q.mu.Lock()
+		more := q.broken == nil && q.loadAvailIdx() != q.lastAvail
+		q.mu.Unlock()
+		if more {
+			return true
+		}
+		if time.Now().After(deadline) {
+			return false
+		}
+		runtime.Gosched()
+	}
 }
 
 // WaitKick blocks until the guest kicks the queue or the queue is stopped (then it returns an

@@ -23,7 +23,9 @@
 package virtiofs
 
 import (
+	"runtime/debug"
 	"sync"
+	"time"
 
 	"github.com/hanwen/go-fuse/v2/fuse"
 	"github.com/rs/zerolog"
@@ -42,6 +44,10 @@ type device struct {
 	ps      *fuse.ProtocolServer // one FUSE session per frontend session
 	runners map[int]*runner
 }
+
+// pollTime is how long a queue spins for the next request before sleeping on its kick: the
+// guest's next request usually follows the reply within microseconds.
+const pollTime = 50 * time.Microsecond
 
 type runner struct {
 	stop chan struct{}
@@ -105,12 +111,25 @@ func (d *device) Reset() {
 	_ = ps // the loopback tree and its open files are garbage once unreferenced
 }
 
-// serve pops chains from q and answers them on a bounded set of goroutines.
+// serve pops chains from q and answers them on a pool of d.workers goroutines (persistent, so
+// their stacks stay grown and a request costs one channel hand-off).
 func (d *device) serve(q *vhostuser.Queue, ps *fuse.ProtocolServer, r *runner) {
 	defer close(r.done)
+	work := make(chan *vhostuser.Chain)
 	var wg sync.WaitGroup
-	defer wg.Wait() // requests alias guest memory: finish them before the ring goes away
-	sem := make(chan struct{}, d.workers)
+	for range d.workers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			debug.SetPanicOnFault(true) // a fault on unmapped guest memory fails the request
+			for ch := range work {
+				q.Done(ch.Head, handle(ps, ch, d.log))
+			}
+		}()
+	}
+	// Requests alias guest memory: finish them before the ring goes away.
+	defer wg.Wait()
+	defer close(work)
 	for {
 		q.DisableNotify()
 		for {
@@ -129,20 +148,13 @@ func (d *device) serve(q *vhostuser.Queue, ps *fuse.ProtocolServer, r *runner) {
 				break
 			}
 			select {
-			case sem <- struct{}{}:
+			case work <- ch:
 			case <-r.stop:
 				q.Done(ch.Head, 0)
 				return
 			}
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				n := handle(ps, ch, d.log)
-				q.Done(ch.Head, n)
-				<-sem
-			}()
 		}
-		if q.EnableNotify() {
+		if q.Poll(pollTime) || q.EnableNotify() {
 			continue
 		}
 		if err := q.WaitKick(); err != nil {

@@ -314,4 +314,3 @@ func TestFDExhaustion(t *testing.T) {
 	}
 	c.Release(e.NodeID, fh)
 }
-

@@ -1,0 +1,55 @@
+#!/bin/sh
+# Compare `virtkit virtiofsd` with QEMU's C virtiofsd on the same share, side by side, and print
+# the hybrid-vsock backend's numbers:
+#   - FUSE ops/s through the Go vhost-user frontend harness (no VM): lookup, getattr, 4 KiB and
+#     1 MiB reads and writes, one request at a time;
+#   - file work inside a TCG guest (create, stat, 16 MiB write/read, unlink);
+#   - vsock connection set-up and echo MB/s with a TCG guest.
+# Rounds alternate between the daemons and the medians are compared, because this kind of machine
+# is shared and noisy.
+#
+#   sudo ./bench/vhostuser/run.sh          # VK_BENCH_ROUNDS=5, VK_BENCH_OPS=3000 by default
+set -eu
+cd "$(dirname "$0")/../.."
+: "${VK_BENCH_ROUNDS:=5}" "${VK_BENCH_OPS:=3000}" "${VK_BENCH_GUEST_ROUNDS:=3}"
+out=$(mktemp)
+trap 'rm -f "$out"' EXIT
+go test -run '^$' -bench 'BenchmarkFUSE' -benchtime "${VK_BENCH_OPS}x" -count "$VK_BENCH_ROUNDS" -timeout 60m ./bench/vhostuser/ | tee "$out"
+go test -run '^$' -bench 'BenchmarkGuestFS' -benchtime 1x -count "$VK_BENCH_GUEST_ROUNDS" -timeout 60m ./bench/vhostuser/ | tee -a "$out"
+go test -run '^$' -bench 'BenchmarkVsockGuest' -benchtime 20x -count 3 -timeout 60m ./bench/vhostuser/ | tee -a "$out"
+python3 - "$out" <<'PY'
+import re, sys, statistics
+fuse, guest, vs = {}, {}, {}
+for line in open(sys.argv[1]):
+    m = re.match(r'BenchmarkFUSE/daemon=(\S+)/op=(\S+?)-\d+\s.*?([\d.]+) ops/s', line)
+    if m:
+        fuse.setdefault((m.group(2), m.group(1)), []).append(float(m.group(3)))
+        continue
+    m = re.match(r'BenchmarkGuestFS/daemon=(\S+?)-\d+\s+\d+\s+\d+ ns/op\s+(.*)', line)
+    if m:
+        for v, unit in re.findall(r'([\d.]+) (\S+)', m.group(2)):
+            guest.setdefault((unit, m.group(1)), []).append(float(v))
+        continue
+    m = re.match(r'BenchmarkVsockGuest/(\S+?)-\d+\s+\d+\s+\d+ ns/op\s+(.*)', line)
+    if m:
+        for v, unit in re.findall(r'([\d.]+) (\S+)', m.group(2)):
+            vs.setdefault((m.group(1), unit), []).append(float(v))
+med = statistics.median
+print("\nFUSE through the harness (median ops/s over rounds)")
+print("%-10s %12s %12s %8s" % ("op", "virtkit", "c-virtiofsd", "ratio"))
+for op in ["lookup", "getattr", "read4k", "read1m", "write4k", "write1m"]:
+    a, b = fuse.get((op, "virtkit")), fuse.get((op, "c-virtiofsd"))
+    if a and b:
+        print("%-10s %12.0f %12.0f %7.2fx" % (op, med(a), med(b), med(a) / med(b)))
+print("\nFile work in a TCG guest (median)")
+print("%-18s %12s %12s %8s" % ("metric", "virtkit", "c-virtiofsd", "ratio"))
+for unit in sorted({k[0] for k in guest}):
+    a, b = guest.get((unit, "virtkit")), guest.get((unit, "c-virtiofsd"))
+    if a and b:
+        print("%-18s %12.1f %12.1f %7.2fx" % (unit, med(a), med(b), med(a) / med(b)))
+print("\nhybrid vsock with a TCG guest (median; no peer backend exists on this host: no /dev/vhost-vsock, no Cloud Hypervisor)")
+for (name, unit), v in sorted(vs.items()):
+    if unit in ("MB/s", "us/connect"):
+        print("%-8s %10.1f %s" % (name, med(v), unit))
+print("\nratio = virtkit / c-virtiofsd (higher is better for virtkit).")
+PY
