@@ -2,6 +2,7 @@ package client
 
 import (
 	"context"
+	"errors"
 	"io"
 	"os"
 	"os/signal"
@@ -9,6 +10,8 @@ import (
 
 	"golang.org/x/sys/unix"
 	"golang.org/x/term"
+
+	"github.com/virtkit/virtkit/agent/proto"
 )
 
 // Terminal is the local side of an attached command: the process's stdio, typically.
@@ -77,4 +80,20 @@ func (c *Client) Attach(ctx context.Context, req ExecRequest, t Terminal) (ExitS
 		in.Close()
 	}
 	return s.Wait()
+}
+
+// ExitCode maps a failure to start a guest command to a shell-like exit code: 127 when the command
+// does not exist, 126 when it may not or cannot be executed, 255 for agent or transport failures
+// (as ssh does).
+func ExitCode(err error) int {
+	var re *proto.RemoteError
+	if errors.As(err, &re) {
+		switch re.Code {
+		case proto.CodeNotFound:
+			return 127
+		case proto.CodeDenied, proto.CodeExec:
+			return 126
+		}
+	}
+	return 255
 }

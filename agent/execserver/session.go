@@ -204,7 +204,11 @@ func (s *Server) exec(c net.Conn, r *proto.Reader, w *proto.Writer, req proto.Ex
 		if ss.tty == nil {
 			ss.stdin.Close()
 		}
-		s.fail(w, proto.CodeExec, fmt.Errorf("exec %s: %w", req.Argv[0], err))
+		code := proto.CodeExec
+		if errors.Is(err, fs.ErrNotExist) {
+			code = proto.CodeNotFound // an explicit path that does not exist: 127, as a shell says
+		}
+		s.fail(w, code, fmt.Errorf("exec %s: %w", req.Argv[0], err))
 		return
 	}
 	ss.pgid = p.Pid

@@ -42,12 +42,14 @@ type Worker struct {
 	running map[string]*VM
 	// stopping marks VMs whose end was asked for, so their exit is a stop, not a failure.
 	stopping map[string]bool
+	// starting marks VMs being booted: a redelivered launch of one is already being done.
+	starting map[string]bool
 	wg       sync.WaitGroup
 }
 
 // NewWorker wraps a Launcher for the broker.
 func NewWorker(l *Launcher, c *broker.Client, slots *broker.Slots, log zerolog.Logger) *Worker {
-	return &Worker{l: l, c: c, slots: slots, log: log, running: map[string]*VM{}, stopping: map[string]bool{}}
+	return &Worker{l: l, c: c, slots: slots, log: log, running: map[string]*VM{}, stopping: map[string]bool{}, starting: map[string]bool{}}
 }
 
 // Name implements workers.Worker.
@@ -129,10 +131,19 @@ func (w *Worker) handle(ctx context.Context, wk *broker.Work) error {
 func (w *Worker) launch(ctx context.Context, req Request) error {
 	w.mu.Lock()
 	_, dup := w.running[req.Name]
+	dup = dup || w.starting[req.Name]
+	if !dup {
+		w.starting[req.Name] = true
+	}
 	w.mu.Unlock()
 	if dup {
-		return nil // a redelivery of work we did
+		return nil // a redelivery of work we did or are doing
 	}
+	defer func() {
+		w.mu.Lock()
+		delete(w.starting, req.Name)
+		w.mu.Unlock()
+	}()
 	w.publish(ctx, &broker.VMStarting{VM: req.Name, Host: w.c.Host(), Image: req.Rootfs, VMM: w.l.Driver().Name(), CPUs: req.CPUs, MemoryMiB: req.MemoryMiB})
 	vm, err := w.l.Start(ctx, req)
 	if err != nil {

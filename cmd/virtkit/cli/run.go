@@ -158,7 +158,7 @@ func runImage(ctx context.Context, e *env, f *runFlags, ref string, argv []strin
 	}
 	st, err := c.Attach(ctx, ereq, client.Terminal{Stdin: os.Stdin, Stdout: os.Stdout, Stderr: os.Stderr, Interactive: f.interactive})
 	if err != nil {
-		return &ExitError{Code: 125, Err: fmt.Errorf("run: %w", err)}
+		return &ExitError{Code: client.ExitCode(err), Err: fmt.Errorf("run: %w", err)}
 	}
 	if f.detach {
 		fmt.Fprintln(os.Stderr, req.Name)

@@ -20,12 +20,26 @@ func newLauncherWorker(ctx context.Context, d *daemon) (workers.Worker, error) {
 	if err != nil {
 		return nil, fmt.Errorf("net.subnet %q: %w", c.Net.Subnet, err)
 	}
+	base := lan.Config{Subnet: subnet, AllowHostLoopback: c.Net.AllowHostLoopback, Logger: d.Log}
+	for _, list := range []struct {
+		key string
+		in  []string
+		out *[]netip.Prefix
+	}{{"net.allow", c.Net.Allow, &base.Allow}, {"net.deny", c.Net.Deny, &base.Deny}} {
+		for _, s := range list.in {
+			p, err := netip.ParsePrefix(s)
+			if err != nil {
+				return nil, fmt.Errorf("%s %q: %w", list.key, s, err)
+			}
+			*list.out = append(*list.out, p)
+		}
+	}
 	l, err := launcher.New(launcher.Config{
 		StateDir: c.StateDir,
 		Kernel:   kernelPath(c.VM.Kernel),
 		VMM:      c.VM.VMM,
 		NewDisk:  newOverlayDisk,
-		LANs:     launcher.NewLANs(lan.Config{Subnet: subnet, Logger: d.Log}),
+		LANs:     launcher.NewLANs(base),
 		Logger:   d.Log,
 	})
 	if err != nil {

@@ -77,7 +77,7 @@ func newVM(e *env) *cobra.Command {
 			req := client.ExecRequest{Argv: argv, Env: ef.env, Dir: ef.workdir, User: ef.user, TTY: ef.tty}
 			st, err := c.Attach(cmd.Context(), req, client.Terminal{Stdin: os.Stdin, Stdout: os.Stdout, Stderr: os.Stderr, Interactive: ef.interactive})
 			if err != nil {
-				return &ExitError{Code: 125, Err: err}
+				return &ExitError{Code: client.ExitCode(err), Err: err}
 			}
 			if st.Code != 0 {
 				return &ExitError{Code: st.Code}

@@ -80,6 +80,12 @@ type Net struct {
 	Mode   string   `toml:"mode"`
 	Subnet string   `toml:"subnet"`
 	Taps   []string `toml:"taps"`
+	// AllowHostLoopback lets guests reach the host's loopback through the gateway address.
+	AllowHostLoopback bool `toml:"allow_host_loopback"`
+	// Allow and Deny are CIDRs guests may or may not reach (secure defaults deny loopback,
+	// link-local/metadata and the broker).
+	Allow []string `toml:"allow"`
+	Deny  []string `toml:"deny"`
 }
 
 // Path returns the config file to read and whether it was named explicitly.
@@ -155,6 +161,12 @@ func applyEnv(v reflect.Value, prefix string) error {
 		switch f.Type.Kind() {
 		case reflect.String:
 			fv.SetString(s)
+		case reflect.Bool:
+			b, err := strconv.ParseBool(s)
+			if err != nil {
+				return fmt.Errorf("config: %s=%q: want true or false", name, s)
+			}
+			fv.SetBool(b)
 		case reflect.Int:
 			n, err := strconv.Atoi(s)
 			if err != nil {
