@@ -160,7 +160,26 @@ func TestVM(t *testing.T) {
 	writeCpio(t, root, initrd)
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
-	v := bootVM(t, ctx, "rdinit=/sbin/virtkit-agent virtkit.mode=agent virtkit.net=none virtkit.hostname=vmtest", "-initrd", initrd)
+	// A virtio-fs share (QEMU's own virtiofsd serves it), mounted by init from virtkit.fs.
+	virtiofsd := cmdtest.Tool(t, "virtiofsd")
+	shared := t.TempDir()
+	os.WriteFile(filepath.Join(shared, "hello.txt"), []byte("from the host\n"), 0o644)
+	fsSock := filepath.Join(t.TempDir(), "fs.sock")
+	fsd := exec.Command(virtiofsd, "--socket-path="+fsSock, "-o", "source="+shared, "-o", "cache=none")
+	var fsLog bytes.Buffer
+	fsd.Stderr = &fsLog
+	if err := fsd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { fsd.Process.Kill(); fsd.Wait() })
+	for range 100 {
+		if _, err := os.Stat(fsSock); err == nil {
+			break
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	v := bootVM(t, ctx, "rdinit=/sbin/virtkit-agent virtkit.mode=agent virtkit.net=none virtkit.hostname=vmtest virtkit.fs=share:/mnt/share",
+		"-initrd", initrd, "-chardev", "socket,id=fs0,path="+fsSock, "-device", "vhost-user-fs-device,chardev=fs0,tag=share")
 
 	c, err := client.WaitReady(ctx, "hvsock://"+v.uds+":1024")
 	if err != nil {
@@ -176,6 +195,14 @@ func TestVM(t *testing.T) {
 	st, err := c.Exec(ctx, client.ExecRequest{Argv: []string{"sh", "-c", "cat /proc/1/cmdline; echo; cat /proc/mounts | wc -l; exit 3"}}, nil, &out, nil)
 	if err != nil || st.Code != 3 || !strings.HasPrefix(out.String(), "/sbin/virtkit-agent") {
 		t.Fatalf("exec in the VM: %q %+v %v", out.String(), st, err)
+	}
+	out.Reset()
+	st, err = c.Exec(ctx, client.ExecRequest{Argv: []string{"sh", "-c", "cat /mnt/share/hello.txt && echo from the guest > /mnt/share/back.txt && grep ' /mnt/share virtiofs ' /proc/mounts"}}, nil, &out, nil)
+	if err != nil || st.Code != 0 || !strings.HasPrefix(out.String(), "from the host\nshare /mnt/share virtiofs rw") {
+		t.Fatalf("virtio-fs share: %q %+v %v; virtiofsd: %s", out.String(), st, err, fsLog.String())
+	}
+	if b, err := os.ReadFile(filepath.Join(shared, "back.txt")); err != nil || string(b) != "from the guest\n" {
+		t.Fatalf("guest write through virtio-fs: %q %v", b, err)
 	}
 	var n countBytes
 	st, err = c.Exec(ctx, client.ExecRequest{Argv: []string{"head", "-c", "16777216", "/dev/zero"}}, nil, &n, nil)
