@@ -2,10 +2,13 @@ package lan
 
 import (
 	"context"
+	"encoding/binary"
 	"fmt"
+	"io"
 	"net"
 	"net/netip"
 	"sync"
+	"time"
 
 	"gvisor.dev/gvisor/pkg/buffer"
 	"gvisor.dev/gvisor/pkg/tcpip"
@@ -70,14 +73,63 @@ func (s *Switch) startGateway() error {
 	if err != nil {
 		return fmt.Errorf("lan: gateway dns listener: %w", err)
 	}
-	s.wg.Add(2)
+	dnsTCP, err := gonet.ListenTCP(st, tcpip.FullAddress{NIC: nicID, Addr: tcpip.AddrFrom4(s.cfg.Gateway.As4()), Port: 53}, ipv4.ProtocolNumber)
+	if err != nil {
+		dnsConn.Close()
+		return fmt.Errorf("lan: gateway dns tcp listener: %w", err)
+	}
+	s.wg.Add(3)
 	go func() {
 		defer s.wg.Done()
 		<-s.ctx.Done()
 		dnsConn.Close()
+		dnsTCP.Close()
 	}()
 	go s.serveDNS(dnsConn)
+	go s.serveDNSTCP(dnsTCP)
 	return nil
+}
+
+// serveDNSTCP answers DNS over TCP (RFC 7766: 2-byte length prefix, several queries per
+// connection), which resolvers use after a truncated UDP answer.
+func (s *Switch) serveDNSTCP(l *gonet.TCPListener) {
+	defer s.wg.Done()
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	for {
+		c, err := l.Accept()
+		if err != nil {
+			return
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			defer c.Close()
+			stop := context.AfterFunc(s.ctx, func() { c.Close() })
+			defer stop()
+			var hdr [2]byte
+			for {
+				c.SetDeadline(time.Now().Add(10 * time.Second))
+				if _, err := io.ReadFull(c, hdr[:]); err != nil {
+					return
+				}
+				q := make([]byte, binary.BigEndian.Uint16(hdr[:]))
+				if _, err := io.ReadFull(c, q); err != nil {
+					return
+				}
+				resp, err := s.dns.Answer(s.ctx, q)
+				if err != nil {
+					return
+				}
+				if _, err := c.Write(binary.BigEndian.AppendUint16(nil, uint16(len(resp)))); err != nil {
+					return
+				}
+				if _, err := c.Write(resp); err != nil {
+					return
+				}
+			}
+		}()
+	}
 }
 
 func ptr[T any](v T) *T { return &v }

@@ -1,7 +1,9 @@
 package lan_test
 
 import (
+	"crypto/md5"
 	"encoding/binary"
+	"encoding/hex"
 	"fmt"
 	"io"
 	"math/rand/v2"
@@ -212,6 +214,10 @@ func TestNamespaces(t *testing.T) {
 		}
 		if out, err = g1.ns.Run(10*time.Second, "busybox", "nslookup", "nosuch.lan", gw.String()); err == nil || !strings.Contains(strings.ToLower(out), "nxdomain") {
 			t.Errorf("nslookup nosuch.lan: want NXDOMAIN, got %v\n%s", err, out)
+		}
+		out, err = g3.ns.Run(10*time.Second, "sh", "-c", "printf '\\000\\030\\022\\064\\001\\000\\000\\001\\000\\000\\000\\000\\000\\000\\002g1\\003lan\\000\\000\\001\\000\\001' | socat -t 3 - TCP4:"+gw.String()+":53 | od -An -tu1 | tr -s ' \\n' ' '")
+		if err != nil || !strings.Contains(out, strings.ReplaceAll(g1.ip, ".", " ")) {
+			t.Errorf("DNS over TCP for g1.lan: %v %q", err, out)
 		}
 		out, err = g1.ns.Run(10*time.Second, "busybox", "nslookup", "good.test", gw.String())
 		if err != nil || !strings.Contains(out, srvIP) {
@@ -438,3 +444,75 @@ func counters(sw *lan.Switch, name string) lan.PortCounters {
 	}
 	return p.Counters()
 }
+
+// TestJumbo runs the LAN at the largest MTU: DHCP hands it out, and 60 KB datagrams and bulk TCP
+// cross between guests and through the gateway.
+func TestJumbo(t *testing.T) {
+	cmdtest.RequireRoot(t)
+	agentBin := cmdtest.Binary(t, "virtkit-agent")
+	cmdtest.Tool(t, "busybox")
+	sw, err := lan.New(lan.Config{Subnet: netip.MustParsePrefix("10.89.0.0/24"), MTU: frame.MaxMTU,
+		Logger: zerolog.New(zerolog.NewTestWriter(t)).Level(zerolog.WarnLevel)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { sw.Close() })
+	sock := t.TempDir()
+	var guests []*guest
+	for i, offload := range []bool{true, false} {
+		name := fmt.Sprintf("j%d", i)
+		path := filepath.Join(sock, name+".sock")
+		p, err := sw.ListenPort(path, lan.Lease{Name: name})
+		if err != nil {
+			t.Fatal(err)
+		}
+		ns := lantest.NewNetns(t, name)
+		args := []string{agentBin, "net", "--connect", "unix://" + path, "--resolv-conf", ""}
+		if !offload {
+			args = append(args, "--no-offload")
+		}
+		g := &guest{ns: ns, agent: ns.Start(args...), name: name, ip: p.IP().String()}
+		lantest.WaitFor(t, 15*time.Second, name+" lease", func() error {
+			out, _ := ns.Run(5*time.Second, "ip", "-o", "link", "show", "vk0")
+			if !strings.Contains(out, "mtu 65520") {
+				return fmt.Errorf("vk0: %q (agent: %q)", out, g.agent.Output())
+			}
+			return nil
+		})
+		guests = append(guests, g)
+	}
+	gw, _ := sw.Gateway()
+	for _, g := range guests {
+		for _, dst := range []string{gw.String(), guests[0].ip, guests[1].ip} {
+			if dst == g.ip {
+				continue
+			}
+			if out, err := g.ns.Run(10*time.Second, "busybox", "ping", "-c", "2", "-W", "2", "-s", "60000", dst); err != nil {
+				t.Errorf("%s: ping -s 60000 %s: %v\n%s", g.name, dst, err, out)
+			}
+		}
+	}
+	// Bulk TCP between the guests, both ways, with and without offload on either side.
+	www := t.TempDir()
+	big := make([]byte, 8<<20)
+	for i := range big {
+		big[i] = byte(i * 7)
+	}
+	os.WriteFile(filepath.Join(www, "big"), big, 0o644)
+	for i, g := range guests {
+		g.ns.Start("busybox", "httpd", "-f", "-p", "8000", "-h", www)
+		peer := guests[1-i]
+		lantest.WaitFor(t, 15*time.Second, peer.name+" fetches from "+g.name, func() error {
+			out, err := peer.ns.Run(10*time.Second, "sh", "-c", "busybox wget -q -O - http://"+g.ip+":8000/big | md5sum")
+			if err != nil {
+				return fmt.Errorf("%v: %s", err, out)
+			}
+			if !strings.HasPrefix(out, md5hex(big)) {
+				return fmt.Errorf("md5 %q, want %s", out, md5hex(big))
+			}
+			return nil
+		})
+	}
+}
+
+func md5hex(b []byte) string { s := md5.Sum(b); return hex.EncodeToString(s[:]) }
