@@ -12,166 +12,14 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
 
+	"github.com/virtkit/virtkit/agent/agenttest"
 	"github.com/virtkit/virtkit/agent/client"
 	"github.com/virtkit/virtkit/cmd/cmdtest"
 )
-
-// console collects what the guest init writes to its console (stdout/stderr).
-type console struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (c *console) Write(p []byte) (int, error) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.b.Write(p)
-}
-
-func (c *console) String() string {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.b.String()
-}
-
-func (c *console) waitFor(t *testing.T, s string) {
-	t.Helper()
-	deadline := time.Now().Add(20 * time.Second)
-	for !strings.Contains(c.String(), s) {
-		if time.Now().After(deadline) {
-			t.Fatalf("console never showed %q; console:\n%s", s, c.String())
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-}
-
-// busyboxRoot builds a root filesystem folder: Debian's busybox-static with its applets, a
-// passwd/group, and the agent at /sbin/virtkit-agent.
-func busyboxRoot(t *testing.T) string {
-	t.Helper()
-	cmdtest.RequireRoot(t)
-	bb := cmdtest.Tool(t, "busybox")
-	agent := cmdtest.Binary(t, "virtkit-agent")
-	root := filepath.Join(t.TempDir(), "root")
-	for _, d := range []string{"bin", "sbin", "etc/virtkit", "proc", "sys", "dev", "run", "tmp", "root", ".virtkit", "usr/bin"} {
-		if err := os.MkdirAll(filepath.Join(root, d), 0o755); err != nil {
-			t.Fatal(err)
-		}
-	}
-	copyFile(t, bb, filepath.Join(root, "bin/busybox"))
-	copyFile(t, agent, filepath.Join(root, "sbin/virtkit-agent"))
-	out, err := exec.Command(bb, "--list").Output()
-	if err != nil {
-		t.Fatalf("busybox --list: %v", err)
-	}
-	for _, applet := range strings.Fields(string(out)) {
-		p := filepath.Join(root, "bin", applet)
-		if _, err := os.Lstat(p); err == nil {
-			continue
-		}
-		if err := os.Symlink("busybox", p); err != nil {
-			t.Fatal(err)
-		}
-	}
-	os.WriteFile(filepath.Join(root, "etc/passwd"), []byte("root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n"), 0o644)
-	os.WriteFile(filepath.Join(root, "etc/group"), []byte("root:x:0:\ntty:x:5:\nnogroup:x:65534:\n"), 0o644)
-	return root
-}
-
-func copyFile(t *testing.T, src, dst string) {
-	t.Helper()
-	b, err := os.ReadFile(src)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(dst, b, 0o755); err != nil {
-		t.Fatal(err)
-	}
-}
-
-type guest struct {
-	cmd  *exec.Cmd
-	con  *console
-	done chan struct{}
-	err  error
-	root string
-}
-
-// boot starts /sbin/virtkit-agent with no arguments as PID 1 of new pid, mount, uts, ipc and
-// net namespaces chrooted into root, configured only by root/etc/virtkit/agent.conf.
-func boot(t *testing.T, root, conf string) *guest {
-	t.Helper()
-	if err := os.WriteFile(filepath.Join(root, "etc/virtkit/agent.conf"), []byte(conf), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	g := &guest{con: &console{}, done: make(chan struct{}), root: root}
-	cmd := exec.Command("/sbin/virtkit-agent")
-	cmd.Env = []string{"PATH=/bin:/sbin"}
-	cmd.Stdout, cmd.Stderr = g.con, g.con
-	cmd.SysProcAttr = &syscall.SysProcAttr{
-		Cloneflags:   syscall.CLONE_NEWPID | syscall.CLONE_NEWUTS | syscall.CLONE_NEWNET | syscall.CLONE_NEWIPC,
-		Unshareflags: syscall.CLONE_NEWNS, // Go makes / rprivate first: nothing leaks to the host
-		Chroot:       root,
-		Pdeathsig:    syscall.SIGKILL,
-	}
-	if err := cmd.Start(); err != nil {
-		t.Fatalf("start init: %v", err)
-	}
-	g.cmd = cmd
-	go func() {
-		g.err = cmd.Wait()
-		close(g.done)
-	}()
-	t.Cleanup(func() {
-		select {
-		case <-g.done:
-		default:
-			cmd.Process.Kill()
-			<-g.done
-		}
-		if t.Failed() || testing.Verbose() {
-			t.Logf("guest console:\n%s", g.con.String())
-		}
-	})
-	return g
-}
-
-// wait waits for init to end and returns how.
-func (g *guest) wait(t *testing.T) *os.ProcessState {
-	t.Helper()
-	select {
-	case <-g.done:
-	case <-time.After(30 * time.Second):
-		t.Fatalf("init did not end; console:\n%s", g.con.String())
-	}
-	return g.cmd.ProcessState
-}
-
-// poweredOff checks the kernel ended the namespace the way reboot(POWER_OFF) from its init does.
-func poweredOff(t *testing.T, st *os.ProcessState) {
-	t.Helper()
-	ws := st.Sys().(syscall.WaitStatus)
-	if !ws.Signaled() || ws.Signal() != syscall.SIGINT {
-		t.Fatalf("init ended with %v, want the pid namespace's power-off (killed by SIGINT)", st)
-	}
-}
-
-func (g *guest) dial(t *testing.T) *client.Client {
-	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-	defer cancel()
-	c, err := client.WaitReady(ctx, "unix://"+filepath.Join(g.root, ".virtkit/agent.sock"))
-	if err != nil {
-		t.Fatalf("agent never answered: %v; console:\n%s", err, g.con.String())
-	}
-	t.Cleanup(func() { c.Close() })
-	return c
-}
 
 func sh(t *testing.T, c *client.Client, script string) string {
 	t.Helper()
@@ -194,9 +42,9 @@ virtkit.dns=10.0.2.3
 `
 
 func TestInitAgentMode(t *testing.T) {
-	root := busyboxRoot(t)
-	g := boot(t, root, agentConf)
-	c := g.dial(t)
+	root := agenttest.BusyboxRoot(t)
+	g := agenttest.BootNS(t, root, agentConf)
+	c := g.Dial(t)
 
 	mounts := sh(t, c, "cat /proc/mounts")
 	for _, want := range []string{" /proc proc ", " /sys sysfs ", " /dev devtmpfs ", " /dev/pts devpts ", " /dev/shm tmpfs ", " /run tmpfs ", " /tmp tmpfs ", " /sys/fs/cgroup cgroup2 "} {
@@ -207,11 +55,11 @@ func TestInitAgentMode(t *testing.T) {
 	if got := sh(t, c, "hostname; cat /proc/1/cmdline | tr '\\0' ' '; echo; cat /sys/class/net/lo/flags; grep vk-test /etc/hosts; cat /etc/resolv.conf"); !strings.Contains(got, "vk-test\n/sbin/virtkit-agent \n0x9\n127.0.1.1\tvk-test\nnameserver 10.0.2.3\n") {
 		t.Errorf("identity: %q", got)
 	}
-	// A terminal works in the guest's own devpts.
+	// A terminal works in the Guest's own devpts.
 	var out bytes.Buffer
 	st, err := c.Exec(context.Background(), client.ExecRequest{Argv: []string{"sh", "-c", "tty; stty size"}, TTY: true, Rows: 33, Cols: 77}, nil, &out, nil)
 	if err != nil || st.Code != 0 || !strings.Contains(out.String(), "/dev/pts/0") || !strings.Contains(out.String(), "33 77") {
-		t.Errorf("tty in the guest: %q %+v %v", out.String(), st, err)
+		t.Errorf("tty in the Guest: %q %+v %v", out.String(), st, err)
 	}
 
 	// Orphans re-parented to PID 1 are reaped.
@@ -233,8 +81,8 @@ func TestInitAgentMode(t *testing.T) {
 	if !in.PID1 || in.Mode != "agent" || in.Hostname != "vk-test" || !names["mounts"] || !names["serving"] {
 		t.Errorf("info: %+v", in)
 	}
-	if !strings.Contains(g.con.String(), "virtkit: serving on unix:///.virtkit/agent.sock (boot: kernel") {
-		t.Errorf("no boot timings on the console:\n%s", g.con.String())
+	if !strings.Contains(g.Con.String(), "virtkit: serving on unix:///.virtkit/agent.sock (boot: kernel") {
+		t.Errorf("no boot timings on the console:\n%s", g.Con.String())
 	}
 
 	// Orderly shutdown: running sessions end, init powers off.
@@ -245,13 +93,13 @@ func TestInitAgentMode(t *testing.T) {
 	if err := c.Shutdown(context.Background(), true); err != nil {
 		t.Fatal(err)
 	}
-	poweredOff(t, g.wait(t))
+	agenttest.PoweredOff(t, g.Wait(t))
 	if st, err := s.Wait(); err == nil && st.Signal == 0 {
 		t.Errorf("session survived shutdown: %+v", st)
 	}
 	for _, want := range []string{"virtkit: stopping all processes", "virtkit: power off"} {
-		if !strings.Contains(g.con.String(), want) {
-			t.Errorf("console lacks %q:\n%s", want, g.con.String())
+		if !strings.Contains(g.Con.String(), want) {
+			t.Errorf("console lacks %q:\n%s", want, g.Con.String())
 		}
 	}
 }
@@ -264,24 +112,24 @@ func writeImage(t *testing.T, root, js string) {
 }
 
 func TestInitEntrypointOverlay(t *testing.T) {
-	root := busyboxRoot(t)
+	root := agenttest.BusyboxRoot(t)
 	writeImage(t, root, `{"entrypoint":["/bin/sh","-c"],"cmd":["echo FOO=$FOO; pwd; id -u; echo data > /etc/written && grep ' / overlay ' /proc/mounts >/dev/null && echo overlay-root; exit 7"],"env":["FOO=bar"],"workdir":"/tmp","user":"nobody"}`)
 	os.Chmod(filepath.Join(root, "etc"), 0o777) // nobody may write /etc in the overlay
-	g := boot(t, root, "virtkit.overlay=tmpfs\nvirtkit.net=none\nvirtkit.listen=unix:///run/agent.sock\n")
-	poweredOff(t, g.wait(t))
-	con := g.con.String()
+	g := agenttest.BootNS(t, root, "virtkit.overlay=tmpfs\nvirtkit.net=none\nvirtkit.listen=unix:///run/agent.sock\n")
+	agenttest.PoweredOff(t, g.Wait(t))
+	con := g.Con.String()
 	for _, want := range []string{"FOO=bar\n/tmp\n65534\noverlay-root\n", "virtkit: exit-code 7\n", "virtkit: power off"} {
 		if !strings.Contains(con, want) {
 			t.Errorf("console lacks %q:\n%s", want, con)
 		}
 	}
 	if _, err := os.Stat(filepath.Join(root, "etc/written")); !errors.Is(err, os.ErrNotExist) {
-		t.Errorf("the guest's write reached the read-only base: %v", err)
+		t.Errorf("the Guest's write reached the read-only base: %v", err)
 	}
 }
 
 func TestInitEntrypointSignalsAndWait(t *testing.T) {
-	root := busyboxRoot(t)
+	root := agenttest.BusyboxRoot(t)
 	writeImage(t, root, `{"entrypoint":["sh","-c","trap 'echo got-term; exit 5' TERM; echo started; while :; do sleep 0.05; done"]}`)
 	// The exit code also goes to an endpoint of the host's choosing (virtkit.exitcode).
 	exitLn, err := net.Listen("unix", filepath.Join(root, ".virtkit/exit.sock"))
@@ -299,9 +147,9 @@ func TestInitEntrypointSignalsAndWait(t *testing.T) {
 		b, _ := io.ReadAll(c)
 		exitLine <- string(b)
 	}()
-	g := boot(t, root, "virtkit.net=none\nvirtkit.listen=unix:///.virtkit/agent.sock\nvirtkit.linger=1s\nvirtkit.exitcode=unix:///.virtkit/exit.sock\n")
-	c := g.dial(t)
-	g.con.waitFor(t, "started\n")
+	g := agenttest.BootNS(t, root, "virtkit.net=none\nvirtkit.listen=unix:///.virtkit/agent.sock\nvirtkit.linger=1s\nvirtkit.exitcode=unix:///.virtkit/exit.sock\n")
+	c := g.Dial(t)
+	g.Con.WaitFor(t, "started\n")
 	type res struct {
 		st  client.ExitStatus
 		err error
@@ -313,7 +161,7 @@ func TestInitEntrypointSignalsAndWait(t *testing.T) {
 	}()
 	time.Sleep(100 * time.Millisecond)
 	// A signal to PID 1 is forwarded to the entrypoint.
-	if err := g.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+	if err := g.Cmd.Process.Signal(syscall.SIGTERM); err != nil {
 		t.Fatal(err)
 	}
 	r := <-waited
@@ -324,8 +172,8 @@ func TestInitEntrypointSignalsAndWait(t *testing.T) {
 	if err != nil || in.Entrypoint == nil || in.Entrypoint.Running || in.Entrypoint.Exit == nil || in.Entrypoint.Exit.Code != 5 {
 		t.Fatalf("info after exit: %+v %v", in.Entrypoint, err)
 	}
-	poweredOff(t, g.wait(t))
-	con := g.con.String()
+	agenttest.PoweredOff(t, g.Wait(t))
+	con := g.Con.String()
 	if !strings.Contains(con, "got-term\n") || !strings.Contains(con, "virtkit: exit-code 5\n") {
 		t.Errorf("console:\n%s", con)
 	}
@@ -344,9 +192,9 @@ func TestInitNotPID1(t *testing.T) {
 }
 
 // TestInitOverlayDisk stacks a real ext4 block device (a loop device standing in for the VM's
-// /dev/vdb) over the read-only base; the guest's writes land on it and it is clean afterwards.
+// /dev/vdb) over the read-only base; the Guest's writes land on it and it is clean afterwards.
 func TestInitOverlayDisk(t *testing.T) {
-	root := busyboxRoot(t)
+	root := agenttest.BusyboxRoot(t)
 	mkfs := cmdtest.Tool(t, "mkfs.ext4")
 	losetup := cmdtest.Tool(t, "losetup")
 	e2fsck := cmdtest.Tool(t, "e2fsck")
@@ -363,13 +211,13 @@ func TestInitOverlayDisk(t *testing.T) {
 	t.Cleanup(func() { exec.Command(losetup, "-d", dev).Run() })
 
 	writeImage(t, root, `{"entrypoint":["sh","-c","echo persisted > /etc/written; rm /etc/group; grep -q '^/dev/loop' /proc/mounts && echo rw-disk-mounted; exit 0"]}`)
-	g := boot(t, root, "virtkit.overlay="+dev+"\nvirtkit.net=none\nvirtkit.listen=unix:///run/agent.sock\n")
-	poweredOff(t, g.wait(t))
-	if con := g.con.String(); !strings.Contains(con, "rw-disk-mounted\n") || !strings.Contains(con, "virtkit: exit-code 0\n") {
+	g := agenttest.BootNS(t, root, "virtkit.overlay="+dev+"\nvirtkit.net=none\nvirtkit.listen=unix:///run/agent.sock\n")
+	agenttest.PoweredOff(t, g.Wait(t))
+	if con := g.Con.String(); !strings.Contains(con, "rw-disk-mounted\n") || !strings.Contains(con, "virtkit: exit-code 0\n") {
 		t.Fatalf("console:\n%s", con)
 	}
 	if _, err := os.Stat(filepath.Join(root, "etc/group")); err != nil {
-		t.Errorf("the guest's delete reached the base: %v", err)
+		t.Errorf("the Guest's delete reached the base: %v", err)
 	}
 	// The namespace is gone, so the disk is unmounted: it must be clean and hold the writes.
 	waitLoopFree(t, dev)
@@ -402,34 +250,34 @@ func waitLoopFree(t *testing.T, dev string) {
 
 // TestInitSystemdHandOff checks that systemd mode writes the agent's runtime units and execs the
 // configured systemd as PID 1 (here a script that shows what it got and powers off), and that a
-// missing systemd leaves the guest serving in agent mode.
+// missing systemd leaves the Guest serving in agent mode.
 func TestInitSystemdHandOff(t *testing.T) {
-	root := busyboxRoot(t)
+	root := agenttest.BusyboxRoot(t)
 	script := "#!/bin/sh\ncat /run/systemd/system/virtkit-agent.service\nls /run/systemd/system/sysinit.target.wants\necho \"systemd-pid=$$\"\nexec poweroff -f\n"
 	if err := os.WriteFile(filepath.Join(root, "bin/fake-systemd"), []byte(script), 0o755); err != nil {
 		t.Fatal(err)
 	}
-	g := boot(t, root, "virtkit.mode=systemd\nvirtkit.systemd=/bin/fake-systemd\nvirtkit.net=none\nvirtkit.listen=unix:///.virtkit/agent.sock\nvirtkit.allow=/bin/true\n")
-	poweredOff(t, g.wait(t))
-	con := g.con.String()
+	g := agenttest.BootNS(t, root, "virtkit.mode=systemd\nvirtkit.systemd=/bin/fake-systemd\nvirtkit.net=none\nvirtkit.listen=unix:///.virtkit/agent.sock\nvirtkit.allow=/bin/true\n")
+	agenttest.PoweredOff(t, g.Wait(t))
+	con := g.Con.String()
 	for _, want := range []string{`ExecStart="/sbin/virtkit-agent" "serve" "--listen" "unix:///.virtkit/agent.sock" "--allow" "/bin/true"`, "virtkit-agent.service\n", "systemd-pid=1\n"} {
 		if !strings.Contains(con, want) {
 			t.Errorf("console lacks %q:\n%s", want, con)
 		}
 	}
 
-	root = busyboxRoot(t)
-	g = boot(t, root, "virtkit.mode=systemd\nvirtkit.systemd=/no/systemd\nvirtkit.net=none\nvirtkit.listen=unix:///.virtkit/agent.sock\n")
-	c := g.dial(t)
+	root = agenttest.BusyboxRoot(t)
+	g = agenttest.BootNS(t, root, "virtkit.mode=systemd\nvirtkit.systemd=/no/systemd\nvirtkit.net=none\nvirtkit.listen=unix:///.virtkit/agent.sock\n")
+	c := g.Dial(t)
 	in, err := c.Info(context.Background())
 	if err != nil || in.Mode != "agent" {
 		t.Fatalf("fallback: %+v %v", in, err)
 	}
-	if !strings.Contains(g.con.String(), "staying in agent mode") {
-		t.Errorf("console:\n%s", g.con.String())
+	if !strings.Contains(g.Con.String(), "staying in agent mode") {
+		t.Errorf("console:\n%s", g.Con.String())
 	}
 	c.Shutdown(context.Background(), true)
-	poweredOff(t, g.wait(t))
+	agenttest.PoweredOff(t, g.Wait(t))
 }
 
 // installDynamic copies a host program and the shared libraries it needs into root.
@@ -457,15 +305,15 @@ func installDynamic(t *testing.T, root, prog string) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		copyFile(t, real, dst)
+		agenttest.CopyFile(t, real, dst)
 	}
 }
 
-// TestInitSSH gives the guest an authorized key on its configuration, lets init start the
+// TestInitSSH gives the Guest an authorized key on its configuration, lets init start the
 // image's sshd with it, and logs in with the host's ssh through `virtkit-agent connect` as the
-// ProxyCommand (guest port 22 through the agent).
+// ProxyCommand (Guest port 22 through the agent).
 func TestInitSSH(t *testing.T) {
-	root := busyboxRoot(t)
+	root := agenttest.BusyboxRoot(t)
 	sshd := cmdtest.Tool(t, "sshd")
 	keygen := cmdtest.Tool(t, "ssh-keygen")
 	sshc := cmdtest.Tool(t, "ssh")
@@ -484,11 +332,11 @@ func TestInitSSH(t *testing.T) {
 	}
 	pub, _ := os.ReadFile(key + ".pub")
 	conf := "virtkit.mode=agent\nvirtkit.hostname=vk-ssh\nvirtkit.net=none\nvirtkit.listen=unix:///.virtkit/agent.sock\nvirtkit.ssh_key=b64:" + base64.StdEncoding.EncodeToString(pub) + "\n"
-	g := boot(t, root, conf)
-	c := g.dial(t)
+	g := agenttest.BootNS(t, root, conf)
+	c := g.Dial(t)
 	defer func() {
 		c.Shutdown(context.Background(), true)
-		g.wait(t)
+		g.Wait(t)
 	}()
 	agent := cmdtest.Binary(t, "virtkit-agent")
 	proxy := agent + " connect --port 22 unix://" + filepath.Join(root, ".virtkit/agent.sock")
@@ -497,7 +345,7 @@ func TestInitSSH(t *testing.T) {
 	for range 50 { // sshd starts after the exec server
 		out, err = exec.Command(sshc, "-F", "/dev/null", "-i", key, "-o", "ProxyCommand="+proxy, "-o", "BatchMode=yes",
 			"-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR",
-			"root@guest", "echo $((6*7)); hostname").CombinedOutput()
+			"root@Guest", "echo $((6*7)); hostname").CombinedOutput()
 		if err == nil {
 			break
 		}
@@ -547,13 +395,13 @@ func isDHCPDiscover(f []byte) bool {
 // asks for an address with DHCP, restarts when the switch goes away, and with a static address
 // configures the tap itself.
 func TestInitNetworkRelay(t *testing.T) {
-	root := busyboxRoot(t)
+	root := agenttest.BusyboxRoot(t)
 	sw, err := net.Listen("unix", filepath.Join(root, ".virtkit/switch.sock"))
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer sw.Close()
-	g := boot(t, root, "virtkit.mode=agent\nvirtkit.net=dhcp\nvirtkit.relay=unix:///.virtkit/switch.sock\nvirtkit.listen=unix:///.virtkit/agent.sock\n")
+	g := agenttest.BootNS(t, root, "virtkit.mode=agent\nvirtkit.net=dhcp\nvirtkit.relay=unix:///.virtkit/switch.sock\nvirtkit.listen=unix:///.virtkit/agent.sock\n")
 	accept := func() net.Conn {
 		t.Helper()
 		sw.(*net.UnixListener).SetDeadline(time.Now().Add(20 * time.Second))
@@ -576,22 +424,22 @@ func TestInitNetworkRelay(t *testing.T) {
 	}
 	c.Close()
 	accept().Close() // the switch went away: the relay comes back
-	ag := g.dial(t)
+	ag := g.Dial(t)
 	ag.Shutdown(context.Background(), true)
-	poweredOff(t, g.wait(t))
+	agenttest.PoweredOff(t, g.Wait(t))
 
-	root = busyboxRoot(t)
+	root = agenttest.BusyboxRoot(t)
 	sw2, err := net.Listen("unix", filepath.Join(root, ".virtkit/switch.sock"))
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer sw2.Close()
 	sw = sw2
-	g = boot(t, root, "virtkit.mode=agent\nvirtkit.net=static:10.77.0.5/24,10.77.0.1\nvirtkit.dns=10.77.0.1\nvirtkit.relay=unix:///.virtkit/switch.sock\nvirtkit.listen=unix:///.virtkit/agent.sock\n")
+	g = agenttest.BootNS(t, root, "virtkit.mode=agent\nvirtkit.net=static:10.77.0.5/24,10.77.0.1\nvirtkit.dns=10.77.0.1\nvirtkit.relay=unix:///.virtkit/switch.sock\nvirtkit.listen=unix:///.virtkit/agent.sock\n")
 	c = accept()
 	defer c.Close()
 	go io.Copy(io.Discard, c)
-	ag = g.dial(t)
+	ag = g.Dial(t)
 	var got string
 	for range 100 {
 		got = sh(t, ag, "ip -4 addr show vk0; ip route")
@@ -604,5 +452,5 @@ func TestInitNetworkRelay(t *testing.T) {
 		t.Fatalf("static address not configured:\n%s", got)
 	}
 	ag.Shutdown(context.Background(), true)
-	poweredOff(t, g.wait(t))
+	agenttest.PoweredOff(t, g.Wait(t))
 }
