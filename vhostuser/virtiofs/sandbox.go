@@ -62,11 +62,13 @@ func SpawnSandboxed(ctx context.Context, share string, l *net.UnixListener, argv
 	attr := &syscall.SysProcAttr{Cloneflags: syscall.CLONE_NEWNS, Pdeathsig: syscall.SIGKILL}
 	if os.Geteuid() != 0 {
 		attr.Cloneflags |= syscall.CLONE_NEWUSER
+		// The daemon must be root inside its namespace to keep the capabilities it needs for
+		// the mounts across execve; the caller's own ids are that root.
 		if len(uidMap) == 0 {
-			uidMap = []IDMap{{Inside: os.Geteuid(), Outside: os.Geteuid(), Count: 1}}
+			uidMap = []IDMap{{Inside: 0, Outside: os.Geteuid(), Count: 1}}
 		}
 		if len(gidMap) == 0 {
-			gidMap = []IDMap{{Inside: os.Getegid(), Outside: os.Getegid(), Count: 1}}
+			gidMap = []IDMap{{Inside: 0, Outside: os.Getegid(), Count: 1}}
 		}
 		for _, m := range uidMap {
 			attr.UidMappings = append(attr.UidMappings, syscall.SysProcIDMap{ContainerID: m.Inside, HostID: m.Outside, Size: m.Count})

@@ -6,9 +6,11 @@ import (
 	"crypto/rand"
 	"errors"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"syscall"
 	"testing"
+	"time"
 
 	"github.com/rs/zerolog"
 
@@ -313,4 +315,69 @@ func TestFDExhaustion(t *testing.T) {
 		t.Fatalf("open after releasing: %v", err)
 	}
 	c.Release(e.NodeID, fh)
+}
+
+// TestSandboxRootless runs the daemon as an unprivileged user: it sandboxes itself in a user and
+// mount namespace, serves the share, and files it creates belong to that user on the host.
+func TestSandboxRootless(t *testing.T) {
+	cmdtest.RequireRoot(t) // to switch to the unprivileged user
+	setpriv := cmdtest.Tool(t, "setpriv")
+	const nobody = 65534
+	dir := t.TempDir()
+	os.Chmod(dir, 0o755)
+	os.Chmod(filepath.Dir(dir), 0o755) // t.TempDir makes its parent 0700
+	bin := filepath.Join(dir, "virtkit")
+	b, err := os.ReadFile(cmdtest.Binary(t, "virtkit"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	os.WriteFile(bin, b, 0o755)
+	share, run := filepath.Join(dir, "share"), filepath.Join(dir, "run")
+	for _, d := range []string{share, run} {
+		os.Mkdir(d, 0o755)
+		os.Chown(d, nobody, nobody)
+	}
+	os.Mkdir(filepath.Join(share, "d"), 0o755)
+	os.Chown(filepath.Join(share, "d"), nobody, nobody)
+	sock := filepath.Join(run, "fs.sock")
+	cmd := exec.Command(setpriv, "--reuid=65534", "--regid=65534", "--clear-groups",
+		bin, "virtiofsd", "--socket-path", sock, "--shared-dir", share, "--log-level", "warn", "--state-dir", filepath.Join(run, "state"))
+	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cmd.Process.Signal(os.Interrupt); cmd.Wait() })
+	for i := 0; i < 200; i++ {
+		if _, err := os.Stat(sock); err == nil {
+			break
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	c := client(t, sock)
+	d, err := c.Lookup(root, "d")
+	if err != nil {
+		t.Fatal(err)
+	}
+	f, fh, err := c.Create(d.NodeID, "new", uint32(os.O_RDWR), 0o644)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.Write(f.NodeID, fh, 0, []byte("rootless"))
+	c.Release(f.NodeID, fh)
+	var st syscall.Stat_t
+	if err := syscall.Stat(filepath.Join(share, "d", "new"), &st); err != nil {
+		t.Fatal(err)
+	}
+	if st.Uid != nobody {
+		t.Fatalf("file created by the rootless daemon belongs to uid %d, want %d", st.Uid, nobody)
+	}
+	// The same directory swap as TestSandboxStopsEscapes.
+	os.Rename(filepath.Join(share, "d"), filepath.Join(share, "d.old"))
+	os.Symlink("/etc", filepath.Join(share, "d"))
+	if e, err := c.Lookup(d.NodeID, "passwd"); err == nil {
+		if fh, err := c.Open(e.NodeID, uint32(os.O_RDONLY)); err == nil {
+			b, _ := c.Read(e.NodeID, fh, 0, 4096)
+			t.Fatalf("rootless daemon escaped the share: %q", b)
+		}
+	}
 }
