@@ -135,10 +135,7 @@ func listXattrs(path string) ([]xattr, error) {
 	if err != nil {
 		return nil, fmt.Errorf("list xattrs: %w", err)
 	}
-	var names []string
-	for _, n := range splitNul(buf[:sz]) {
-		names = append(names, n)
-	}
+	names := splitNul(buf[:sz])
 	sort.Strings(names)
 	var out []xattr
 	for _, name := range names {

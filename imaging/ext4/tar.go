@@ -111,7 +111,7 @@ func (b *builder) tarEntry(t *tar.Reader, h *tar.Header) error {
 		return err
 	}
 	switch h.Typeflag {
-	case tar.TypeReg, tar.TypeRegA, tar.TypeCont, tar.TypeGNUSparse:
+	case tar.TypeReg, '\x00', tar.TypeCont, tar.TypeGNUSparse: // '\x00': pre-POSIX regular file
 		n.mode |= sIFREG
 		if err := b.writeData(n, t, h.Size); err != nil {
 			return err

@@ -95,7 +95,6 @@ func newDir(perm uint16) *node {
 type tree struct {
 	root    *node
 	pending map[string]*node // hard link targets not yet seen, by clean path
-	dead    []*node          // nodes with data blocks, to free the ones no entry reaches at the end
 }
 
 func newTree() *tree {
