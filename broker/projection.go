@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"strconv"
+	"sync/atomic"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -465,8 +466,8 @@ func ProjectionLag(ctx context.Context, c *Client, host string) (uint64, error) 
 	return last - done, nil
 }
 
-// Run applies events until ctx ends, then finishes the events already fetched, writes its
-// checkpoint and returns.
+// Run applies events until ctx ends, then catches up with the log as it is at that moment (for at
+// most a few seconds), writes its checkpoint and returns.
 func (p *Projector) Run(ctx context.Context) error {
 	ckv, err := p.c.js.KeyValue(ctx, BucketCheckpoints)
 	if err != nil {
@@ -488,8 +489,36 @@ func (p *Projector) Run(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("broker: projector: %w", err)
 	}
-	stop := context.AfterFunc(ctx, it.Drain)
-	defer stop()
+	// On stop, catch up with the log as it is at that moment (the last events of workers that
+	// stopped before us, host.stopped), for at most catchUp, then end.
+	var applied, target atomic.Uint64
+	applied.Store(done)
+	const catchUp = 5 * time.Second
+	stopped := make(chan struct{})
+	defer close(stopped)
+	go func() {
+		select {
+		case <-ctx.Done():
+		case <-stopped:
+			return
+		}
+		last := uint64(1<<64 - 1)
+		sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Second)
+		if st, err := p.c.js.Stream(sctx, EventsStream); err == nil {
+			last = st.CachedInfo().State.LastSeq
+		}
+		cancel()
+		target.Store(max(last, 1))
+		if applied.Load() >= last {
+			it.Stop()
+			return
+		}
+		select {
+		case <-time.After(catchUp):
+			it.Stop()
+		case <-stopped:
+		}
+	}()
 	wctx := context.WithoutCancel(ctx)
 	saved, lastSave := done, time.Now()
 	save := func() error {
@@ -530,12 +559,17 @@ func (p *Projector) Run(ctx context.Context) error {
 			return fmt.Errorf("broker: projector: event %d (%s %s): %w", env.Seq, env.Type, env.Subject, err)
 		}
 		done = md.Sequence.Stream
+		applied.Store(done)
 		// Write when caught up, or every so often while catching up on a long log.
 		if md.NumPending == 0 || len(batch.rows) >= 512 || done-saved >= 4096 || time.Since(lastSave) > time.Second {
 			if err := flush(); err != nil {
 				it.Stop()
 				return err
 			}
+		}
+		if t := target.Load(); t != 0 && done >= t {
+			it.Stop()
+			return flush()
 		}
 	}
 }

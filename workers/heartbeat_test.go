@@ -51,20 +51,8 @@ func TestHeartbeatShowsHostAndWorkers(t *testing.T) {
 	if err := <-done; err != nil {
 		t.Fatal(err)
 	}
-	// The projector stopped with the supervisor, so project the goodbye with a fresh one.
-	p := broker.NewProjector(c, zerolog.Nop())
-	pctx, pstop := context.WithCancel(ctx)
-	pdone := make(chan error, 1)
-	go func() { pdone <- p.Run(pctx) }()
-	for h := host(); h == nil || !h.Stopped; h = host() {
-		select {
-		case <-ctx.Done():
-			t.Fatalf("host not marked stopped: %+v", h)
-		case <-time.After(50 * time.Millisecond):
-		}
-	}
-	pstop()
-	if err := <-pdone; err != nil {
-		t.Fatal(err)
+	// The heartbeat stopped first and said goodbye; the projector, stopped last, caught up with it.
+	if h := host(); h == nil || !h.Stopped {
+		t.Errorf("host not marked stopped after a clean stop: %+v", h)
 	}
 }

@@ -2,7 +2,8 @@
 // job runner) under one Supervisor, the way `virtkit serve` and the one-shot embedded mode do.
 //
 // A Worker is anything with a Name and a Run(ctx) that returns when ctx ends, after draining its
-// work. The Supervisor owns one goroutine per worker: a worker that fails is restarted with
+// work. The Supervisor owns one goroutine per worker and stops them in the reverse order they
+// were added, one after the other. A worker that fails is restarted with
 // exponential back-off; one that fails MaxRestarts times within RestartWindow, or returns an error
 // wrapped with Fatal, stops the whole supervisor (every other worker is asked to drain) and Run
 // returns that error. A worker that returns nil before ctx ends is finished and is not restarted.
@@ -18,7 +19,6 @@ import (
 	"time"
 
 	"github.com/rs/zerolog"
-	"golang.org/x/sync/errgroup"
 
 	"github.com/virtkit/virtkit/broker"
 )
@@ -141,8 +141,11 @@ func (s *Supervisor) set(e *entry, state string, err error) {
 	}
 }
 
-// Run runs every worker until ctx ends (then waits for them to drain, at most StopTimeout) or
-// until one fails for good. It returns nil after a clean stop.
+// Run runs every worker until ctx ends (then stops them, at most StopTimeout in all) or until
+// one fails for good. Workers are stopped one at a time in the reverse order they were added, each
+// drained before the next is asked to stop: a worker added early (the projector) still runs while
+// later ones (launcher, converter) finish their work and publish their last events. Run returns
+// nil after a clean stop.
 func (s *Supervisor) Run(ctx context.Context) error {
 	s.mu.Lock()
 	if s.running {
@@ -153,32 +156,70 @@ func (s *Supervisor) Run(ctx context.Context) error {
 	entries := append([]*entry(nil), s.entries...)
 	s.mu.Unlock()
 
-	g, gctx := errgroup.WithContext(ctx)
-	for _, e := range entries {
-		g.Go(func() error { return s.supervise(gctx, e) })
+	type running struct {
+		cancel context.CancelFunc
+		done   chan struct{}
 	}
-	done := make(chan error, 1)
-	go func() { done <- g.Wait() }()
+	stop, stopAll := context.WithCancel(ctx)
+	defer stopAll()
+	var (
+		errMu    sync.Mutex
+		firstErr error
+		all      sync.WaitGroup
+	)
+	rs := make([]running, len(entries))
+	for i, e := range entries {
+		wctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
+		rs[i] = running{cancel, make(chan struct{})}
+		all.Add(1)
+		go func() {
+			defer all.Done()
+			defer close(rs[i].done)
+			if err := s.supervise(wctx, e); err != nil {
+				errMu.Lock()
+				if firstErr == nil {
+					firstErr = err
+				}
+				errMu.Unlock()
+				stopAll()
+			}
+		}()
+	}
+	allDone := make(chan struct{})
+	go func() { all.Wait(); close(allDone) }()
 	select {
-	case err := <-done:
-		return err
-	case <-gctx.Done():
+	case <-stop.Done():
+	case <-allDone:
 	}
-	// Stopping: every worker's ctx is canceled; give them StopTimeout to drain.
 	t := time.NewTimer(s.cfg.StopTimeout)
 	defer t.Stop()
-	select {
-	case err := <-done:
-		return err
-	case <-t.C:
-		var stuck []string
-		for _, st := range s.Status() {
-			if st.State != StateStopped && st.State != StateFailed {
-				stuck = append(stuck, st.Name)
+	var stuck []string
+	for i := len(rs) - 1; i >= 0; i-- {
+		rs[i].cancel()
+		if stuck != nil {
+			continue // out of time: cancel the rest without waiting
+		}
+		select {
+		case <-rs[i].done:
+		case <-t.C:
+			stuck = append(stuck, entries[i].w.Name())
+		}
+	}
+	errMu.Lock()
+	defer errMu.Unlock()
+	if stuck != nil {
+		// Name every worker still running, not just the one the clock ran out on.
+		stuck = stuck[:0]
+		for i, r := range rs {
+			select {
+			case <-r.done:
+			default:
+				stuck = append(stuck, entries[i].w.Name())
 			}
 		}
-		return fmt.Errorf("workers: %v did not stop within %v", stuck, s.cfg.StopTimeout)
+		return errors.Join(firstErr, fmt.Errorf("workers: %v did not stop within %v", stuck, s.cfg.StopTimeout))
 	}
+	return firstErr
 }
 
 // supervise runs one worker with restarts.

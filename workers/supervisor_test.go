@@ -136,3 +136,36 @@ func TestAddRejectsDuplicates(t *testing.T) {
 	}()
 	s.Add(fn{"a", nil})
 }
+
+// Workers stop one at a time, last added first: an early worker still runs while a later one
+// drains.
+func TestStopsInReverseOrder(t *testing.T) {
+	var order []string
+	var mu = make(chan struct{}, 1)
+	record := func(n string) { mu <- struct{}{}; order = append(order, n); <-mu }
+	var laterDrained atomic.Bool
+	ctx, cancel := context.WithCancel(context.Background())
+	s := workers.New(quick())
+	s.Add(fn{"projector", func(ctx context.Context) error {
+		<-ctx.Done()
+		if !laterDrained.Load() {
+			t.Error("projector was stopped before the launcher finished draining")
+		}
+		record("projector")
+		return nil
+	}})
+	s.Add(fn{"launcher", func(ctx context.Context) error {
+		<-ctx.Done()
+		time.Sleep(100 * time.Millisecond) // publishing its last events
+		laterDrained.Store(true)
+		record("launcher")
+		return nil
+	}})
+	go func() { time.Sleep(20 * time.Millisecond); cancel() }()
+	if err := s.Run(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if strings.Join(order, ",") != "launcher,projector" {
+		t.Errorf("stop order %v", order)
+	}
+}
