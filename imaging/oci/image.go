@@ -20,6 +20,7 @@ import (
 	"github.com/google/go-containerregistry/pkg/v1/tarball"
 	"github.com/google/go-containerregistry/pkg/v1/types"
 
+	"github.com/virtkit/virtkit/imaging/rootfs"
 	"github.com/virtkit/virtkit/imaging/store"
 )
 
@@ -41,8 +42,9 @@ type image struct {
 
 type layerDesc struct {
 	digest, diffID string
-	size           int64 // -1 when unknown
-	remote         bool  // worth keeping in the layer cache
+	size           int64       // -1 when unknown
+	remote         bool        // worth keeping in the layer cache
+	toc            *rootfs.TOC // already read while resolving (tar sources)
 	open           func(context.Context) (io.ReadCloser, error)
 }
 
@@ -93,7 +95,7 @@ func resolve(ctx context.Context, src Source, o *Options) (*image, error) {
 	case DockerArchive:
 		im, err = resolveArchive(src)
 	case Tarball:
-		im, err = resolveTar(src)
+		im, err = resolveTar(ctx, src, o.Limits)
 	default:
 		err = fmt.Errorf("unknown transport %q", src.Transport)
 	}
@@ -375,21 +377,21 @@ func resolveArchive(src Source) (*image, error) {
 	return im, nil
 }
 
-func resolveTar(src Source) (*image, error) {
+func resolveTar(ctx context.Context, src Source, lim rootfs.Limits) (*image, error) {
 	f, err := os.Open(src.Path)
 	if err != nil {
 		return nil, err
 	}
 	defer f.Close()
-	h := sha256.New()
-	n, err := io.Copy(h, f)
+	// One read gives both the identity (the file's digest) and the table of contents.
+	toc, err := rootfs.BuildTOC(ctx, f, "", "", lim)
 	if err != nil {
-		return nil, fmt.Errorf("read: %w", err)
+		return nil, fmt.Errorf("%w: %w", ErrInvalid, err)
 	}
-	d := "sha256:" + hex.EncodeToString(h.Sum(nil))
+	d := toc.Digest
 	path := src.Path
 	return &image{src: src, digest: d, id: d, reference: src.String() + "@" + d, config: &v1.ConfigFile{},
-		layers: []layerDesc{{digest: d, size: n, open: func(context.Context) (io.ReadCloser, error) { return os.Open(path) }}}}, nil
+		layers: []layerDesc{{digest: d, size: toc.Size, toc: toc, open: func(context.Context) (io.ReadCloser, error) { return os.Open(path) }}}}, nil
 }
 
 var errDigest = errors.New("digest mismatch")

@@ -15,6 +15,7 @@ package oci
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"net/http"
@@ -110,21 +111,56 @@ func (im *image) prepare(ctx context.Context, o *Options, c *blobcache.Cache) ([
 	emit := func(e Event) { mu.Lock(); o.progress(e); mu.Unlock() }
 	for i, ld := range im.layers {
 		g.Go(func() error {
-			l := rootfs.Layer{Digest: ld.digest, DiffID: ld.diffID, Open: ld.open}
+			l := rootfs.Layer{Digest: ld.digest, DiffID: ld.diffID, Open: ld.open, TOC: ld.toc}
 			if ld.remote {
-				dl, err := c.Fetch(gctx, ld.digest, ld.size, ld.open, func(n int64) {
+				// The table of contents is read from the download as it streams in (a tee into
+				// BuildTOC), so a cold layer is decompressed once before the second pass.
+				var tocDone chan tocResult
+				open := func(ctx context.Context) (io.ReadCloser, error) {
+					rc, err := ld.open(ctx)
+					if err != nil {
+						return nil, err
+					}
+					pr, pw := io.Pipe()
+					tocDone = make(chan tocResult, 1)
+					go func() {
+						toc, err := rootfs.BuildTOC(ctx, pr, ld.digest, ld.diffID, o.Limits)
+						io.Copy(io.Discard, pr) // keep the download flowing after an error
+						tocDone <- tocResult{toc, err}
+					}()
+					return &teeCloser{r: io.TeeReader(rc, pw), rc: rc, pw: pw}, nil
+				}
+				dl, err := c.Fetch(gctx, ld.digest, ld.size, open, func(n int64) {
 					emit(Event{Phase: "fetch", Layer: i, Layers: len(im.layers), Bytes: n, Total: ld.size})
 				})
+				var tr tocResult
+				if tocDone != nil {
+					tr = <-tocDone
+				}
 				if err != nil {
 					return fmt.Errorf("oci: %s: layer %d: %w", im.src, i, err)
 				}
 				if dl {
 					o.Log.Debug().Str("layer", ld.digest).Int64("bytes", ld.size).Msg("layer downloaded")
+					if tr.err != nil {
+						c.Evict(ld.digest) // verified bytes, but not a usable layer: keep nothing
+						return fmt.Errorf("oci: %s: layer %d (%s): %w", im.src, i, ld.digest, tr.err)
+					}
+					if err := c.PutTOC(tr.toc); err != nil {
+						o.Log.Warn().Err(err).Msg("layer cache: keep toc")
+					}
+					l.TOC = tr.toc
 				}
 				digest := ld.digest
 				l.Open = func(context.Context) (io.ReadCloser, error) { return c.Open(digest) }
 			}
-			if toc, ok := c.TOC(ld.digest); ok && (ld.diffID == "" || toc.DiffID == ld.diffID) {
+			if l.TOC != nil {
+				if ld.toc != nil {
+					if err := c.PutTOC(ld.toc); err != nil {
+						o.Log.Warn().Err(err).Msg("layer cache: keep toc")
+					}
+				}
+			} else if toc, ok := c.TOC(ld.digest); ok && (ld.diffID == "" || toc.DiffID == ld.diffID) {
 				l.TOC = toc
 			} else {
 				emit(Event{Phase: "index", Layer: i, Layers: len(im.layers), Total: ld.size})
@@ -148,6 +184,33 @@ func (im *image) prepare(ctx context.Context, o *Options, c *blobcache.Cache) ([
 		return nil, err
 	}
 	return out, nil
+}
+
+type tocResult struct {
+	toc *rootfs.TOC
+	err error
+}
+
+// teeCloser is a download whose bytes are also fed to a TOC builder; closing it ends the feed.
+type teeCloser struct {
+	r  io.Reader
+	rc io.ReadCloser
+	pw *io.PipeWriter
+}
+
+func (t *teeCloser) Read(p []byte) (int, error) {
+	n, err := t.r.Read(p)
+	if err == io.EOF {
+		t.pw.Close()
+	} else if err != nil {
+		t.pw.CloseWithError(err)
+	}
+	return n, err
+}
+
+func (t *teeCloser) Close() error {
+	t.pw.CloseWithError(errors.New("download closed before its end"))
+	return t.rc.Close()
 }
 
 // flatten writes the image's root filesystem to w, evicting a cached blob that turns out corrupt.

@@ -152,7 +152,7 @@ var ErrDigest = errors.New("digest mismatch")
 func BuildTOC(ctx context.Context, r io.Reader, digest, diffID string, lim Limits) (*TOC, error) {
 	lim = lim.fill()
 	toc := &TOC{Version: tocVersion}
-	err := scan(ctx, r, lim, func(h *tar.Header, _ io.Reader) error {
+	err := scan(ctx, r, lim, true, func(h *tar.Header, _ io.Reader) error {
 		if len(toc.Entries) >= lim.MaxEntries {
 			return fmt.Errorf("more than %d entries: %w", lim.MaxEntries, ErrLimit)
 		}
@@ -194,7 +194,9 @@ type countingHash struct {
 
 func (c *countingHash) Read(p []byte) (int, error) {
 	n, err := c.r.Read(p)
-	c.h.Write(p[:n])
+	if c.h != nil {
+		c.h.Write(p[:n])
+	}
 	c.n += int64(n)
 	if c.limit > 0 && c.n > c.limit {
 		return n, fmt.Errorf("%s exceeds %d bytes: %w", c.what, c.limit, ErrLimit)
@@ -206,7 +208,10 @@ func (c *countingHash) sum() string { return "sha256:" + hex.EncodeToString(c.h.
 
 // scan decompresses a layer blob and calls fn for each tar header with a reader of its data, then
 // drains the streams, computes their digests and calls done. Errors name no layer: callers do.
-func scan(ctx context.Context, r io.Reader, lim Limits, fn func(*tar.Header, io.Reader) error, done func(digests) error) error {
+//
+// diff says whether the uncompressed stream's digest is wanted (it costs a second SHA-256 over
+// the whole layer when the layer is compressed; for a plain tar it is the blob digest).
+func scan(ctx context.Context, r io.Reader, lim Limits, diff bool, fn func(*tar.Header, io.Reader) error, done func(digests) error) error {
 	raw := &countingHash{r: r, h: sha256.New()}
 	br := bufio.NewReaderSize(raw, 1<<16)
 	magic, _ := br.Peek(4)
@@ -227,7 +232,11 @@ func scan(ctx context.Context, r io.Reader, lim Limits, fn func(*tar.Header, io.
 		defer zr.Close()
 		dec = zr
 	}
-	plain := &countingHash{r: dec, h: sha256.New(), limit: lim.MaxBytes, what: "uncompressed layer"}
+	plain := &countingHash{r: dec, limit: lim.MaxBytes, what: "uncompressed layer"}
+	compressed := dec != io.Reader(br)
+	if diff && compressed {
+		plain.h = sha256.New()
+	}
 	tr := tar.NewReader(plain)
 	var declared int64
 	for i := 0; ; i++ {
@@ -262,5 +271,12 @@ func scan(ctx context.Context, r io.Reader, lim Limits, fn func(*tar.Header, io.
 	if _, err := io.Copy(io.Discard, br); err != nil {
 		return fmt.Errorf("read layer: %w", err)
 	}
-	return done(digests{blob: raw.sum(), blobSize: raw.n, diff: plain.sum(), diffSize: plain.n})
+	d := digests{blob: raw.sum(), blobSize: raw.n, diffSize: plain.n}
+	switch {
+	case !compressed:
+		d.diff = d.blob
+	case diff:
+		d.diff = plain.sum()
+	}
+	return done(d)
 }
