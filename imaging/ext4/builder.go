@@ -18,6 +18,7 @@ type builder struct {
 	ctx   context.Context
 	opts  Options
 	f     *os.File
+	w     *combiner
 	a     *allocator
 	t     *tree
 	sum   hash.Hash // identity hash of input and options
@@ -32,6 +33,7 @@ func newBuilder(ctx context.Context, f *os.File, opts Options) (*builder, error)
 		ctx:  ctx,
 		opts: opts,
 		f:    f,
+		w:    newCombiner(f),
 		t:    newTree(),
 		sum:  newIdentity(opts),
 		buf:  make([]byte, 4<<20),
@@ -147,7 +149,7 @@ func (b *builder) place(n *node, lblk uint64, data []byte) error {
 			return err
 		}
 		chunk := data[:got*blockSize]
-		if _, err := b.f.WriteAt(chunk, int64(start)*blockSize); err != nil {
+		if _, err := b.w.WriteAt(chunk, int64(start)*blockSize); err != nil {
 			return fmt.Errorf("write data: %w", err)
 		}
 		addExtent(n, lblk, start, got)

@@ -91,7 +91,7 @@ func (b *builder) treeBlock(n *node, blk []byte, iseed uint32) (uint64, error) {
 	if err != nil {
 		return 0, err
 	}
-	if _, err := b.f.WriteAt(blk, int64(at)*blockSize); err != nil {
+	if _, err := b.w.WriteAt(blk, int64(at)*blockSize); err != nil {
 		return 0, err
 	}
 	n.tree = append(n.tree, at)

@@ -228,7 +228,7 @@ func (b *builder) finish() (Result, error) {
 		if err != nil {
 			return Result{}, err
 		}
-		if _, err := b.f.WriteAt(blk, int64(x.blk)*blockSize); err != nil {
+		if _, err := b.w.WriteAt(blk, int64(x.blk)*blockSize); err != nil {
 			return Result{}, err
 		}
 	}
@@ -299,14 +299,14 @@ func (b *builder) finish() (Result, error) {
 			if isZero(blk, b.zero) {
 				continue
 			}
-			if _, err := b.f.WriteAt(blk, int64(g.itable[grp]+i)*blockSize); err != nil {
+			if _, err := b.w.WriteAt(blk, int64(g.itable[grp]+i)*blockSize); err != nil {
 				return Result{}, fmt.Errorf("write inode table of group %d: %w", grp, err)
 			}
 		}
-		if _, err := b.f.WriteAt(bm, int64(g.bbitmap[grp])*blockSize); err != nil {
+		if _, err := b.w.WriteAt(bm, int64(g.bbitmap[grp])*blockSize); err != nil {
 			return Result{}, fmt.Errorf("write block bitmap of group %d: %w", grp, err)
 		}
-		if _, err := b.f.WriteAt(im, int64(g.ibitmap[grp])*blockSize); err != nil {
+		if _, err := b.w.WriteAt(im, int64(g.ibitmap[grp])*blockSize); err != nil {
 			return Result{}, fmt.Errorf("write inode bitmap of group %d: %w", grp, err)
 		}
 		inGroup := min(blocksPerGroup, g.blocks-grp*blocksPerGroup)
@@ -340,12 +340,15 @@ func (b *builder) finish() (Result, error) {
 		if grp == 0 {
 			off = 1024
 		}
-		if _, err := b.f.WriteAt(sb, off); err != nil {
+		if _, err := b.w.WriteAt(sb, off); err != nil {
 			return Result{}, fmt.Errorf("write superblock copy in group %d: %w", grp, err)
 		}
-		if _, err := b.f.WriteAt(descs, int64(grp*blocksPerGroup+1)*blockSize); err != nil {
+		if _, err := b.w.WriteAt(descs, int64(grp*blocksPerGroup+1)*blockSize); err != nil {
 			return Result{}, fmt.Errorf("write group descriptors in group %d: %w", grp, err)
 		}
+	}
+	if err := b.w.Flush(); err != nil {
+		return Result{}, fmt.Errorf("write image: %w", err)
 	}
 	if err := b.f.Truncate(int64(g.blocks) * blockSize); err != nil {
 		return Result{}, fmt.Errorf("size image: %w", err)

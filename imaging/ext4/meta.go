@@ -126,7 +126,7 @@ func (b *builder) writeJournal(g geometry, uuid [16]byte) error {
 	be.PutUint32(j[40:], 0x2) // incompat 64bit
 	copy(j[48:64], uuid[:])
 	be.PutUint32(j[64:], 1) // users
-	if _, err := b.f.WriteAt(j, int64(g.jnode.ext[0].pblk)*blockSize); err != nil {
+	if _, err := b.w.WriteAt(j, int64(g.jnode.ext[0].pblk)*blockSize); err != nil {
 		return fmt.Errorf("write journal superblock: %w", err)
 	}
 	return nil
