@@ -5,6 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"sort"
+	"strconv"
+	"strings"
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
@@ -12,11 +14,21 @@ import (
 
 // Report is what `virtkit status` shows.
 type Report struct {
-	Broker   BrokerStatus   `json:"broker"`
-	Streams  []StreamStatus `json:"streams"`
-	Buckets  []StreamStatus `json:"buckets"`
-	Hosts    []*Host        `json:"hosts"`
-	Problems []string       `json:"problems,omitempty"`
+	Broker  BrokerStatus   `json:"broker"`
+	Streams []StreamStatus `json:"streams"`
+	Buckets []StreamStatus `json:"buckets"`
+	Hosts   []*Host        `json:"hosts"`
+	// Projectors are the hosts' projectors with how far behind the log they are.
+	Projectors []ProjectorStatus `json:"projectors"`
+	Problems   []string          `json:"problems,omitempty"`
+}
+
+// ProjectorStatus is one host's projector: the last event sequence it applied and how many
+// events of the log it has not.
+type ProjectorStatus struct {
+	Host    string `json:"host"`
+	Applied uint64 `json:"applied"`
+	Lag     uint64 `json:"lag"`
 }
 
 // BrokerStatus describes the server the client is connected to.
@@ -90,7 +102,54 @@ func Status(ctx context.Context, c *Client, ep *Endpoint) (*Report, error) {
 		r.Problems = append(r.Problems, err.Error())
 	}
 	r.Hosts = hosts
+	if len(r.Streams) > 0 {
+		ps, err := readProjectors(ctx, c, r.Streams[0].LastSeq)
+		if err != nil {
+			r.Problems = append(r.Problems, err.Error())
+		}
+		r.Projectors = ps
+	}
 	return r, nil
+}
+
+func readProjectors(ctx context.Context, c *Client, last uint64) ([]ProjectorStatus, error) {
+	kv, err := c.js.KeyValue(ctx, BucketCheckpoints)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", BucketCheckpoints, err)
+	}
+	w, err := kv.WatchAll(ctx, jetstream.IgnoreDeletes())
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", BucketCheckpoints, err)
+	}
+	defer w.Stop()
+	var out []ProjectorStatus
+	for {
+		select {
+		case e, ok := <-w.Updates():
+			if !ok {
+				return out, errors.New("vk_checkpoints: watcher closed")
+			}
+			if e == nil {
+				sort.Slice(out, func(i, j int) bool { return out[i].Host < out[j].Host })
+				return out, nil
+			}
+			host, ok := strings.CutPrefix(e.Key(), "projector-")
+			if !ok {
+				continue
+			}
+			n, err := strconv.ParseUint(string(e.Value()), 10, 64)
+			if err != nil {
+				return out, fmt.Errorf("vk_checkpoints/%s: %w", e.Key(), err)
+			}
+			ps := ProjectorStatus{Host: host, Applied: n}
+			if last > n {
+				ps.Lag = last - n
+			}
+			out = append(out, ps)
+		case <-ctx.Done():
+			return out, ctx.Err()
+		}
+	}
 }
 
 func readHosts(ctx context.Context, c *Client) ([]*Host, error) {

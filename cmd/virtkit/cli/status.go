@@ -99,6 +99,9 @@ func printStatus(w io.Writer, r *broker.Report, now time.Time) {
 		}
 		tw.Flush()
 	}
+	for _, p := range r.Projectors {
+		fmt.Fprintf(w, "projector %s: applied up to event %d, %d behind\n", p.Host, p.Applied, p.Lag)
+	}
 	for _, p := range r.Problems {
 		fmt.Fprintln(w, "problem:", p)
 	}
