@@ -8,6 +8,7 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"encoding/json"
 	"fmt"
 	"io"
 	"net"
@@ -318,6 +319,25 @@ func TestDaemonVMsNetworkAndFaults(t *testing.T) {
 	for e := range errs {
 		t.Fatal(e)
 	}
+	// Entrypoint mode: the image's own command runs as the VM's job; the VM powers off after it
+	// and its exit code reaches the event log.
+	if out, errOut, code := v.run("run", "-d", "--name", "ep", img); code != 0 || strings.TrimSpace(out) != "ep" {
+		t.Fatalf("run -d (entrypoint mode): exit %d, %q %s", code, out, errOut)
+	}
+	waitPhase(t, v, "ep", "stopped")
+	js, _, _ := v.run("vm", "ls", "-a", "-o", "json")
+	var rows []struct {
+		ID       string `json:"id"`
+		ExitCode int    `json:"exit_code"`
+		Reason   string `json:"reason"`
+	}
+	json.Unmarshal([]byte(js), &rows)
+	for _, r := range rows {
+		if r.ID == "ep" && (r.ExitCode != 0 || r.Reason != "powered off") {
+			t.Fatalf("entrypoint VM ended with %+v, want exit 0, powered off", r)
+		}
+	}
+
 	out, _, _ := v.run("vm", "ls")
 	for i := 1; i <= 4; i++ {
 		if !strings.Contains(out, fmt.Sprintf("vm%d", i)) {

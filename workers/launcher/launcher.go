@@ -348,6 +348,9 @@ func (vm *VM) waitAgent(ctx context.Context) error {
 		}
 		select {
 		case <-vm.machine.Done():
+			if err := vm.machine.Wait(); err == nil && vm.Request.Mode == "entrypoint" {
+				return nil // the entrypoint ran and powered the VM off before we looked: not a failure
+			}
 			return fmt.Errorf("VMM exited before the agent answered: %v\nconsole:\n%s", vm.machine.Wait(), vmm.ConsoleTail(vm.Spec, 30))
 		case <-ctx.Done():
 			return fmt.Errorf("agent did not answer on %s: %w\nconsole:\n%s", vm.ExecURL, ctx.Err(), vmm.ConsoleTail(vm.Spec, 30))
