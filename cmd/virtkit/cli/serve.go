@@ -134,7 +134,16 @@ func serve(ctx context.Context, e *env, replicas int, heartbeat time.Duration, w
 	c, log := e.cfg, e.log
 	host := broker.HostID(c.Host)
 	if ep, err := broker.ReadEndpoint(c.StateDir); err == nil {
-		return fmt.Errorf("serve: a daemon (pid %d) already serves state dir %s", ep.PID, c.StateDir)
+		// The pid is alive, but after a crash and a reboot it may be someone else's: only a
+		// daemon that answers counts.
+		cctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+		other, err := broker.ConnectLocal(cctx, c.StateDir, broker.WithHost(host))
+		cancel()
+		if err == nil {
+			other.Close()
+			return fmt.Errorf("serve: a daemon (pid %d) already serves state dir %s", ep.PID, c.StateDir)
+		}
+		log.Warn().Int("pid", ep.PID).Err(err).Msg("replacing the endpoint file of a daemon that does not answer")
 	}
 	if err := os.MkdirAll(c.StateDir, 0o700); err != nil {
 		return fmt.Errorf("serve: state dir: %w", err)

@@ -166,3 +166,23 @@ func TestServeBadInput(t *testing.T) {
 		t.Errorf("a failed serve left an endpoint file: %v", err)
 	}
 }
+
+// An endpoint file left by a crash whose pid now belongs to another process (here: this test)
+// does not keep a new daemon from starting.
+func TestServeReplacesStaleEndpoint(t *testing.T) {
+	if testing.Short() {
+		t.Skip("-short: builds virtkit and runs the daemon")
+	}
+	dir := t.TempDir()
+	stale := broker.Endpoint{Config: broker.Config{URL: "nats://127.0.0.1:1"}, PID: os.Getpid(), Started: time.Now(), Embedded: true}
+	if err := broker.WriteEndpoint(dir, stale); err != nil {
+		t.Fatal(err)
+	}
+	d := brokertest.Serve(t, dir)
+	if r := statusJSON(t, dir); r.Broker.PID != d.PID() {
+		t.Errorf("status shows pid %d, want the new daemon %d", r.Broker.PID, d.PID())
+	}
+	if err := d.Stop(time.Minute); err != nil {
+		t.Fatal(err)
+	}
+}
