@@ -1,7 +1,6 @@
 package ext4
 
 import (
-	"bufio"
 	"context"
 	"errors"
 	"fmt"
@@ -86,6 +85,31 @@ func Fingerprint(ctx context.Context, r io.Reader, opts Options) (string, error)
 	b.sum = newIdentity(opts)
 	if _, err := copyCtx(ctx, b.sum, r); err != nil {
 		return "", fmt.Errorf("mkext: fingerprint: read input: %w", err)
+	}
+	for _, in := range opts.Inject {
+		if err := hashInject(b, in); err != nil {
+			return "", fmt.Errorf("mkext: fingerprint: %w", err)
+		}
+	}
+	u, _, err := b.identity()
+	if err != nil {
+		return "", fmt.Errorf("mkext: %w", err)
+	}
+	return formatUUID(u), nil
+}
+
+// FingerprintDir returns the UUID WriteDir would give dir with opts, reading the tree but
+// writing nothing.
+func FingerprintDir(ctx context.Context, dir string, opts Options) (string, error) {
+	if err := opts.check(); err != nil {
+		return "", fmt.Errorf("mkext: %w", err)
+	}
+	b, err := newBuilder(ctx, nil, opts)
+	if err != nil {
+		return "", fmt.Errorf("mkext: %w", err)
+	}
+	if err := b.readDir(dir); err != nil {
+		return "", fmt.Errorf("mkext: fingerprint: %w", err)
 	}
 	for _, in := range opts.Inject {
 		if err := hashInject(b, in); err != nil {
@@ -204,14 +228,13 @@ func modeBits(m fs.FileMode) uint16 {
 }
 
 func copyCtx(ctx context.Context, w io.Writer, r io.Reader) (int64, error) {
-	br := bufio.NewReaderSize(r, 1<<20)
 	var n int64
 	buf := make([]byte, 1<<20)
 	for {
 		if err := ctx.Err(); err != nil {
 			return n, err
 		}
-		k, err := br.Read(buf)
+		k, err := r.Read(buf)
 		w.Write(buf[:k])
 		n += int64(k)
 		if err == io.EOF {

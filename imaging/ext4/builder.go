@@ -19,6 +19,7 @@ type builder struct {
 	opts  Options
 	f     *os.File
 	w     *combiner
+	dry   bool // hash only (FingerprintDir): no file, nothing written
 	a     *allocator
 	t     *tree
 	sum   hash.Hash // identity hash of input and options
@@ -39,6 +40,7 @@ func newBuilder(ctx context.Context, f *os.File, opts Options) (*builder, error)
 		buf:  make([]byte, 4<<20),
 		zero: make([]byte, blockSize),
 		a:    &allocator{gdtRes: autoGDTBlocks},
+		dry:  f == nil,
 	}
 	if opts.Size != 0 {
 		blocks, groups, err := sizeGeometry(opts.Size)
@@ -97,6 +99,12 @@ func (b *builder) writeData(n *node, r io.Reader, size int64) error {
 	}
 	n.size = uint64(size)
 	b.bytes += size
+	if b.dry {
+		if _, err := copyCtx(b.ctx, io.Discard, io.LimitReader(r, size)); err != nil {
+			return err
+		}
+		return nil
+	}
 	var lblk uint64
 	for left := size; left > 0; {
 		if err := b.ctx.Err(); err != nil {

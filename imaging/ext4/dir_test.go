@@ -6,6 +6,7 @@ import (
 	"io"
 	"net"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -132,5 +133,48 @@ func TestLargeSparseFile(t *testing.T) {
 		if string(got) != string(m) {
 			t.Errorf("data at %d differs", at)
 		}
+	}
+}
+
+// TestGNUSparseTar converts an archive made by GNU tar --sparse: holes stay holes.
+func TestGNUSparseTar(t *testing.T) {
+	tarTool := cmdtest.Tool(t, "tar")
+	src := t.TempDir()
+	f, err := os.Create(filepath.Join(src, "sparse"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.WriteAt([]byte("head"), 0)
+	f.WriteAt([]byte("middle"), 700<<20)
+	f.Truncate(1 << 30)
+	f.Close()
+	for _, format := range []string{"gnu", "posix"} {
+		t.Run(format, func(t *testing.T) {
+			tb := filepath.Join(t.TempDir(), "s.tar")
+			if out, err := exec.Command(tarTool, "--sparse", "--format="+format, "-C", src, "-cf", tb, "sparse").CombinedOutput(); err != nil {
+				t.Fatalf("tar: %v\n%s", err, out)
+			}
+			if st, _ := os.Stat(tb); st.Size() > 1<<20 {
+				t.Fatalf("tar did not store the file sparsely (%d bytes)", st.Size())
+			}
+			in, err := os.Open(tb)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer in.Close()
+			img := filepath.Join(t.TempDir(), "s.ext4")
+			if _, err := ext4.WriteTar(context.Background(), in, img, ext4.Options{}); err != nil {
+				t.Fatal(err)
+			}
+			ext4test.Fsck(t, img)
+			st := ext4test.Stat(t, img, "/sparse")[0]
+			if st.Size != 1<<30 || st.Blockcount != 16 {
+				t.Fatalf("size %d blockcount %d; want 1 GiB in two blocks", st.Size, st.Blockcount)
+			}
+			ext := ext4test.Extents(t, img, "/sparse")
+			if p, ok := ext.Phys(700 << 20 / 4096); !ok || p == 0 {
+				t.Fatalf("block at 700 MiB not mapped: %v", ext)
+			}
+		})
 	}
 }

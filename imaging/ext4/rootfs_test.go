@@ -46,5 +46,8 @@ func TestDebianRootfs(t *testing.T) {
 		if a != b || fileSum(t, img) != fileSum(t, img2) {
 			t.Fatalf("WriteDir of an unchanged tree is not reproducible: %+v %+v", a, b)
 		}
+		if fp, err := ext4.FingerprintDir(context.Background(), dir, ext4.Options{}); err != nil || fp != a.UUID {
+			t.Fatalf("FingerprintDir = %s, %v; image %s", fp, err, a.UUID)
+		}
 	})
 }

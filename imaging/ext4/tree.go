@@ -242,6 +242,9 @@ func (t *tree) number() ([]*node, error) {
 				k.parent = d
 			} else {
 				k.nlink++
+				if k.nlink > 65000 {
+					return nil, fmt.Errorf("more than 65000 hard links to one file (%q)", name)
+				}
 			}
 			if k.ino == 0 {
 				if next == 0 {

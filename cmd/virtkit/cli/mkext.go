@@ -146,22 +146,29 @@ func newMkext(e *env) *cobra.Command {
 func newFingerprint(e *env) *cobra.Command {
 	var f mkextFlags
 	cmd := &cobra.Command{
-		Use:   "fingerprint TAR|-",
-		Short: "Print the UUID mkext-tar would give an input, without writing an image",
+		Use:   "fingerprint TAR|DIR|-",
+		Short: "Print the UUID mkext-tar (or mkext, for a directory) would give an input, without writing an image",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			opts, err := f.options()
 			if err != nil {
 				return err
 			}
-			in, err := openMkextInput(args[0])
-			if err != nil {
-				return err
-			}
-			defer in.Close()
-			u, err := ext4.Fingerprint(cmd.Context(), in, opts)
-			if err != nil {
-				return err
+			var u string
+			if st, err := os.Stat(args[0]); err == nil && st.IsDir() {
+				u, err = ext4.FingerprintDir(cmd.Context(), args[0], opts)
+				if err != nil {
+					return err
+				}
+			} else {
+				in, err := openMkextInput(args[0])
+				if err != nil {
+					return err
+				}
+				defer in.Close()
+				if u, err = ext4.Fingerprint(cmd.Context(), in, opts); err != nil {
+					return err
+				}
 			}
 			if e.output == "json" {
 				return json.NewEncoder(os.Stdout).Encode(map[string]string{"uuid": u})

@@ -69,8 +69,12 @@ func TestMkextCommands(t *testing.T) {
 	os.MkdirAll(filepath.Join(tree, "a"), 0o755)
 	os.WriteFile(filepath.Join(tree, "a", "f"), []byte("x"), 0o600)
 	img2 := filepath.Join(dir, "dir.ext4")
-	if out, err := run(nil, "mkext", "--no-journal", tree, img2); err != nil || !strings.Contains(out, "uuid=") {
+	out, err = run(nil, "mkext", "--no-journal", tree, img2)
+	if err != nil || !strings.Contains(out, "uuid=") {
 		t.Fatalf("mkext: %v: %s", err, out)
+	}
+	if fp, err := run(nil, "fingerprint", "--no-journal", tree); err != nil || !strings.Contains(out, "uuid="+strings.TrimSpace(fp)) {
+		t.Fatalf("fingerprint DIR = %q (%v); mkext said %q", fp, err, out)
 	}
 	ext4test.Fsck(t, img2)
 	bad := filepath.Join(dir, "bad.ext4")
