@@ -335,3 +335,45 @@ func FuzzReadEndpoint(f *testing.F) {
 		}
 	})
 }
+
+// Exec output is kept for reconnecting clients; input channels are not stored.
+func TestExecStream(t *testing.T) {
+	ctx := ctxT(t, time.Minute)
+	_, c := brokertest.Start(t, broker.SchemaOptions{})
+	nc := c.Conn()
+	for i, ch := range []string{broker.ExecStdout, broker.ExecStderr, broker.ExecStdin, broker.ExecResize, broker.ExecStdout, broker.ExecExit} {
+		if _, err := c.JetStream().Publish(ctx, broker.ExecSubject("x1", ch), []byte(fmt.Sprint(i))); err != nil {
+			if ch == broker.ExecStdin || ch == broker.ExecResize {
+				continue // no stream takes input: expected
+			}
+			t.Fatalf("%s: %v", ch, err)
+		}
+		if ch == broker.ExecStdin || ch == broker.ExecResize {
+			t.Errorf("%s was stored", ch)
+		}
+	}
+	if err := nc.Publish(broker.ExecSubject("x1", broker.ExecSignal), []byte("TERM")); err != nil {
+		t.Fatal(err)
+	}
+	nc.Flush()
+	// A client that connects late replays the output in order.
+	cons, err := c.JetStream().OrderedConsumer(ctx, broker.ExecStream, jetstream.OrderedConsumerConfig{FilterSubjects: []string{broker.ExecSubject("x1", "*")}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got []string
+	for len(got) < 4 {
+		msg, err := cons.Next(jetstream.FetchMaxWait(5 * time.Second))
+		if err != nil {
+			t.Fatalf("after %v: %v", got, err)
+		}
+		got = append(got, strings.TrimPrefix(msg.Subject(), "vk.exec.x1.")+"="+string(msg.Data()))
+	}
+	if want := "stdout=0 stderr=1 stdout=4 exit=5"; strings.Join(got, " ") != want {
+		t.Errorf("replayed %v, want %s", got, want)
+	}
+	last, err := c.LastEventSeq(ctx)
+	if err != nil || last != 0 {
+		t.Errorf("LastEventSeq on an empty log = %d, %v", last, err)
+	}
+}

@@ -28,6 +28,7 @@
 //	sub, err := c.Subscribe(ctx, broker.SubscribeOptions{Filters: []string{broker.EventFilter("vm", "web1", "")}},
 //		func(ctx context.Context, env *broker.Envelope, ev broker.Event) error { … })
 //	sub.Stop(); sub.Drain(); <-sub.Closed()
+//	seq, _ := c.LastEventSeq(ctx) // then submit, then Subscribe{StartSeq: seq + 1}: no gap
 //
 // Work: c.Submit(ctx, broker.WorkVMLaunch, id, body) queues an item once per id. A host consumes
 // with c.ConsumeWork(ctx, broker.WorkOptions{Subject, Slots}, handler) (handle with Drain/Stop/
@@ -37,7 +38,8 @@
 // redelivered AckWait after a host dies. Shutdown drains: in-flight items finish or are handed back.
 //
 // Projections: State.Apply is the fold of events into the four tables; Projector (a worker) keeps
-// the KV tables current with compare-and-set writes; Replay folds the log from the start,
+// the KV tables current with compare-and-set writes, following the log with an ordered consumer
+// from its checkpoint in vk_checkpoints (ProjectionLag says how far behind it is); Replay folds the log from the start,
 // ReadProjection reads the KV tables, RebuildProjection replaces them with a replay. Replay and
 // the live projection give the same state because rows only depend on the events (their time
 // and sequence), never on the reader's clock.

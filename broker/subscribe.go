@@ -49,6 +49,17 @@ type Subscription struct {
 	err    error
 }
 
+// LastEventSeq is the sequence of the newest event in the log (0 when empty). To follow what a
+// request causes without a gap: take LastEventSeq, submit the request, then Subscribe with
+// StartSeq = that + 1.
+func (c *Client) LastEventSeq(ctx context.Context) (uint64, error) {
+	st, err := c.js.Stream(ctx, EventsStream)
+	if err != nil {
+		return 0, fmt.Errorf("broker: last event: %w", err)
+	}
+	return st.CachedInfo().State.LastSeq, nil
+}
+
 // Subscribe calls h for every matching event, in log order, from one goroutine. It uses an
 // ordered consumer: no server state to clean up, and it resumes after a reconnect without gaps.
 // Envelopes of unknown types (from newer peers) are skipped.
