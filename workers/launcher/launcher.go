@@ -84,6 +84,10 @@ type Request struct {
 	LAN string `json:"lan,omitempty"`
 	// Forwards are host→guest TCP port forwards: HOST:PORT listens on the host, GuestPort in the VM.
 	Forwards []PortForward `json:"forwards,omitempty"`
+	// VMM overrides the launcher's VMM choice for this VM: auto, qemu or cloud-hypervisor.
+	VMM string `json:"vmm,omitempty"`
+	// Kernel overrides the launcher's guest kernel for this VM.
+	Kernel string `json:"kernel,omitempty"`
 	// Cmdline carries extra kernel command line words (virtkit.* keys).
 	Cmdline []string `json:"cmdline,omitempty"`
 }
@@ -181,6 +185,7 @@ type VM struct {
 	lan      string
 	forwards []string
 	l        *Launcher
+	driver   vmm.Driver
 	machine  vmm.Machine
 	helpers  []*helper
 	stop     sync.Once
@@ -242,8 +247,22 @@ func (l *Launcher) Start(ctx context.Context, req Request) (vm *VM, err error) {
 	if err := l.cfg.NewDisk(ctx, overlay, int64(req.OverlayMiB)<<20); err != nil {
 		return nil, fmt.Errorf("overlay disk: %w", err)
 	}
+	driver := l.driver
+	if req.VMM != "" && req.VMM != l.cfg.VMM {
+		if driver, err = vmm.Select(req.VMM); err != nil {
+			return nil, err
+		}
+	}
+	kernel := l.cfg.Kernel
+	if req.Kernel != "" {
+		if _, err := os.Stat(req.Kernel); err != nil {
+			return nil, fmt.Errorf("kernel: %w", err)
+		}
+		kernel = req.Kernel
+	}
+	vm.driver = driver
 	spec := vmm.Spec{
-		Name: req.Name, Dir: vm.Dir, Kernel: l.cfg.Kernel, CPUs: req.CPUs, MemoryMiB: req.MemoryMiB,
+		Name: req.Name, Dir: vm.Dir, Kernel: kernel, CPUs: req.CPUs, MemoryMiB: req.MemoryMiB,
 		Disks:    []vmm.Disk{{Path: req.Rootfs, ReadOnly: true}, {Path: overlay}},
 		VsockCID: GuestCID,
 	}
@@ -302,7 +321,7 @@ func (l *Launcher) Start(ctx context.Context, req Request) (vm *VM, err error) {
 	}
 	cmdline = append(cmdline, req.Cmdline...)
 	spec.Cmdline = strings.Join(cmdline, " ")
-	if l.driver.Name() == "qemu" {
+	if driver.Name() == "qemu" {
 		sock := filepath.Join(vm.Dir, "vsock.vhost")
 		if _, err := vm.startHelper(ctx, "vsockd", sock, "vsockd", "--socket", sock, "--uds", spec.VsockSocket(), "--cid", strconv.Itoa(GuestCID)); err != nil {
 			return nil, err
@@ -314,7 +333,7 @@ func (l *Launcher) Start(ctx context.Context, req Request) (vm *VM, err error) {
 	vm.Timings.Prepare = time.Since(t0)
 
 	t1 := time.Now()
-	m, err := l.driver.Start(ctx, spec)
+	m, err := driver.Start(ctx, spec)
 	if err != nil {
 		return nil, err
 	}

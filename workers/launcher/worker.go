@@ -144,7 +144,7 @@ func (w *Worker) launch(ctx context.Context, req Request) error {
 		delete(w.starting, req.Name)
 		w.mu.Unlock()
 	}()
-	w.publish(ctx, &broker.VMStarting{VM: req.Name, Host: w.c.Host(), Image: req.Rootfs, VMM: w.l.Driver().Name(), CPUs: req.CPUs, MemoryMiB: req.MemoryMiB})
+	w.publish(ctx, &broker.VMStarting{VM: req.Name, Host: w.c.Host(), Image: req.Rootfs, VMM: firstNonEmpty(req.VMM, w.l.Driver().Name()), CPUs: req.CPUs, MemoryMiB: req.MemoryMiB})
 	vm, err := w.l.Start(ctx, req)
 	if err != nil {
 		w.publish(context.WithoutCancel(ctx), &broker.VMFailed{VM: req.Name, Error: err.Error()})
@@ -219,4 +219,13 @@ func (w *Worker) publish(ctx context.Context, ev broker.Event) {
 	if _, err := w.c.Publish(ctx, ev); err != nil {
 		w.log.Error().Err(err).Str("event", ev.EventType()).Msg("publish")
 	}
+}
+
+func firstNonEmpty(s ...string) string {
+	for _, x := range s {
+		if x != "" {
+			return x
+		}
+	}
+	return ""
 }

@@ -28,6 +28,7 @@ type runFlags struct {
 	cpus                     int
 	memory                   string
 	net                      string
+	vmm, kernel              string
 }
 
 func newRun(e *env) *cobra.Command {
@@ -67,13 +68,22 @@ With no daemon running (virtkit serve), run embeds a one-shot broker and the wor
 	fl.IntVar(&f.cpus, "cpus", 0, "vCPUs (default vm.cpus)")
 	fl.StringVar(&f.memory, "memory", "", "memory, e.g. 512M or 2G (default vm.memory_mib)")
 	fl.StringVar(&f.net, "net", "dhcp", "guest network: dhcp (the userspace LAN) or none")
+	fl.StringVar(&f.vmm, "vmm", "", "auto, cloud-hypervisor or qemu (default vm.vmm)")
+	fl.StringVar(&f.kernel, "kernel", "", "guest kernel (default vm.kernel, else the one ./build-kernel.sh made)")
 	fl.SetInterspersed(false)
 	return cmd
 }
 
 func runImage(ctx context.Context, e *env, f *runFlags, ref string, argv []string) error {
 	cfg := e.cfg
-	req := launcher.Request{Name: f.name, CPUs: f.cpus, MemoryMiB: cfg.VM.MemoryMiB, Net: f.net}
+	req := launcher.Request{Name: f.name, CPUs: f.cpus, MemoryMiB: cfg.VM.MemoryMiB, Net: f.net, VMM: f.vmm}
+	if f.kernel != "" {
+		k, err := filepath.Abs(f.kernel)
+		if err != nil {
+			return err
+		}
+		req.Kernel = k
+	}
 	if req.Name == "" {
 		req.Name = "run-" + nonce()
 	}
