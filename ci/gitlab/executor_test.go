@@ -2,6 +2,7 @@ package gitlab_test
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
 	"fmt"
 	"os"
@@ -372,4 +373,217 @@ func TestExecutorOnMicroVMs(t *testing.T) {
 		check(t, "cleanup", j.hook("cleanup"), 0)
 		waitFor(t, "no CI VM left", 30*time.Second, func() bool { return len(a.ciVMs())+len(b.ciVMs()) == 0 })
 	})
+}
+
+// processesUnder lists processes whose command line mentions dir.
+func processesUnder(dir string) []string {
+	var out []string
+	ents, _ := os.ReadDir("/proc")
+	for _, e := range ents {
+		b, err := os.ReadFile(filepath.Join("/proc", e.Name(), "cmdline"))
+		if err != nil || !bytes.Contains(b, []byte(dir+"/")) {
+			continue
+		}
+		if st, err := os.ReadFile(filepath.Join("/proc", e.Name(), "stat")); err == nil && bytes.Contains(st, []byte(") Z ")) {
+			continue
+		}
+		out = append(out, e.Name()+": "+strings.ReplaceAll(string(b), "\x00", " "))
+	}
+	return out
+}
+
+// placement reads the job id prepare recorded on the runner machine.
+func (f *fixture) placement(t *testing.T, id int) (jobID, host string) {
+	t.Helper()
+	matches, _ := filepath.Glob(filepath.Join(filepath.Dir(f.runner), "runner-state", "ci", fmt.Sprintf("gl*-%d.json", id)))
+	if len(matches) != 1 {
+		t.Fatalf("job %d: %d state files", id, len(matches))
+	}
+	b, err := os.ReadFile(matches[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	var st struct {
+		Job  string `json:"job"`
+		Host string `json:"host"`
+	}
+	if err := json.Unmarshal(b, &st); err != nil {
+		t.Fatal(err)
+	}
+	return st.Job, st.Host
+}
+
+// TestPoolOnMicroVMs: two hosts drain 20 queued jobs with none lost or run twice while a NATS
+// node dies; then a host dies mid-job: only its jobs fail (as system failures), and it leaves no
+// VM, process or file behind.
+func TestPoolOnMicroVMs(t *testing.T) {
+	f := newFixture(t)
+	a := f.start("vk-a")
+	f.start("vk-b")
+
+	t.Run("drain 20 jobs, lose a NATS node", func(t *testing.T) {
+		var wg sync.WaitGroup
+		var mu sync.Mutex
+		done := 0
+		perHost := map[string]int{}
+		errs := make(chan string, 60)
+		killed := make(chan struct{})
+		for i := range 20 {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				j := f.job(200+i, nil)
+				r := j.hook("prepare")
+				if r.code != 0 {
+					errs <- fmt.Sprintf("job %d prepare: %d %s %s", j.id, r.code, r.stdout, r.stderr)
+					return
+				}
+				for _, h := range []string{"vk-a", "vk-b"} {
+					if strings.Contains(r.stdout, "host "+h+" ") {
+						mu.Lock()
+						perHost[h]++
+						mu.Unlock()
+					}
+				}
+				r = j.run("build_script", "echo ran-$CI_JOB_ID-once\n")
+				if r.code != 0 || strings.Count(r.stdout, fmt.Sprintf("ran-%d-once", j.id)) != 1 {
+					errs <- fmt.Sprintf("job %d run: %d %q %s", j.id, r.code, r.stdout, r.stderr)
+				}
+				if r := j.hook("cleanup"); r.code != 0 {
+					errs <- fmt.Sprintf("job %d cleanup: %d", j.id, r.code)
+				}
+				mu.Lock()
+				done++
+				if done == 6 {
+					close(killed)
+				}
+				mu.Unlock()
+			}()
+		}
+		go func() {
+			select {
+			case <-killed:
+				t.Log("killing NATS node n1")
+				f.cluster.Kill(0)
+			case <-time.After(10 * time.Minute):
+			}
+		}()
+		wg.Wait()
+		close(errs)
+		for e := range errs {
+			t.Error(e)
+		}
+		t.Logf("jobs per host: %v", perHost)
+		if perHost["vk-a"] == 0 || perHost["vk-b"] == 0 || perHost["vk-a"]+perHost["vk-b"] != 20 {
+			t.Errorf("jobs per host %v: want all 20 placed, on both hosts", perHost)
+		}
+	})
+
+	t.Run("a host dies mid-job", func(t *testing.T) {
+		type running struct {
+			j        *job
+			cmd      *exec.Cmd
+			out, err *bytes.Buffer
+			host     string
+		}
+		var rs []*running
+		for i := range 4 {
+			j := f.job(300+i, nil)
+			check(t, "prepare", j.hook("prepare"), 0)
+			_, h := f.placement(t, j.id)
+			cmd, out, errb := j.start("run", j.script("build_script", "echo started; sleep 45; echo finished\n"), "build_script")
+			rs = append(rs, &running{j: j, cmd: cmd, out: out, err: errb, host: h})
+		}
+		for _, r := range rs {
+			waitFor(t, "stages to start", 2*time.Minute, func() bool { return strings.Contains(snapshot(r.out), "started") })
+		}
+		t.Log("killing host vk-a")
+		a.kill()
+		onA := 0
+		var deadJobs []string
+		for _, r := range rs {
+			if r.host == "vk-a" {
+				id, _ := f.placement(t, r.j.id)
+				deadJobs = append(deadJobs, id)
+			}
+		}
+		for _, r := range rs {
+			res := wait(r.cmd, r.out, r.err)
+			if r.host == "vk-a" {
+				onA++
+				check(t, fmt.Sprintf("job %d on the dead host", r.j.id), res, systemFailure)
+			} else {
+				check(t, fmt.Sprintf("job %d on the live host", r.j.id), res, 0, "finished")
+			}
+			check(t, "cleanup", r.j.hook("cleanup"), 0)
+		}
+		if onA == 0 || onA == 4 {
+			t.Fatalf("%d of 4 jobs on vk-a; the test needs both hosts busy", onA)
+		}
+		// Their work items come back after the ack wait; they are failed as system failures, never
+		// started again.
+		c := connect(t, f.cluster.URL())
+		for _, id := range deadJobs {
+			waitFor(t, "job "+id+" failed as a system failure", 3*time.Minute, func() bool {
+				evs := events(t, c, id)
+				started, system := 0, false
+				for _, ev := range evs {
+					switch e := ev.(type) {
+					case *broker.JobStarted:
+						started++
+					case *broker.JobFailed:
+						system = system || e.System
+					}
+				}
+				if started > 1 {
+					t.Fatalf("job %s started %d times", id, started)
+				}
+				return system
+			})
+		}
+		// The dead host's VMs died with it (parent-death signal).
+		waitFor(t, "no process of the dead host", 30*time.Second, func() bool { return len(processesUnder(a.state)) == 0 })
+		// Restarted, it reconciles its leftover VM folders away.
+		f.start("vk-a")
+		waitFor(t, "no VM folder left on vk-a", 60*time.Second, func() bool { return len(a.ciVMs()) == 0 })
+		if p := processesUnder(a.state + "/ci"); len(p) != 0 {
+			t.Fatalf("processes left: %v", p)
+		}
+	})
+}
+
+func connect(t *testing.T, url string) *broker.Client {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+	defer cancel()
+	c, err := broker.Connect(ctx, broker.Config{URL: url, Host: "test"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(c.Close)
+	return c
+}
+
+// events reads job id's events so far.
+func events(t *testing.T, c *broker.Client, id string) []broker.Event {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	var mu sync.Mutex
+	var out []broker.Event
+	sub, err := c.Subscribe(ctx, broker.SubscribeOptions{Filters: []string{broker.EventFilter("job", id, "")}},
+		func(_ context.Context, _ *broker.Envelope, ev broker.Event) error {
+			mu.Lock()
+			out = append(out, ev)
+			mu.Unlock()
+			return nil
+		})
+	if err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(500 * time.Millisecond)
+	sub.Stop()
+	mu.Lock()
+	defer mu.Unlock()
+	return out
 }
