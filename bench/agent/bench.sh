@@ -31,6 +31,11 @@ go test -run '^$' -bench 'SSHTrue$' -benchtime "$(( n / 10 + 5 ))x" ./bench/agen
 go test -run '^$' -bench 'Stdout$' -benchtime 3x ./bench/agent/ | tee "$tmp/tput.txt"
 sed -i "\|^${keyline}\$|d" /root/.ssh/authorized_keys
 
+# Optional: the same in a QEMU microVM over hybrid vsock (VM=1; slow under TCG).
+if [ "${VM:-0}" = 1 ]; then
+  go test -run '^$' -bench 'VM' -benchtime 10x -timeout 60m ./bench/agent/ | tee "$tmp/vm.txt"
+fi
+
 # Summary with ratios against the agent.
 awk '
   /^Benchmark.*True/ { name=$1; sub(/^Benchmark/,"",name); sub(/-[0-9]+$/,"",name);
@@ -49,5 +54,14 @@ awk '
     n=split("Stdout SSHStdout NsenterStdout", order, " ")
     for (k=1;k<=n;k++) { x=order[k]; if (x in mb) printf "  %-14s %8.0f   %6.2fx the agent\n", x, mb[x], mb[x]/mb["Stdout"] }
   }' "$tmp/tput.txt"
+if [ -s "$tmp/vm.txt" ] 2>/dev/null; then
+  awk '
+    /^BenchmarkVMExecTrue/ { for (i=1;i<=NF;i++) { if ($(i)=="p50-µs") p50=$(i-1); if ($(i)=="p99-µs") p99=$(i-1) } }
+    /^BenchmarkVM(Stdout|GuestPipe)/ { name=$1; sub(/-[0-9]+$/,"",name); for (i=1;i<=NF;i++) if ($(i)=="MB/s") mb[name]=$(i-1) }
+    END {
+      printf "\nin a microVM over hybrid vsock:\n  exec true p50 / p99: %d / %d µs\n", p50, p99
+      printf "  stdout %.2f MB/s vs an in-guest pipe %.2f MB/s (%.2fx)\n", mb["BenchmarkVMStdout"], mb["BenchmarkVMGuestPipe"], mb["BenchmarkVMStdout"]/mb["BenchmarkVMGuestPipe"]
+    }' "$tmp/vm.txt"
+fi
 CGO_ENABLED=0 go build -trimpath -ldflags "-s -w -buildid=" -o "$tmp/virtkit-agent" ./cmd/virtkit-agent
 printf "\nagent binary (stripped, static): %.2f MiB\n" "$(echo "$(stat -c %s "$tmp/virtkit-agent") / 1048576" | bc -l)"
