@@ -2,27 +2,30 @@
 # Compare virtkit's switch with gvproxy, slirp4netns and pasta side by side (iperf3, TCP, 1 and 4
 # streams, guest→host and host→guest, MTU 1500 and 65520) and print throughput and CPU ratios.
 #
-#   sudo ./bench/switch/run.sh            # VK_BENCH_SECONDS=10 by default
+#   sudo ./bench/switch/run.sh   # VK_BENCH_SECONDS=5 per iperf3 run, VK_BENCH_ROUNDS=3 sweeps (medians)
 #
 # Needs root, iperf3, slirp4netns, passt (pasta) and gvproxy v0.8.9 (installed here if missing).
 set -eu
 cd "$(dirname "$0")/../.."
-: "${VK_BENCH_SECONDS:=10}"
+: "${VK_BENCH_SECONDS:=5}"
+: "${VK_BENCH_ROUNDS:=3}"
 export VK_BENCH_SECONDS
 if ! command -v gvproxy >/dev/null 2>&1 && [ ! -x "${HOME}/go/bin/gvproxy" ]; then
 	go install github.com/containers/gvisor-tap-vsock/cmd/gvproxy@v0.8.9
 fi
 out=$(mktemp)
 trap 'rm -f "$out"' EXIT
-go test -run '^$' -bench BenchmarkIperf -benchtime 1x -timeout 60m ./bench/switch/ | tee "$out"
+go test -run '^$' -bench BenchmarkIperf -benchtime 1x -count "$VK_BENCH_ROUNDS" -timeout 120m ./bench/switch/ | tee "$out"
 python3 - "$out" <<'PY'
-import re, sys
-rows = {}
+import re, statistics, sys
+samples = {}
 for line in open(sys.argv[1]):
-    m = re.match(r'BenchmarkIperf/mtu=(\d+)/net=(\S+?)/dir=(\w+)/streams=(\d+)-\d+\s+\d+\s+\d+ ns/op\s+([\d.]+) Gbit/s\s+([\d.]+) cpu-s/GB', line)
+    m = re.match(r'BenchmarkIperf/mtu=(\d+)/dir=(\w+)/streams=(\d+)/net=(\S+?)-\d+\s+\d+\s+\d+ ns/op\s+([\d.]+) Gbit/s\s+([\d.]+) cpu-s/GB', line)
     if m:
-        mtu, net, d, s, g, c = m.groups()
-        rows[(int(mtu), d, int(s), net)] = (float(g), float(c))
+        mtu, d, s, net, g, c = m.groups()
+        samples.setdefault((int(mtu), d, int(s), net), []).append((float(g), float(c)))
+rows = {k: (statistics.median(g for g, _ in v), statistics.median(c for _, c in v)) for k, v in samples.items()}
+print("\nmedians of %d rounds" % max(len(v) for v in samples.values()))
 nets = ["virtkit", "virtkit-nooffload", "gvproxy", "slirp4netns", "pasta"]
 peers = ["gvproxy", "slirp4netns", "pasta"]
 print()
