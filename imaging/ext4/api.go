@@ -188,8 +188,7 @@ func (b *builder) inject(in Inject) error {
 	if err := b.writeData(n, io.TeeReader(f, b.sum), st.Size()); err != nil {
 		return fmt.Errorf("inject %s: %w", in.Src, err)
 	}
-	b.put(p, n)
-	return nil
+	return b.put(p, n)
 }
 
 // hashInject mirrors inject's contribution to the identity hash.

@@ -142,11 +142,15 @@ func (b *builder) writeData(n *node, r io.Reader, size int64) error {
 
 // put places n at p and remembers it if it owns data, so the data can be freed when a later
 // entry replaces it.
-func (b *builder) put(p string, n *node) {
-	n = b.t.put(p, n)
+func (b *builder) put(p string, n *node) error {
+	n, err := b.t.put(p, n)
+	if err != nil {
+		return err
+	}
 	if len(n.ext) > 0 {
 		b.data = append(b.data, n)
 	}
+	return nil
 }
 
 // place writes whole blocks of data at logical block lblk of n.

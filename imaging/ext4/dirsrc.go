@@ -114,8 +114,7 @@ func (b *builder) dirEntry(path, p string, links map[[2]uint64]string) error {
 	default:
 		return fmt.Errorf("unsupported file type %o", mode)
 	}
-	b.put(p, n)
-	return nil
+	return b.put(p, n)
 }
 
 // listXattrs reads a file's extended attributes without following symlinks.

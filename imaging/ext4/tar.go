@@ -151,8 +151,7 @@ func (b *builder) tarEntry(t *tar.Reader, h *tar.Header) error {
 	default:
 		return fmt.Errorf("unsupported entry type %q", h.Typeflag)
 	}
-	b.put(p, n)
-	return nil
+	return b.put(p, n)
 }
 
 // tarXattrs collects SCHILY.xattr.* (GNU tar, Docker) and LIBARCHIVE.xattr.* records.

@@ -254,3 +254,41 @@ func TestEveryEntryType(t *testing.T) {
 		t.Errorf("escape left the image")
 	}
 }
+
+// TestSymlinkedParents: entries below a symlink land where the symlink points inside the image,
+// as with a chrooted extractor; nothing replaces the symlink and nothing leaves the root.
+func TestSymlinkedParents(t *testing.T) {
+	ents := []entry{
+		{hdr: tar.Header{Typeflag: tar.TypeDir, Name: "usr/lib/", Mode: 0o755, ModTime: t0}},
+		{hdr: tar.Header{Typeflag: tar.TypeSymlink, Name: "lib", Linkname: "usr/lib", ModTime: t0}},
+		{hdr: tar.Header{Typeflag: tar.TypeReg, Name: "lib/x", Mode: 0o644, ModTime: t0}, data: []byte("x")},
+		{hdr: tar.Header{Typeflag: tar.TypeLink, Name: "lib/hl", Linkname: "lib/x", ModTime: t0}},
+		{hdr: tar.Header{Typeflag: tar.TypeSymlink, Name: "etc", Linkname: "/host/etc", ModTime: t0}},
+		{hdr: tar.Header{Typeflag: tar.TypeReg, Name: "etc/passwd", Mode: 0o644, ModTime: t0}, data: []byte("root")},
+		{hdr: tar.Header{Typeflag: tar.TypeSymlink, Name: "usr/up", Linkname: "../../..", ModTime: t0}},
+		{hdr: tar.Header{Typeflag: tar.TypeReg, Name: "usr/up/z", Mode: 0o644, ModTime: t0}, data: []byte("z")},
+	}
+	img, _ := writeTar(t, mkTar(t, ents), ext4.Options{})
+	st := ext4test.Stat(t, img, "/lib", "/usr/lib/x", "/usr/lib/hl", "/host/etc/passwd", "/z", "/etc")
+	for i, p := range []string{"/lib", "/usr/lib/x", "/usr/lib/hl", "/host/etc/passwd", "/z", "/etc"} {
+		if st[i] == nil {
+			t.Fatalf("%s missing", p)
+		}
+	}
+	if st[0].Type != "symlink" || st[5].Type != "symlink" {
+		t.Errorf("symlinks replaced: /lib %s, /etc %s", st[0].Type, st[5].Type)
+	}
+	if st[1].Ino != st[2].Ino || st[1].Links != 2 {
+		t.Errorf("hard link through a symlinked parent: %d %d links %d", st[1].Ino, st[2].Ino, st[1].Links)
+	}
+	loop := mkTar(t, []entry{
+		{hdr: tar.Header{Typeflag: tar.TypeSymlink, Name: "a", Linkname: "b"}},
+		{hdr: tar.Header{Typeflag: tar.TypeSymlink, Name: "b", Linkname: "a"}},
+		{hdr: tar.Header{Typeflag: tar.TypeReg, Name: "a/x"}},
+	})
+	dir := t.TempDir()
+	if _, err := ext4.WriteTar(context.Background(), bytes.NewReader(loop), filepath.Join(dir, "o.ext4"), ext4.Options{}); err == nil || !strings.Contains(err.Error(), "symbolic links") {
+		t.Fatalf("symlink loop: %v", err)
+	}
+	assertNoOutput(t, dir)
+}

@@ -119,74 +119,120 @@ func cleanPath(name string) (string, error) {
 	return p, nil
 }
 
-// dirFor returns the directory that holds p (clean, not root), creating missing parents and
-// replacing non-directories in the way, as an extractor does.
-func (t *tree) dirFor(p string) (*node, string) {
-	dir := t.root
-	for {
-		i := strings.IndexByte(p, '/')
-		if i < 0 {
-			return dir, p
-		}
-		c := p[:i]
-		p = p[i+1:]
-		k := dir.kids[c]
-		if k == nil || !k.isDir() {
-			k = newDir(0o755)
-			dir.kids[c] = k
-		}
-		dir = k
+// dirFor returns the directory that holds p (clean, not root) and the last component. Parents
+// are resolved inside the image like a chroot: a symlink in the path is followed (absolute targets
+// start at the image root, ".." stops there), missing directories are created and a
+// non-directory in the way is replaced, as an extractor does.
+func (t *tree) dirFor(p string) (*node, string, error) {
+	i := strings.LastIndexByte(p, '/')
+	if i < 0 {
+		return t.root, p, nil
 	}
+	d, err := t.resolve(p[:i], true)
+	return d, p[i+1:], err
 }
 
-// lookup finds p without creating anything.
-func (t *tree) lookup(p string) *node {
+// resolve walks dir (a path inside the image) to a directory node, following symlinks. With
+// create it makes what is missing; without, it returns nil for a path that does not exist.
+func (t *tree) resolve(dir string, create bool) (*node, error) {
+	comps := strings.Split(dir, "/")
+	cur := t.root
+	var up []*node
+	links := 0
+	for len(comps) > 0 {
+		c := comps[0]
+		comps = comps[1:]
+		switch c {
+		case "", ".":
+			continue
+		case "..":
+			if len(up) > 0 {
+				cur, up = up[len(up)-1], up[:len(up)-1]
+			}
+			continue
+		}
+		k := cur.kids[c]
+		switch {
+		case k == nil:
+			if !create {
+				return nil, nil
+			}
+			k = newDir(0o755)
+			cur.kids[c] = k
+		case k.mode&sIFMT == sIFLNK:
+			if links++; links > 40 {
+				return nil, fmt.Errorf("path %q: too many levels of symbolic links", dir)
+			}
+			if strings.HasPrefix(k.target, "/") {
+				cur, up = t.root, nil
+			}
+			comps = append(strings.Split(k.target, "/"), comps...)
+			continue
+		case !k.isDir():
+			if !create {
+				return nil, nil
+			}
+			k = newDir(0o755)
+			cur.kids[c] = k
+		}
+		up = append(up, cur)
+		cur = k
+	}
+	return cur, nil
+}
+
+// lookup finds p (clean) without creating anything; parents may be symlinks.
+func (t *tree) lookup(p string) (*node, error) {
 	if p == "" {
-		return t.root
+		return t.root, nil
 	}
-	n := t.root
-	for _, c := range strings.Split(p, "/") {
-		if n.kids == nil {
-			return nil
+	dir, name := t.root, p
+	if i := strings.LastIndexByte(p, '/'); i >= 0 {
+		d, err := t.resolve(p[:i], false)
+		if d == nil || err != nil {
+			return nil, err
 		}
-		n = n.kids[c]
-		if n == nil {
-			return nil
-		}
+		dir, name = d, p[i+1:]
 	}
-	return n
+	return dir.kids[name], nil
 }
 
 // put places n at p. A directory over an existing directory keeps the children and takes the new
 // metadata; anything else replaces what was there. It returns the node now at p.
-func (t *tree) put(p string, n *node) *node {
+func (t *tree) put(p string, n *node) (*node, error) {
 	if p == "" {
 		if !n.isDir() {
-			return t.root // the root stays a directory
+			return t.root, nil // the root stays a directory
 		}
 		n.kids = t.root.kids
 		*t.root = *n
-		return t.root
+		return t.root, nil
 	}
 	if ph := t.pending[p]; ph != nil && !n.isDir() {
 		delete(t.pending, p)
 		*ph = *n
 		n = ph
 	}
-	dir, name := t.dirFor(p)
+	dir, name, err := t.dirFor(p)
+	if err != nil {
+		return nil, err
+	}
 	if old := dir.kids[name]; old != nil && old.isDir() && n.isDir() {
 		kids := old.kids
 		*old = *n
 		old.kids = kids
-		return old
+		return old, nil
 	}
 	dir.kids[name] = n
-	return n
+	return n, nil
 }
 
 // link makes p another name for target (a hard link); target may arrive later.
 func (t *tree) link(p, target string) error {
-	n := t.lookup(target)
+	n, err := t.lookup(target)
+	if err != nil {
+		return err
+	}
 	if n == nil {
 		n = t.pending[target]
 		if n == nil {
@@ -200,7 +246,10 @@ func (t *tree) link(p, target string) error {
 	if p == "" {
 		return fmt.Errorf("hard link over the root directory")
 	}
-	dir, name := t.dirFor(p)
+	dir, name, err := t.dirFor(p)
+	if err != nil {
+		return err
+	}
 	dir.kids[name] = n
 	return nil
 }
