@@ -91,6 +91,11 @@ func Run(opt Options) (code int) {
 	if err := in.do(earlyMounts); err != nil {
 		in.log("%v", err)
 	}
+	consoleStdio()
+	if machineInit() {
+		// Ctrl-Alt-Del becomes SIGINT to us (an orderly shutdown) instead of an instant reboot.
+		_ = unix.Reboot(unix.LINUX_REBOOT_CMD_CAD_OFF)
+	}
 	in.mark("early-mounts")
 	in.self, _ = os.Executable()
 	if err := in.loadConfig(); err != nil {
@@ -394,4 +399,24 @@ func (in *Init) reportExit(code int) {
 	}
 	// The console always gets it too: it is the channel of last resort.
 	fmt.Fprint(in.console, line)
+}
+
+// consoleStdio gives init stdin/stdout/stderr on /dev/console when the kernel could not (a root
+// without /dev/console and no devtmpfs automount): a PID 1 that cannot print is undebuggable.
+func consoleStdio() {
+	if _, err := unix.FcntlInt(2, unix.F_GETFD, 0); err == nil {
+		return
+	}
+	fd, err := unix.Open("/dev/console", unix.O_RDWR|unix.O_NOCTTY, 0)
+	if err != nil {
+		return
+	}
+	for i := 0; i < 3; i++ {
+		if i != fd {
+			_ = unix.Dup3(fd, i, 0)
+		}
+	}
+	if fd > 2 {
+		unix.Close(fd)
+	}
 }
