@@ -89,6 +89,9 @@ type VMConfig struct {
 	InitArgs  []string // after "--" on the kernel command line
 	MemoryMiB int      // default 256
 	Devices   []string // extra QEMU arguments (vhost-user chardevs and devices)
+	// Machine is "microvm" (default, virtio-mmio: use vhost-user-*-device) or "q35" (PCI: use
+	// vhost-user-*-pci).
+	Machine string
 }
 
 // Boot starts QEMU (microvm, TCG unless KVM works, shared memfd memory as vhost-user needs) and
@@ -104,9 +107,16 @@ func Boot(t testing.TB, c VMConfig) *VM {
 	dir := t.TempDir()
 	mem := strconv.Itoa(c.MemoryMiB) + "M"
 	vm := &VM{Console: filepath.Join(dir, "console.log"), done: make(chan error, 1)}
-	cmdline := "console=ttyS0 reboot=t panic=-1 pci=off quiet rdinit=/init"
-	if khz := hostKHz(); khz > 0 {
-		cmdline += " tsc_early_khz=" + strconv.Itoa(khz)
+	q35 := c.Machine == "q35"
+	cmdline := "console=ttyS0 reboot=t panic=-1 quiet rdinit=/init"
+	machine := []string{"-M", "microvm,memory-backend=mem,rtc=on", "-global", "virtio-mmio.force-legacy=false"}
+	if q35 {
+		machine = []string{"-M", "q35,memory-backend=mem"}
+	} else {
+		cmdline += " pci=off"
+		if khz := hostKHz(); khz > 0 {
+			cmdline += " tsc_early_khz=" + strconv.Itoa(khz)
+		}
 	}
 	if len(c.InitArgs) > 0 {
 		cmdline += " -- " + strings.Join(c.InitArgs, " ")
@@ -115,10 +125,11 @@ func Boot(t testing.TB, c VMConfig) *VM {
 		"-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
 		"-accel", "tcg", "-smp", "1", "-m", mem,
 		"-object", "memory-backend-memfd,id=mem,size=" + mem + ",share=on",
-		"-M", "microvm,memory-backend=mem,rtc=on", "-global", "virtio-mmio.force-legacy=false",
+	}, machine...)
+	args = append(append(args,
 		"-kernel", kernel, "-append", cmdline, "-initrd", c.Initramfs,
-		"-chardev", "file,id=con,path=" + vm.Console, "-serial", "chardev:con",
-	}, c.Devices...)
+		"-chardev", "file,id=con,path="+vm.Console, "-serial", "chardev:con",
+	), c.Devices...)
 	vm.cmd = exec.Command(qemu, args...)
 	var stderr strings.Builder
 	vm.cmd.Stdout, vm.cmd.Stderr = &stderr, &stderr

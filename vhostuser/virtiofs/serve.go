@@ -7,7 +7,6 @@ import (
 	"log"
 	"net"
 	"os"
-	"sync"
 	"syscall"
 	"time"
 
@@ -121,7 +120,6 @@ type Server struct {
 	cancel context.CancelFunc
 	done   chan struct{}
 	err    error
-	once   sync.Once
 }
 
 // Serve starts serving cfg.SharedDir on cfg.Socket (or cfg.Listener) in this process, without a

@@ -30,6 +30,9 @@ type guest struct {
 	rsts      int // RSTs received for unknown connections
 	// raw, when set, receives every packet instead of the stack (hostile tests).
 	raw chan packet
+	// replies are the stack's own answers (RESPONSE, RST, CREDIT_UPDATE), sent before anything
+	// the applications queued later, as a kernel would.
+	replies []packet
 }
 
 type packet struct {
@@ -121,6 +124,10 @@ func (g *guest) loop() {
 	fill:
 		for len(freeTx) > 0 {
 			var p packet
+			g.mu.Lock()
+			backlog = append(backlog, g.replies...)
+			g.replies = nil
+			g.mu.Unlock()
 			if len(backlog) > 0 {
 				p, backlog = backlog[0], backlog[1:]
 			} else {
@@ -206,7 +213,8 @@ func (g *guest) handle(p packet) {
 			hh.FwdCnt = c.fwdCnt
 			c.reported = c.fwdCnt
 		}
-		go g.send(hh, nil)
+		hh.SrcCID, hh.DstCID, hh.Type = g.cid, hostCID, typeStream
+		g.replies = append(g.replies, packet{h: hh})
 	}
 	switch h.Op {
 	case opRequest:

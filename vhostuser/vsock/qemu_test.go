@@ -15,15 +15,25 @@ import (
 	"github.com/virtkit/virtkit/vhostuser/vhostusertest"
 )
 
-// QEMUArgs are the arguments that attach this backend to a QEMU microvm guest (q35: use
-// vhost-user-vsock-pci). Guest memory must be a shared memfd backend.
-func qemuArgs(socket string) []string {
-	return []string{"-chardev", "socket,id=vsock0,path=" + socket, "-device", "vhost-user-vsock-device,chardev=vsock0"}
+// qemuArgs are the arguments that attach this backend to a QEMU guest: vhost-user-vsock-device
+// on microvm (virtio-mmio), vhost-user-vsock-pci on q35. Guest memory must be a shared memfd.
+func qemuArgs(socket, machine string) []string {
+	dev := "vhost-user-vsock-device"
+	if machine == "q35" {
+		dev = "vhost-user-vsock-pci"
+	}
+	return []string{"-chardev", "socket,id=vsock0,path=" + socket, "-device", dev + ",chardev=vsock0"}
 }
 
-// TestQEMUGuest boots a real kernel under QEMU with the backend as its vsock device and moves
-// streams both ways through the guest's AF_VSOCK sockets.
+// TestQEMUGuest boots a real kernel under QEMU (microvm and q35) with the backend as its vsock
+// device and moves streams both ways through the guest's AF_VSOCK sockets.
 func TestQEMUGuest(t *testing.T) {
+	for _, m := range []string{"microvm", "q35"} {
+		t.Run(m, func(t *testing.T) { testQEMUGuest(t, m) })
+	}
+}
+
+func testQEMUGuest(t *testing.T, machine string) {
 	initrd := vhostusertest.Initramfs(t, vhostusertest.GuestProg(t))
 	dir := t.TempDir()
 	cfg := Config{Socket: filepath.Join(dir, "vsock.vhost"), UDS: filepath.Join(dir, "vm.vsock"), CID: 3, Logger: testLogger(t)}
@@ -57,7 +67,7 @@ func TestQEMUGuest(t *testing.T) {
 		g2h <- err
 	}()
 
-	vm := vhostusertest.Boot(t, vhostusertest.VMConfig{Initramfs: initrd, InitArgs: []string{"vsock"}, Devices: qemuArgs(cfg.Socket)})
+	vm := vhostusertest.Boot(t, vhostusertest.VMConfig{Initramfs: initrd, InitArgs: []string{"vsock"}, Devices: qemuArgs(cfg.Socket, machine), Machine: machine})
 	if err := vm.WaitConsole("GUESTPROG listening", 60*time.Second); err != nil {
 		t.Fatal(err)
 	}
@@ -98,7 +108,11 @@ func TestQEMUGuest(t *testing.T) {
 	// Ask the guest to power off.
 	sc, err := hostDial(t, cfg.UDS, 1099)
 	if err != nil {
-		t.Fatal(err)
+		t.Fatalf("%v\n%s", err, vm.Output())
+	}
+	bye := make([]byte, 4)
+	if _, err := io.ReadFull(sc, bye); err != nil || string(bye) != "bye\n" {
+		t.Fatalf("guest goodbye: %q %v", bye, err)
 	}
 	sc.Close()
 	if err := vm.Wait(60 * time.Second); err != nil {

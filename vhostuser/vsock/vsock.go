@@ -181,8 +181,11 @@ type conn struct {
 	state connState
 	// hostInitiated: the host connected through the UDS and we sent REQUEST.
 	hostInitiated bool
-	established   chan struct{} // closed when state leaves connecting
-	cond          *sync.Cond    // wakes this conn's reader and writer (uses Device.mu)
+	// accepted: the guest answered RESPONSE. handshaking: hostConnect has not written "OK" yet,
+	// so a close must leave the unix socket to it (the host still gets OK, then EOF).
+	accepted, handshaking bool
+	established           chan struct{} // closed when state leaves connecting
+	cond                  *sync.Cond    // wakes this conn's reader and writer (uses Device.mu)
 
 	// guest → host
 	wbuf      [][]byte // payloads waiting to be written to uds
@@ -318,6 +321,7 @@ func (d *Device) Stop(index int) {
 
 // Reset implements vhostuser.Device: every connection is dropped.
 func (d *Device) Reset() {
+	d.log.Debug().Msg("vsock: device reset: dropping every connection")
 	d.mu.Lock()
 	for _, c := range d.conns {
 		d.closeLocked(c, false)
@@ -336,7 +340,7 @@ func (d *Device) closeLocked(c *conn, rst bool) {
 	}
 	c.state = stateClosed
 	delete(d.conns, c.key)
-	if c.uds != nil {
+	if c.uds != nil && !c.handshaking {
 		c.uds.Close()
 	}
 	c.pending, c.wbuf = nil, nil
@@ -419,6 +423,7 @@ func (d *Device) hostConnect(ctx context.Context, uc *net.UnixConn) {
 	}
 	local := d.allocPortLocked(port)
 	c := d.newConnLocked(connKey{local: local, peer: port}, uc, true)
+	c.handshaking = true
 	c.pending = early
 	c.wantRequest = true
 	d.queueCtrlLocked(c)
@@ -432,19 +437,27 @@ func (d *Device) hostConnect(ctx context.Context, uc *net.UnixConn) {
 	case <-ctx.Done():
 	}
 	d.mu.Lock()
-	if c.state != stateEstablished {
+	if !c.accepted {
 		d.log.Debug().Uint32("port", port).Msg("vsock: guest refused or ignored host connection")
+		c.handshaking = false
 		d.closeLocked(c, c.state == stateConnecting)
 		d.mu.Unlock()
+		uc.Close()
 		return
 	}
 	d.mu.Unlock()
-	if _, err := fmt.Fprintf(uc, "OK %d\n", local); err != nil {
-		d.mu.Lock()
-		d.closeLocked(c, true)
+	_, err = fmt.Fprintf(uc, "OK %d\n", local)
+	d.mu.Lock()
+	c.handshaking = false
+	if err != nil || c.state != stateEstablished {
+		// The guest accepted and already closed (or the host went away): the host saw OK and
+		// now sees EOF.
+		d.closeLocked(c, err != nil)
 		d.mu.Unlock()
+		uc.Close()
 		return
 	}
+	d.mu.Unlock()
 	d.run(c)
 }
 
@@ -656,31 +669,38 @@ func (d *Device) txLoop(r *runner) {
 	defer close(r.done)
 	q := r.q
 	hdr := make([]byte, hdrSize)
-	for {
-		q.DisableNotify()
+	// drain handles every packet the guest has made available; it reports false once the
+	// queue is broken.
+	drain := func() bool {
 		for {
-			select {
-			case <-r.stop:
-				return
-			default:
-			}
 			ch, err := q.Pop()
 			if err != nil {
 				d.log.Error().Err(err).Msg("vsock: TX queue stopped")
-				<-r.stop
-				return
+				return false
 			}
 			if ch == nil {
-				break
+				return true
 			}
 			d.handleTX(ch, hdr)
 			q.Push(ch.Head, 0)
 		}
+	}
+	for {
+		q.DisableNotify()
+		ok := drain()
 		q.Notify()
+		if !ok {
+			<-r.stop
+			return
+		}
 		if q.EnableNotify() {
 			continue
 		}
 		if err := q.WaitKick(); err != nil {
+			// The ring is being stopped (a guest powering off, a VMM pausing): packets the guest
+			// queued last (its RESPONSE and SHUTDOWN to a final request) still count.
+			drain()
+			q.Notify()
 			<-r.stop
 			return
 		}
@@ -706,6 +726,7 @@ func (d *Device) handleTX(ch *vhostuser.Chain, hb []byte) {
 		d.log.Debug().Uint64("src", h.SrcCID).Uint64("dst", h.DstCID).Msg("vsock: TX packet with foreign CIDs dropped")
 		return
 	}
+	d.log.Trace().Str("op", opName(h.Op)).Uint32("src", h.SrcPort).Uint32("dst", h.DstPort).Uint32("len", h.Len).Msg("vsock: guest packet")
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	key := connKey{local: h.DstPort, peer: h.SrcPort}
@@ -742,6 +763,7 @@ func (d *Device) handleTX(ch *vhostuser.Chain, hb []byte) {
 	case opResponse:
 		if c.hostInitiated && c.state == stateConnecting {
 			c.state = stateEstablished
+			c.accepted = true
 			close(c.established)
 			return
 		}

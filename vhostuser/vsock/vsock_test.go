@@ -40,7 +40,6 @@ const testCID = 7
 
 type rig struct {
 	b   *Backend
-	dir string
 	uds string
 	f   *vhostusertest.Frontend
 	g   *guest
@@ -464,4 +463,28 @@ func TestFrontendReconnect(t *testing.T) {
 		hc.Close()
 	}
 	_ = b
+}
+
+// TestGuestAcceptsAndClosesAtOnce: a guest that accepts and closes before the backend has
+// written "OK" still gives the host OK followed by EOF, not a refusal (Cloud Hypervisor's
+// behaviour; agents that answer one request and close rely on it).
+func TestGuestAcceptsAndClosesAtOnce(t *testing.T) {
+	r := newRig(t, 0, nil)
+	l := r.g.listen(1099)
+	go func() {
+		for c := range l {
+			go c.Close()
+		}
+	}()
+	for i := 0; i < 20; i++ {
+		c, err := hostDial(t, r.uds, 1099)
+		if err != nil {
+			t.Fatalf("round %d: %v", i, err)
+		}
+		c.SetReadDeadline(time.Now().Add(5 * time.Second))
+		if b, err := io.ReadAll(c); err != nil || len(b) != 0 {
+			t.Fatalf("round %d: read %q %v, want EOF", i, b, err)
+		}
+		c.Close()
+	}
 }

@@ -88,14 +88,11 @@ func serveVsock() error {
 	if err != nil {
 		return err
 	}
+	// Say goodbye and wait for the host to hang up: powering off right after accept could
+	// lose the kernel's RESPONSE still queued for the device.
+	c.Write([]byte("bye\n"))
+	io.Copy(io.Discard, c)
 	c.Close()
-	return nil
-}
-
-func check(err error, what string) error {
-	if err != nil {
-		return fmt.Errorf("%s: %w", what, err)
-	}
 	return nil
 }
 
