@@ -16,7 +16,7 @@ fixtures="${VIRTKIT_FIXTURES:-${XDG_CACHE_HOME:-$HOME/.cache}/virtkit/fixtures}"
 mkdir -p "$VK_BENCH_DIR/bin"
 W="$VK_BENCH_DIR"
 
-go build -trimpath -o "$W/bin/virtkit" ./cmd/virtkit
+go build -trimpath -o "$W/bin/mkext" ./bench/ext4/mkext   # imaging/ext4 alone, as `virtkit mkext-tar` runs it
 go build -trimpath -o "$W/bin/gentar" ./bench/ext4/gentar
 if [ ! -x "$W/bin/tar2ext4" ]; then
 	( mkdir -p "$W/t2e" && cd "$W/t2e" && { [ -f go.mod ] || go mod init x >/dev/null 2>&1; } &&
@@ -64,12 +64,12 @@ size_of() { stat -c %s "$1"; }
 for c in large rootfs; do
 	if [ $c = large ]; then in="$W/large-$VK_BENCH_LARGE.tar"; tree="$W/large-tree-$VK_BENCH_LARGE"; else in="$W/rootfs.tar"; tree="$W/rootfs-tree"; fi
 	bytes=$(size_of "$in")
-	"$W/bin/virtkit" mkext-tar "$in" "$W/probe.img" > /dev/null
+	"$W/bin/mkext" -tar "$in" -o "$W/probe.img" > /dev/null
 	img=$(size_of "$W/probe.img"); rm -f "$W/probe.img"
-	measure $c virtkit "$bytes" "$W/bin/virtkit" mkext-tar "$in" "$W/out.img"
-	measure $c virtkit-nojournal "$bytes" "$W/bin/virtkit" mkext-tar --no-journal "$in" "$W/out.img"
+	measure $c virtkit "$bytes" "$W/bin/mkext" -tar "$in" -o "$W/out.img"
+	measure $c virtkit-nojournal "$bytes" "$W/bin/mkext" -no-journal -tar "$in" -o "$W/out.img"
 	measure $c tar2ext4 "$bytes" "$W/bin/tar2ext4" -i "$in" -o "$W/out.img"
-	measure $c virtkit-dir "$bytes" "$W/bin/virtkit" mkext "$tree" "$W/out.img"
+	measure $c virtkit-dir "$bytes" "$W/bin/mkext" -dir "$tree" -o "$W/out.img"
 	measure $c mke2fs-d "$bytes" mke2fs -q -F -t ext4 -d "$tree" "$W/out.img" "$((img / 1024))k"
 done
 

@@ -37,7 +37,7 @@ func newBuilder(ctx context.Context, f *os.File, opts Options) (*builder, error)
 		w:    newCombiner(f),
 		t:    newTree(),
 		sum:  newIdentity(opts),
-		buf:  make([]byte, 4<<20),
+		buf:  make([]byte, 1<<20),
 		zero: make([]byte, blockSize),
 		a:    &allocator{gdtRes: autoGDTBlocks},
 		dry:  f == nil,

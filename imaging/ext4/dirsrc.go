@@ -58,7 +58,7 @@ func (b *builder) dirEntry(path, p string, links map[[2]uint64]string) error {
 		mtime: toTimespec(time.Unix(st.Mtim.Sec, st.Mtim.Nsec)),
 		ctime: toTimespec(time.Unix(st.Ctim.Sec, st.Ctim.Nsec)),
 	}
-	n.atime, n.crtim = n.mtime, n.mtime
+	n.atime = n.mtime
 	xs, err := listXattrs(path)
 	if err != nil {
 		return err

@@ -30,7 +30,7 @@ func (b *builder) encodeInode(d []byte, n *node, ino, seed uint32) {
 	putTime(d, 8, 140, n.atime)
 	putTime(d, 12, 132, n.ctime)
 	putTime(d, 16, 136, n.mtime)
-	putTime(d, 144, 148, n.crtim)
+	putTime(d, 144, 148, n.mtime) // creation time: archives do not carry one
 	le.PutUint16(d[26:], uint16(n.nlink))
 	var blocks uint64
 	for _, e := range n.ext {

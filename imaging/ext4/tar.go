@@ -100,7 +100,7 @@ func (b *builder) tarEntry(t *tar.Reader, h *tar.Header) error {
 		gid:   uint32(h.Gid),
 		mtime: toTimespec(h.ModTime),
 	}
-	n.atime, n.ctime, n.crtim = n.mtime, n.mtime, n.mtime
+	n.atime, n.ctime = n.mtime, n.mtime
 	if !h.AccessTime.IsZero() {
 		n.atime = toTimespec(h.AccessTime)
 	}

@@ -42,16 +42,16 @@ type xattr struct {
 // node is one inode of the tree being built. Several directory entries may point at the same
 // node (hard links).
 type node struct {
-	mode                       uint16
-	uid, gid                   uint32
-	atime, mtime, ctime, crtim timespec
-	size                       uint64
-	ext                        []extent
-	xattrs                     []xattr
-	target                     string // symlink target
-	major, minor               uint32
-	kids                       map[string]*node // directories
-	placeholder                bool             // hard link seen before its target
+	mode                uint16
+	uid, gid            uint32
+	atime, mtime, ctime timespec
+	size                uint64
+	ext                 []extent
+	xattrs              []xattr
+	target              string // symlink target
+	major, minor        uint32
+	kids                map[string]*node // directories
+	placeholder         bool             // hard link seen before its target
 
 	// Assigned while finishing.
 	ino    uint32
