@@ -488,3 +488,35 @@ func TestGuestAcceptsAndClosesAtOnce(t *testing.T) {
 		c.Close()
 	}
 }
+
+// TestDataRightAfterConnect: bytes the host pipelines behind its CONNECT line reach the guest.
+func TestDataRightAfterConnect(t *testing.T) {
+	r := newRig(t, 0, nil)
+	l := r.g.listen(1024)
+	c, err := net.Dial("unix", r.uds)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.Write([]byte("CONNECT 1024\nearly bytes"))
+	gc := <-l
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	line := make([]byte, 0, 32)
+	b := make([]byte, 1)
+	for {
+		if _, err := c.Read(b); err != nil {
+			t.Fatalf("OK line: %v", err)
+		}
+		if b[0] == '\n' {
+			break
+		}
+		line = append(line, b[0])
+	}
+	if !bytes.HasPrefix(line, []byte("OK ")) {
+		t.Fatalf("reply %q", line)
+	}
+	got := make([]byte, len("early bytes"))
+	if _, err := io.ReadFull(gc, got); err != nil || string(got) != "early bytes" {
+		t.Fatalf("guest read %q %v", got, err)
+	}
+}
