@@ -2,6 +2,7 @@ package ext4
 
 import (
 	"errors"
+	"math/bits"
 	"sort"
 )
 
@@ -115,19 +116,17 @@ func (a *allocator) usedBitmap(bm []byte, g, blocks, gdtBlocks uint64, fi *int) 
 	clear(bm)
 	gs := g * blocksPerGroup
 	ge := min(gs+blocksPerGroup, blocks)
-	set := func(from, to uint64) { // [from,to) absolute
-		for b := from; b < to; b++ {
-			i := b - gs
-			bm[i/8] |= 1 << (i % 8)
-		}
-	}
+	// Bit ranges relative to the group start.
+	set := func(from, to uint64) { setBits(bm, from-gs, to-gs, true) }
 	unset := func(from, to uint64) {
-		for b := max(from, gs); b < min(to, ge); b++ {
-			i := b - gs
-			bm[i/8] &^= 1 << (i % 8)
+		from, to = max(from, gs), min(to, ge)
+		if from < to {
+			setBits(bm, from-gs, to-gs, false)
 		}
 	}
-	set(gs, min(ge, a.next))
+	if a.next > gs {
+		set(gs, min(ge, a.next))
+	}
 	if h := a.header(g); h > 0 {
 		set(gs, gs+1+gdtBlocks)
 		unset(gs+1+gdtBlocks, gs+h)
@@ -139,16 +138,43 @@ func (a *allocator) usedBitmap(bm []byte, g, blocks, gdtBlocks uint64, fi *int) 
 		unset(a.freed[i].start, a.freed[i].start+a.freed[i].len)
 	}
 	var used uint64
-	for b := uint64(0); b < ge-gs; b++ {
+	for _, b := range bm[:(ge-gs)/8] {
+		used += uint64(bits.OnesCount8(b))
+	}
+	for b := (ge - gs) &^ 7; b < ge-gs; b++ {
 		if bm[b/8]&(1<<(b%8)) != 0 {
 			used++
 		}
 	}
 	// Blocks past the end of the image are marked in use.
-	for b := ge - gs; b < blocksPerGroup; b++ {
-		bm[b/8] |= 1 << (b % 8)
-	}
+	setBits(bm, ge-gs, blocksPerGroup, true)
 	return used
+}
+
+// setBits sets or clears bits [from, to) of bm.
+func setBits(bm []byte, from, to uint64, on bool) {
+	for from < to && from%8 != 0 {
+		setBit(bm, from, on)
+		from++
+	}
+	for ; from+8 <= to; from += 8 {
+		if on {
+			bm[from/8] = 0xff
+		} else {
+			bm[from/8] = 0
+		}
+	}
+	for ; from < to; from++ {
+		setBit(bm, from, on)
+	}
+}
+
+func setBit(bm []byte, i uint64, on bool) {
+	if on {
+		bm[i/8] |= 1 << (i % 8)
+	} else {
+		bm[i/8] &^= 1 << (i % 8)
+	}
 }
 
 func (a *allocator) sortFreed() {

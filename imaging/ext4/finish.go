@@ -397,8 +397,11 @@ func (b *builder) plan(inodes uint64) (geometry, error) {
 		if size == 0 {
 			size = groups * blocksPerGroup
 		}
-		want := wantInodes(size)
+		want := min(wantInodes(size), 1<<32-1)
 		g.ipg = ((want+groups-1)/groups + 15) &^ 15
+		for g.ipg*groups > 1<<32-1 {
+			g.ipg -= 16
+		}
 		if g.ipg > blocksPerGroup {
 			if b.a.limit != 0 {
 				if inodes+16 > groups*blocksPerGroup {
