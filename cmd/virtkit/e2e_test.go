@@ -432,3 +432,22 @@ func (s *syncBuffer) Write(p []byte) (int, error) {
 	return s.b.Write(p)
 }
 func (s *syncBuffer) String() string { s.mu.Lock(); defer s.mu.Unlock(); return s.b.String() }
+
+func TestRunSharesFolders(t *testing.T) {
+	v := newVK(t)
+	img := testImage(t)
+	rw, ro := t.TempDir(), t.TempDir()
+	os.WriteFile(filepath.Join(rw, "from-host"), []byte("host data\n"), 0o644)
+	os.WriteFile(filepath.Join(ro, "keep"), []byte("keep\n"), 0o644)
+	out, errOut, code := v.run("run", "--net", "none", "-v", rw+":/src", "-v", ro+":/ro:ro", img, "--", "sh", "-c",
+		`cat /src/from-host && echo guest data > /src/from-guest && mkdir -p /src/d/e && mv /src/from-guest /src/d/e/moved && cat /ro/keep && ! touch /ro/nope 2>/dev/null && echo ro-refused`)
+	if code != 0 || out != "host data\nkeep\nro-refused\n" {
+		t.Fatalf("shares: exit %d, stdout %q, stderr %s", code, out, errOut)
+	}
+	if b, err := os.ReadFile(filepath.Join(rw, "d", "e", "moved")); err != nil || string(b) != "guest data\n" {
+		t.Fatalf("the guest's write is not on the host: %q, %v", b, err)
+	}
+	if _, err := os.Stat(filepath.Join(ro, "nope")); err == nil {
+		t.Fatal("a read-only share was written")
+	}
+}
