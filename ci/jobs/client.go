@@ -38,7 +38,8 @@ func Submit(ctx context.Context, c *broker.Client, spec Spec) (*Placement, error
 	if _, err := c.Publish(ctx, &broker.JobQueued{Job: spec.ID, Image: spec.Image, Origin: spec.Origin}); err != nil {
 		return nil, fmt.Errorf("jobs: submit %s: %w", spec.ID, err)
 	}
-	if _, err := c.Submit(ctx, broker.WorkCIJob, spec.ID, spec); err != nil {
+	ack, err := c.Submit(ctx, broker.WorkCIJob, spec.ID, spec)
+	if err != nil {
 		return nil, fmt.Errorf("jobs: submit %s: %w", spec.ID, err)
 	}
 	for {
@@ -54,6 +55,7 @@ func Submit(ctx context.Context, c *broker.Client, spec Spec) (*Placement, error
 				return nil, &Failure{System: true, Msg: "canceled: " + e.Reason}
 			}
 		case <-ctx.Done():
+			abandon(c, spec.ID, ack.Sequence)
 			return nil, fmt.Errorf("jobs: job %s: waiting for a host to start it: %w", spec.ID, ctx.Err())
 		}
 	}
@@ -221,4 +223,18 @@ func Cleanup(ctx context.Context, c *broker.Client, p *Placement, failed bool, e
 		return fmt.Errorf("jobs: cleanup %s on %s: %s", p.Job, p.Host, rep.Error)
 	}
 	return nil
+}
+
+// abandon takes back a job whose submitter gave up: the queued item is deleted if no host took it
+// yet, and the host that did take it is told to drop it.
+func abandon(c *broker.Client, id string, seq uint64) {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if st, err := c.JetStream().Stream(ctx, broker.WorkStream); err == nil {
+		st.DeleteMsg(ctx, seq) // fails harmlessly when a host took it already
+	}
+	b, _ := json.Marshal(CleanupRequest{Job: id})
+	c.Conn().Publish(CancelSubject, b)
+	c.Conn().FlushWithContext(ctx)
+	c.Publish(ctx, &broker.JobCanceled{Job: id, Reason: "abandoned by the runner (prepare ended before the VM was ready)"})
 }

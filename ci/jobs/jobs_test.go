@@ -22,6 +22,7 @@ import (
 	"github.com/virtkit/virtkit/ci/jobs"
 	"github.com/virtkit/virtkit/ci/jobs/jobstest"
 	"github.com/virtkit/virtkit/cmd/cmdtest"
+	"github.com/virtkit/virtkit/workers/launcher"
 )
 
 // tinyImage writes a root filesystem tar with one file and returns its tar: reference.
@@ -424,5 +425,63 @@ func TestAllowList(t *testing.T) {
 	}
 	if err := (jobs.AllowList{}).Check("debian"); err == nil {
 		t.Error("an empty allow-list allowed an image")
+	}
+}
+
+// slowMachines boots after a delay, to catch a job mid-boot.
+type slowMachines struct {
+	*jobstest.AgentMachines
+	delay time.Duration
+}
+
+func (m slowMachines) Boot(ctx context.Context, req launcher.Request) (jobs.Machine, error) {
+	select {
+	case <-time.After(m.delay):
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+	return m.AgentMachines.Boot(ctx, req)
+}
+
+// TestAbandonedJobs: a prepare that gives up (killed, timed out) takes its job back, whether a
+// host is booting it or it still waits in the queue.
+func TestAbandonedJobs(t *testing.T) {
+	p := newPool(t, broker.SchemaOptions{})
+	p.runner("h1", 1, func(c *jobs.Config) { c.Machines = slowMachines{p.m, 3 * time.Second} })
+	ctx := ctxT(t, time.Minute)
+
+	// Booting: the host aborts it.
+	sctx, cancel := context.WithTimeout(ctx, time.Second)
+	_, err := jobs.Submit(sctx, p.c, jobs.Spec{ID: "gone-booting", Image: p.img})
+	cancel()
+	if !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("submit: %v", err)
+	}
+	// The slot is free again soon: the next job boots (after the 3 s delay) and nothing else is.
+	pl, err := jobs.Submit(ctx, p.c, jobs.Spec{ID: "next", Image: p.img})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if p.m.Boots() != 1 || p.m.Live() != 1 {
+		t.Fatalf("%d boots, %d live; want only the next job's VM", p.m.Boots(), p.m.Live())
+	}
+	// Queued behind it: deleted from the queue, never booted.
+	sctx, cancel = context.WithTimeout(ctx, time.Second)
+	_, err = jobs.Submit(sctx, p.c, jobs.Spec{ID: "gone-queued", Image: p.img})
+	cancel()
+	if !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("submit: %v", err)
+	}
+	if err := jobs.Cleanup(ctx, p.c, pl, false, 0); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(5 * time.Second)
+	if p.m.Boots() != 1 || p.m.Live() != 0 {
+		t.Fatalf("%d boots, %d live after the queued job was abandoned", p.m.Boots(), p.m.Live())
+	}
+	for _, id := range []string{"gone-booting", "gone-queued"} {
+		if got := types(jobEvents(t, p.c, id)); !strings.HasSuffix(got, "job.canceled") || strings.Contains(got, "job.started") {
+			t.Errorf("%s events %s", id, got)
+		}
 	}
 }

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -97,13 +98,17 @@ func (r *Runner) Run(ctx context.Context) error {
 			s.Unsubscribe()
 		}
 	}()
-	for kind, h := range map[string]func(*nats.Msg){"exec": r.onExec, "cleanup": r.onCleanup} {
-		s, err := nc.Subscribe(ControlSubject(r.host, kind), func(m *nats.Msg) {
+	for subj, h := range map[string]func(*nats.Msg){
+		ControlSubject(r.host, "exec"):    r.onExec,
+		ControlSubject(r.host, "cleanup"): r.onCleanup,
+		CancelSubject:                     r.onCancel,
+	} {
+		s, err := nc.Subscribe(subj, func(m *nats.Msg) {
 			r.wg.Add(1)
 			go func() { defer r.wg.Done(); h(m) }()
 		})
 		if err != nil {
-			return fmt.Errorf("jobs: subscribe %s: %w", kind, err)
+			return fmt.Errorf("jobs: subscribe %s: %w", subj, err)
 		}
 		subs = append(subs, s)
 	}
@@ -137,7 +142,12 @@ type job struct {
 	cleanup  chan cleanupAsk
 	// gone is closed once the job is torn down.
 	gone chan struct{}
-	log  zerolog.Logger
+	// ready is set (under Runner.mu) once the job VM answers and job.started is out.
+	ready bool
+	// abort cancels the job's context; aborted says the runner abandoned it while it booted.
+	abort   context.CancelFunc
+	aborted atomic.Bool
+	log     zerolog.Logger
 
 	mu    sync.Mutex
 	execs map[string]*client.Session
@@ -186,7 +196,12 @@ func (r *Runner) handle(ctx context.Context, w *broker.Work) error {
 	}
 	jctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
-	j, err := r.boot(jctx, spec, log)
+	j, err := r.boot(jctx, spec, log, cancel)
+	if err != nil && j != nil && j.aborted.Load() {
+		log.Info().Msg("job abandoned by its runner while booting")
+		r.publish(ctx, &broker.JobCanceled{Job: spec.ID, Reason: "abandoned by the runner before its VM was ready"})
+		return nil
+	}
 	if err != nil {
 		var f *Failure
 		system := !errors.As(err, &f) || f.System
@@ -194,6 +209,9 @@ func (r *Runner) handle(ctx context.Context, w *broker.Work) error {
 		r.publish(ctx, &broker.JobFailed{Job: spec.ID, ExitCode: -1, System: system, Error: err.Error()})
 		return nil
 	}
+	r.mu.Lock()
+	j.ready = true
+	r.mu.Unlock()
 	r.publish(ctx, &broker.JobStarted{Job: spec.ID, Host: r.host, VM: spec.ID})
 	log.Info().Str("vm", spec.ID).Dur("timeout", timeout).Msg("job ready")
 
@@ -228,7 +246,8 @@ func (r *Runner) handle(ctx context.Context, w *broker.Work) error {
 
 // boot resolves the images and boots the services and then the job VM, all on the job's LAN.
 // On error nothing is left running.
-func (r *Runner) boot(ctx context.Context, spec Spec, log zerolog.Logger) (_ *job, err error) {
+// It returns the job even on error when the runner abandoned it meanwhile (aborted is set).
+func (r *Runner) boot(ctx context.Context, spec Spec, log zerolog.Logger, abort context.CancelFunc) (_ *job, err error) {
 	cpus, mem := spec.CPUs, spec.MemoryMiB
 	if cpus == 0 {
 		cpus = r.cfg.CPUs
@@ -239,7 +258,7 @@ func (r *Runner) boot(ctx context.Context, spec Spec, log zerolog.Logger) (_ *jo
 	if cpus > r.cfg.MaxCPUs || mem > r.cfg.MaxMemoryMiB {
 		return nil, &Failure{Msg: fmt.Sprintf("job asks for %d cpus / %d MiB; this host allows at most %d cpus / %d MiB", cpus, mem, r.cfg.MaxCPUs, r.cfg.MaxMemoryMiB)}
 	}
-	j := &job{spec: spec, lan: "ci-" + spec.ID, cleanup: make(chan cleanupAsk), gone: make(chan struct{}), log: log, execs: map[string]*client.Session{}}
+	j := &job{abort: abort, spec: spec, lan: "ci-" + spec.ID, cleanup: make(chan cleanupAsk), gone: make(chan struct{}), log: log, execs: map[string]*client.Session{}}
 	r.mu.Lock()
 	if _, dup := r.jobs[spec.ID]; dup {
 		r.mu.Unlock()
@@ -254,22 +273,22 @@ func (r *Runner) boot(ctx context.Context, spec Spec, log zerolog.Logger) (_ *jo
 	}()
 	bundle, err := r.cfg.Images.Resolve(ctx, spec.Image)
 	if err != nil {
-		return nil, err
+		return j, err
 	}
 	for i, sv := range spec.Services {
 		sb, err := r.cfg.Images.Resolve(ctx, sv.Image)
 		if err != nil {
-			return nil, err
+			return j, err
 		}
 		name := spec.ID + "-s" + strconv.Itoa(i)
 		m, err := r.cfg.Machines.Boot(ctx, launcher.Request{Name: name, Rootfs: sb.Rootfs, CPUs: 1, MemoryMiB: r.cfg.MemoryMiB, Net: r.cfg.Net, LAN: j.lan})
 		if err != nil {
-			return nil, &Failure{System: true, Msg: fmt.Sprintf("service %s: %v", sv.Image, err)}
+			return j, &Failure{System: true, Msg: fmt.Sprintf("service %s: %v", sv.Image, err)}
 		}
 		s := &service{m: m}
 		j.services = append(j.services, s)
 		if s.ag, err = client.Dial(ctx, m.ExecURL()); err != nil {
-			return nil, &Failure{System: true, Msg: fmt.Sprintf("service %s: %v", sv.Image, err)}
+			return j, &Failure{System: true, Msg: fmt.Sprintf("service %s: %v", sv.Image, err)}
 		}
 		argv := sv.Entrypoint
 		if len(argv) == 0 {
@@ -281,12 +300,12 @@ func (r *Runner) boot(ctx context.Context, spec Spec, log zerolog.Logger) (_ *jo
 		}
 		argv = append(append([]string{}, argv...), cmd...)
 		if len(argv) == 0 {
-			return nil, &Failure{Msg: fmt.Sprintf("service %s has no entrypoint or command", sv.Image)}
+			return j, &Failure{Msg: fmt.Sprintf("service %s has no entrypoint or command", sv.Image)}
 		}
 		env := append(append([]string{}, sb.Image.Env...), sv.Env...)
 		// The service runs as a session for the job's life; its output is not kept.
 		if s.sess, err = s.ag.StartIO(context.WithoutCancel(ctx), client.ExecRequest{Argv: argv, Env: env, Dir: sb.Image.WorkingDir, User: sb.Image.User}, nil, nil); err != nil {
-			return nil, &Failure{System: true, Msg: fmt.Sprintf("service %s: start %v: %v", sv.Image, argv, err)}
+			return j, &Failure{System: true, Msg: fmt.Sprintf("service %s: start %v: %v", sv.Image, argv, err)}
 		}
 		if ip := m.IP(); ip != "" {
 			for _, a := range sv.Aliases {
@@ -296,11 +315,11 @@ func (r *Runner) boot(ctx context.Context, spec Spec, log zerolog.Logger) (_ *jo
 	}
 	m, err := r.cfg.Machines.Boot(ctx, launcher.Request{Name: spec.ID, Rootfs: bundle.Rootfs, CPUs: cpus, MemoryMiB: mem, Net: r.cfg.Net, LAN: j.lan})
 	if err != nil {
-		return nil, &Failure{System: true, Msg: fmt.Sprintf("boot job VM: %v", err)}
+		return j, &Failure{System: true, Msg: fmt.Sprintf("boot job VM: %v", err)}
 	}
 	j.vm = m
 	if j.agent, err = client.Dial(ctx, m.ExecURL()); err != nil {
-		return nil, &Failure{System: true, Msg: fmt.Sprintf("job VM agent: %v", err)}
+		return j, &Failure{System: true, Msg: fmt.Sprintf("job VM agent: %v", err)}
 	}
 	return j, nil
 }
@@ -352,10 +371,36 @@ func (r *Runner) lookup(id string) *job {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	j := r.jobs[id]
-	if j == nil || j.vm == nil {
+	if j == nil || !j.ready {
 		return nil
 	}
 	return j
+}
+
+// onCancel handles a runner abandoning a job (prepare killed or timed out): a job still booting
+// is aborted, a ready one cleaned up.
+func (r *Runner) onCancel(m *nats.Msg) {
+	var req CleanupRequest
+	if json.Unmarshal(m.Data, &req) != nil {
+		return
+	}
+	r.mu.Lock()
+	j := r.jobs[req.Job]
+	ready := j != nil && j.ready
+	r.mu.Unlock()
+	switch {
+	case j == nil:
+	case !ready:
+		j.aborted.Store(true)
+		j.abort()
+	default:
+		ask := cleanupAsk{req: CleanupRequest{Job: req.Job, Failed: true, ExitCode: -1}, done: make(chan struct{})}
+		select {
+		case j.cleanup <- ask:
+			<-ask.done
+		case <-j.gone:
+		}
+	}
 }
 
 func respond(m *nats.Msg, rep Reply) {

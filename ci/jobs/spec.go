@@ -156,3 +156,7 @@ func (f *Failure) Unwrap() error {
 	}
 	return ErrJob
 }
+
+// CancelSubject is where a runner that abandons a job (its prepare hook was killed or timed out)
+// says so to every host, with a CleanupRequest body: the host that has the job drops it.
+const CancelSubject = "vk.ci.cancel"
