@@ -1,6 +1,7 @@
 package oci
 
 import (
+	"archive/tar"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
@@ -16,7 +17,9 @@ import (
 	"github.com/google/go-containerregistry/pkg/name"
 	"github.com/google/go-containerregistry/pkg/v1/remote"
 
+	"github.com/virtkit/virtkit/imaging/blobcache"
 	"github.com/virtkit/virtkit/imaging/ext4"
+	"github.com/virtkit/virtkit/imaging/rootfs"
 	"github.com/virtkit/virtkit/imaging/store"
 )
 
@@ -43,6 +46,9 @@ type ConvertOptions struct {
 	Free int64
 	// NoJournal leaves out the ext4 journal (the base image is mounted read-only anyway).
 	NoJournal bool
+	// TwoPass makes single-layer images go through the two-pass flattener too (tests compare the
+	// paths); by default a single layer is streamed into the writer in one pass (rootfs.Stream).
+	TwoPass bool
 }
 
 // ErrNotPresent is returned (wrapped) under pull policy "never" for an image this host has not got.
@@ -124,10 +130,6 @@ func build(ctx context.Context, im *image, cfg *store.ImageConfig, dir string, o
 		return err
 	}
 	defer done()
-	layers, err := im.prepare(ctx, o, c)
-	if err != nil {
-		return err
-	}
 	cfgJSON, err := store.MarshalImageConfig(cfg)
 	if err != nil {
 		return err
@@ -135,6 +137,13 @@ func build(ctx context.Context, im *image, cfg *store.ImageConfig, dir string, o
 	cfgFile := filepath.Join(dir, "image.json")
 	if err := os.WriteFile(cfgFile, cfgJSON, 0o644); err != nil {
 		return fmt.Errorf("oci: %w", err)
+	}
+	if len(im.layers) == 1 && !opts.TwoPass {
+		return buildStream(ctx, im, cfgJSON, dir, opts, c)
+	}
+	layers, err := im.prepare(ctx, o, c)
+	if err != nil {
+		return err
 	}
 	tree, err := im.merge(o, layers)
 	if err != nil {
@@ -275,4 +284,140 @@ func inode(fi os.FileInfo) uint64 {
 		return st.Ino
 	}
 	return 0
+}
+
+// buildStream converts a single-layer image in one pass: the layer is read once (while it
+// downloads, when it is not cached yet), flattened by rootfs.Stream and piped into the ext4 writer,
+// with the agent and image.json appended to the stream where their paths resolve in the image.
+// The blob and its TOC are cached as in the two-pass path; a digest mismatch found at the end of
+// the stream fails the build, so nothing unverified is published.
+func buildStream(ctx context.Context, im *image, cfgJSON []byte, dir string, opts *ConvertOptions, c *blobcache.Cache) error {
+	o := &opts.Options
+	ld := im.layers[0]
+	agent, err := os.ReadFile(opts.Agent)
+	if err != nil {
+		return fmt.Errorf("oci: agent: %w", err)
+	}
+	pr, pw := io.Pipe()
+	produce := func(r io.Reader) error {
+		tw := tar.NewWriter(pw)
+		l := rootfs.Layer{Digest: ld.digest, DiffID: ld.diffID}
+		toc, tree, err := rootfs.Stream(ctx, r, l, tw, rootfs.Options{Limits: o.Limits})
+		if err != nil {
+			return fmt.Errorf("oci: %s: %w", im.src, err)
+		}
+		if ld.remote || ld.toc == nil {
+			if err := c.PutTOC(toc); err != nil {
+				o.Log.Warn().Err(err).Msg("layer cache: keep toc")
+			}
+		}
+		for _, f := range []struct {
+			path string
+			data []byte
+			mode int64
+		}{{AgentPath, agent, 0o755}, {ImageConfigPath, cfgJSON, 0o644}} {
+			dst, err := tree.Resolve(f.path)
+			if err != nil {
+				return fmt.Errorf("oci: %w", err)
+			}
+			h := &tar.Header{Name: dst, Typeflag: tar.TypeReg, Mode: f.mode, Size: int64(len(f.data)), ModTime: time.Unix(0, 0)}
+			if err := tw.WriteHeader(h); err != nil {
+				return fmt.Errorf("oci: inject %s: %w", f.path, err)
+			}
+			if _, err := tw.Write(f.data); err != nil {
+				return fmt.Errorf("oci: inject %s: %w", f.path, err)
+			}
+		}
+		return tw.Close()
+	}
+	flat := make(chan error, 1)
+	go func() {
+		err := streamLayer(ctx, im, o, c, produce)
+		pw.CloseWithError(err)
+		flat <- err
+	}()
+	res, werr := ext4.WriteTar(ctx, pr, filepath.Join(dir, "rootfs.ext4"), ext4.Options{Size: opts.Size, Free: opts.Free, NoJournal: opts.NoJournal})
+	pr.CloseWithError(errors.New("ext4 writer stopped reading"))
+	if ferr := <-flat; ferr != nil {
+		return ferr
+	}
+	if werr != nil {
+		return fmt.Errorf("oci: %s: write ext4: %w", im.src, werr)
+	}
+	o.progress(Event{Phase: "done", Layers: 1})
+	if err := os.WriteFile(filepath.Join(dir, store.UUIDName), []byte(res.UUID+"\n"), 0o644); err != nil {
+		return fmt.Errorf("oci: %w", err)
+	}
+	return nil
+}
+
+// streamLayer gives produce the single layer's blob: straight from the download (teed into the
+// cache) when it is not cached, else from the cache or the local source.
+func streamLayer(ctx context.Context, im *image, o *Options, c *blobcache.Cache, produce func(io.Reader) error) error {
+	ld := im.layers[0]
+	progress := func(n int64) { o.progress(Event{Phase: "fetch", Layer: 0, Layers: 1, Bytes: n, Total: ld.size}) }
+	if ld.remote {
+		var res chan error
+		open := func(ctx context.Context) (io.ReadCloser, error) {
+			rc, err := ld.open(ctx)
+			if err != nil {
+				return nil, err
+			}
+			r, w := io.Pipe()
+			res = make(chan error, 1)
+			go func() {
+				err := produce(r)
+				r.CloseWithError(errors.New("layer consumer stopped"))
+				res <- err
+			}()
+			return &teeCloser{r: io.TeeReader(rc, w), rc: rc, pw: w}, nil
+		}
+		_, err := c.Fetch(ctx, ld.digest, ld.size, open, progress)
+		if res != nil {
+			if perr := <-res; perr != nil {
+				// The consumer's error is the cause (a download error reaches it through the pipe).
+				if err == nil && ctx.Err() == nil && !c.Verify(ld.digest) {
+					c.Evict(ld.digest)
+				}
+				return perr
+			}
+		}
+		if err != nil {
+			return fmt.Errorf("oci: %s: layer 0: %w", im.src, err)
+		}
+		if res != nil {
+			return nil // streamed while downloading
+		}
+		f, err := c.Open(ld.digest)
+		if err != nil {
+			return fmt.Errorf("oci: %s: layer 0: %w", im.src, err)
+		}
+		defer f.Close()
+		if err := produce(&progressReader{r: f, fn: progress}); err != nil {
+			if ctx.Err() == nil && !c.Verify(ld.digest) {
+				c.Evict(ld.digest)
+			}
+			return err
+		}
+		return nil
+	}
+	rc, err := ld.open(ctx)
+	if err != nil {
+		return fmt.Errorf("oci: %s: layer 0: %w", im.src, err)
+	}
+	defer rc.Close()
+	return produce(&progressReader{r: rc, fn: progress})
+}
+
+type progressReader struct {
+	r  io.Reader
+	n  int64
+	fn func(int64)
+}
+
+func (p *progressReader) Read(b []byte) (int, error) {
+	n, err := p.r.Read(b)
+	p.n += int64(n)
+	p.fn(p.n)
+	return n, err
 }

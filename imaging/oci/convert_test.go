@@ -1,11 +1,13 @@
 package oci_test
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
 	"io"
 	"log"
+	"maps"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -305,6 +307,122 @@ func TestConvertDebianMatchesUmoci(t *testing.T) {
 	}
 	got := imagetest.ReadDir(t, rdump(t, b.Rootfs))
 	// Debian is usrmerged: /sbin is a symlink that must survive, the agent lands behind it.
+	if got["sbin"].Link != "usr/sbin" || got["usr/sbin/virtkit-agent"].Mode != 0o755 {
+		t.Errorf("sbin %v, usr/sbin/virtkit-agent %v", got["sbin"], got["usr/sbin/virtkit-agent"])
+	}
+	for _, p := range []string{"usr/sbin/virtkit-agent", ".virtkit", ".virtkit/image.json", "lost+found"} {
+		delete(got, p)
+	}
+	want := imagetest.ReadDir(t, imagetest.Umoci(t, ref))
+	specialModes(t, b.Rootfs, want, got)
+	compare(t, want, got)
+}
+
+// squash is the tricky image's content in one layer, with the hazards one layer can have:
+// duplicates, a hard link whose target is rewritten, a symlinked parent, implicit parents.
+func squash(t testing.TB) v1.Image {
+	return imagetest.Image(t, v1.Config{Cmd: []string{"/bin/sh"}}, imagetest.Tar(t,
+		dir("usr"), dir("usr/sbin"), sym("sbin", "usr/sbin"), reg("sbin/init", "init"),
+		dir("bin"), reg("bin/busybox", "bb"), hard("bin/sh", "bin/busybox"), reg("bin/busybox", "bb2"),
+		reg("etc/passwd", "one"), reg("etc/passwd", "two"), dir("q"), reg("q/x", "x"), reg("q", "file"),
+		F{Name: "bin/su", Body: "su", Mode: 0o4755}, F{Name: "tmp/", Type: '5', Mode: 0o1777},
+		F{Name: "dev/null", Type: '3', Mode: 0o666}, wh("etc/ignored")))
+}
+
+// Single-layer images take the one-pass path; the result is the same as the two-pass path and
+// as umoci's, with the agent behind the /sbin symlink.
+func TestConvertSingleLayer(t *testing.T) {
+	cmdtest.RequireRoot(t)
+	host := imagetest.Registry(t)
+	ref := host + "/squash:1"
+	imagetest.Push(t, ref, squash(t))
+	want := imagetest.ReadDir(t, imagetest.Umoci(t, ref))
+	for _, twoPass := range []bool{false, true} {
+		o := convertOptions(t)
+		o.TwoPass = twoPass
+		b, err := oci.Convert(context.Background(), ref, o)
+		if err != nil {
+			t.Fatal(err)
+		}
+		got := imagetest.ReadDir(t, rdump(t, b.Rootfs))
+		if got["sbin"].Link != "usr/sbin" || got["usr/sbin/virtkit-agent"].Mode != 0o755 || got[".virtkit/image.json"].Size == 0 {
+			t.Errorf("two-pass %v: sbin %v, agent %v", twoPass, got["sbin"], got["usr/sbin/virtkit-agent"])
+		}
+		for _, p := range []string{"usr/sbin/virtkit-agent", ".virtkit", ".virtkit/image.json", "lost+found"} {
+			delete(got, p)
+		}
+		w := maps.Clone(want)
+		specialModes(t, b.Rootfs, w, got)
+		compare(t, w, got)
+		// The layer and its TOC are cached: a conversion with other options reads no registry blob.
+		if !twoPass {
+			ents, _ := os.ReadDir(filepath.Join(o.CacheDir, "sha256"))
+			var tocs int
+			for _, e := range ents {
+				if strings.HasSuffix(e.Name(), ".toc") {
+					tocs++
+				}
+			}
+			if tocs != 1 {
+				t.Errorf("%d TOCs cached after a streamed conversion", tocs)
+			}
+		}
+	}
+}
+
+// A tampered single-layer blob fails the streamed conversion and is not cached.
+func TestConvertSingleLayerTampered(t *testing.T) {
+	img := imagetest.Image(t, v1.Config{}, imagetest.Tar(t, reg("a", strings.Repeat("a", 50000))))
+	layers, _ := img.Layers()
+	victim, _ := layers[0].Digest()
+	reg := newEvilRegistry(t)
+	ref := reg.host + "/v:1"
+	imagetest.Push(t, ref, img)
+	o := convertOptions(t)
+	for _, tamper := range []func([]byte) []byte{
+		func(b []byte) []byte { return b[:len(b)-10] },
+		func(b []byte) []byte { c := bytes.Clone(b); c[len(c)/2] ^= 1; return c },
+	} {
+		reg.set(func(d string, b []byte) []byte {
+			if d == victim.String() {
+				return tamper(b)
+			}
+			return b
+		})
+		if _, err := oci.Convert(context.Background(), ref, o); err == nil {
+			t.Fatal("tampered layer converted")
+		}
+		if c := cached(t, o.CacheDir); len(c) != 0 {
+			t.Fatalf("cache holds %v", c)
+		}
+		if st, _ := store.Open(o.Store); st != nil {
+			if l, _ := st.List(); len(l) != 0 {
+				t.Fatalf("bundles after a failure: %v", l)
+			}
+		}
+	}
+	reg.clear()
+	if _, err := oci.Convert(context.Background(), ref, o); err != nil {
+		t.Fatalf("after the registry healed: %v", err)
+	}
+}
+
+// The one-pass path on a real distribution: a single-layer Debian.
+func TestConvertDebianSingleLayerMatchesUmoci(t *testing.T) {
+	imagetest.Heavy(t)
+	cmdtest.RequireRoot(t)
+	base, err := os.ReadFile(imagetest.DebianRootfs(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	host := imagetest.Registry(t)
+	ref := host + "/debian:single"
+	imagetest.Push(t, ref, imagetest.Image(t, v1.Config{Cmd: []string{"/bin/bash"}}, base))
+	b, err := oci.Convert(context.Background(), ref, convertOptions(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := imagetest.ReadDir(t, rdump(t, b.Rootfs))
 	if got["sbin"].Link != "usr/sbin" || got["usr/sbin/virtkit-agent"].Mode != 0o755 {
 		t.Errorf("sbin %v, usr/sbin/virtkit-agent %v", got["sbin"], got["usr/sbin/virtkit-agent"])
 	}

@@ -224,58 +224,67 @@ func subtreeSize(n *node) int {
 }
 
 func (t *tree) add(layer, index int, e *Entry, parts []string) error {
+	_, _, err := t.place(layer, index, e, parts)
+	return err
+}
+
+// place adds one entry and returns the node now holding it (nil when the entry changes nothing)
+// and, for a hard link, the node it links to.
+func (t *tree) place(layer, index int, e *Entry, parts []string) (placed, target *node, err error) {
 	if len(parts) == 0 {
 		if e.Type != tar.TypeDir {
-			return errors.New("the root entry is not a directory")
+			return nil, nil, errors.New("the root entry is not a directory")
 		}
 		t.root.dir = e
-		return nil
+		return t.root, nil, nil
 	}
 	base := parts[len(parts)-1]
 	if strings.HasPrefix(base, whPrefix) || t.under(parts[:len(parts)-1]) {
-		return nil
+		return nil, nil, nil
 	}
 	dir, err := t.lookup(parts[:len(parts)-1], true, true)
 	if err != nil {
-		return err
+		return nil, nil, err
 	}
 	if !dir.isDir() {
-		return fmt.Errorf("parent %s is not a directory", dir.path())
+		return nil, nil, fmt.Errorf("parent %s is not a directory", dir.path())
 	}
 	old := dir.kids[base]
 	switch e.Type {
 	case tar.TypeDir:
 		if old != nil && old.isDir() {
 			old.dir = e
-			return nil
+			return old, nil, nil
 		}
 		n := &node{parent: dir, name: base, kids: map[string]*node{}, dir: e}
-		return t.replace(dir, old, n)
+		return n, nil, t.replace(dir, old, n)
 	case tar.TypeLink:
 		tparts, err := cleanName(e.Linkname)
 		if err != nil {
-			return fmt.Errorf("hard link target %q: %w", e.Linkname, err)
+			return nil, nil, fmt.Errorf("hard link target %q: %w", e.Linkname, err)
 		}
 		target, err := t.lookup(tparts, false, false)
 		if err != nil {
-			return fmt.Errorf("hard link target %q: %w", e.Linkname, err)
+			return nil, nil, fmt.Errorf("hard link target %q: %w", e.Linkname, err)
 		}
 		if target == nil {
-			return fmt.Errorf("hard link target %q does not exist", e.Linkname)
+			return nil, nil, fmt.Errorf("hard link target %q does not exist", e.Linkname)
 		}
 		if target.isDir() {
-			return fmt.Errorf("hard link target %q is a directory", e.Linkname)
+			return nil, nil, fmt.Errorf("hard link target %q is a directory", e.Linkname)
 		}
 		if target == old {
-			return nil
+			return nil, nil, nil
 		}
-		return t.replace(dir, old, &node{parent: dir, name: base, ino: target.ino})
+		n := &node{parent: dir, name: base, ino: target.ino}
+		return n, target, t.replace(dir, old, n)
 	case tar.TypeReg, tar.TypeSymlink, tar.TypeChar, tar.TypeBlock, tar.TypeFifo:
 		ino := &inode{layer: layer, index: index, ent: e}
 		t.sources[[2]int{layer, index}] = ino
-		return t.replace(dir, old, &node{parent: dir, name: base, ino: ino})
+		n := &node{parent: dir, name: base, ino: ino}
+		return n, nil, t.replace(dir, old, n)
 	default:
-		return fmt.Errorf("unsupported tar entry type %q", e.Type)
+		return nil, nil, fmt.Errorf("unsupported tar entry type %q", e.Type)
 	}
 }
 
