@@ -83,6 +83,7 @@ func init() {
 			port, replicas                         int
 			heartbeat                              time.Duration
 			workerList                             string
+			rebuild                                bool
 		)
 		cmd := &cobra.Command{
 			Use:   "serve",
@@ -113,7 +114,7 @@ clients (virtkit status, run, …) find it. SIGTERM or SIGINT drains the workers
 				if err != nil {
 					return err
 				}
-				return serve(cmd.Context(), e, replicas, heartbeat, want)
+				return serve(cmd.Context(), e, serveOpts{replicas: replicas, heartbeat: heartbeat, want: want, rebuild: rebuild})
 			},
 		}
 		f := cmd.Flags()
@@ -125,13 +126,21 @@ clients (virtkit status, run, …) find it. SIGTERM or SIGINT drains the workers
 		f.IntVar(&port, "port", 0, "port of the embedded server on 127.0.0.1 (default: nats.port, else a free port)")
 		f.IntVar(&replicas, "replicas", 1, "stream and bucket replicas (3 on a NATS cluster)")
 		f.DurationVar(&heartbeat, "heartbeat", 5*time.Second, "host heartbeat interval")
+		f.BoolVar(&rebuild, "rebuild-projections", false, "replace the KV state tables with a replay of VIRTKIT_EVENTS before starting")
 		f.StringVar(&workerList, "workers", "all", "workers to run: all, or a comma-separated list (e.g. projector,heartbeat for a broker-only node)")
 		return cmd
 	})
 }
 
-func serve(ctx context.Context, e *env, replicas int, heartbeat time.Duration, want func(string) bool) (err error) {
-	c, log := e.cfg, e.log
+type serveOpts struct {
+	replicas  int
+	heartbeat time.Duration
+	want      func(string) bool
+	rebuild   bool
+}
+
+func serve(ctx context.Context, e *env, o serveOpts) (err error) {
+	c, log, want := e.cfg, e.log, o.want
 	host := broker.HostID(c.Host)
 	if ep, err := broker.ReadEndpoint(c.StateDir); err == nil {
 		// The pid is alive, but after a crash and a reboot it may be someone else's: only a
@@ -187,10 +196,18 @@ func serve(ctx context.Context, e *env, replicas int, heartbeat time.Duration, w
 		}
 	}()
 	pctx, cancel := context.WithTimeout(ctx, 30*time.Second)
-	err = broker.Provision(pctx, client.JetStream(), broker.DefaultSchema(broker.SchemaOptions{Replicas: replicas}))
+	err = broker.Provision(pctx, client.JetStream(), broker.DefaultSchema(broker.SchemaOptions{Replicas: o.replicas}))
 	cancel()
 	if err != nil {
 		return fmt.Errorf("serve: %w", err)
+	}
+	if o.rebuild {
+		st, err := broker.RebuildProjection(ctx, client)
+		if err != nil {
+			return fmt.Errorf("serve: %w", err)
+		}
+		log.Info().Int("vms", len(st.VMs)).Int("images", len(st.Images)).Int("jobs", len(st.Jobs)).Int("hosts", len(st.Hosts)).
+			Msg("rebuilt the state tables from the event log")
 	}
 
 	// The workers.
@@ -200,7 +217,7 @@ func serve(ctx context.Context, e *env, replicas int, heartbeat time.Duration, w
 		sup.Add(broker.NewProjector(client, log))
 	}
 	if want("heartbeat") {
-		sup.Add(workers.NewHeartbeat(client, workers.HeartbeatConfig{Supervisor: sup, Slots: d.Slots, Version: Version, Interval: heartbeat, Log: log}))
+		sup.Add(workers.NewHeartbeat(client, workers.HeartbeatConfig{Supervisor: sup, Slots: d.Slots, Version: Version, Interval: o.heartbeat, Log: log}))
 	}
 	for i, f := range workerFactories {
 		if !want(workerNames[i]) {

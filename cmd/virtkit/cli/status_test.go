@@ -117,6 +117,18 @@ func TestServeStatusStop(t *testing.T) {
 	if code != 3 || !strings.Contains(stderr, "no local daemon") {
 		t.Errorf("status without a daemon: exit %d, %s", code, stderr)
 	}
+
+	// Restarted with --rebuild-projections: the tables are replaced by a replay of the log.
+	d = brokertest.Serve(t, dir, "--rebuild-projections")
+	if r := statusJSON(t, dir); len(r.Hosts) != 1 || r.Hosts[0].ID != "testhost" || len(r.Problems) > 0 {
+		t.Errorf("after a rebuild: hosts %+v, problems %v", r.Hosts, r.Problems)
+	}
+	if err := d.Stop(time.Minute); err != nil {
+		t.Fatal(err)
+	}
+	if log, _ := os.ReadFile(d.Log); !strings.Contains(string(log), "rebuilt the state tables") {
+		t.Error("serve --rebuild-projections did not log the rebuild")
+	}
 }
 
 // serve --nats joins an existing server: it provisions there, and local clients find it through
