@@ -146,6 +146,10 @@ func (c *Cache) Fetch(ctx context.Context, digest string, size int64, open func(
 			return false, fmt.Errorf("blobcache: fetch %s after %d bytes: %w", digest, n, rerr)
 		}
 	}
+	if err := f.Chmod(0o644); err != nil {
+		f.Close()
+		return false, fmt.Errorf("blobcache: write %s: %w", digest, err)
+	}
 	if err := f.Close(); err != nil {
 		return false, fmt.Errorf("blobcache: write %s: %w", digest, err)
 	}

@@ -100,7 +100,7 @@ func convert(ctx context.Context, ref string, opts ConvertOptions) (*store.Bundl
 			o.Log.Debug().Str("image", ref).Str("bundle", b.Fingerprint).Msg("bundle cache hit")
 			return b, false, nil
 		}
-	} else if o.Pull == PullNever {
+	} else if o.Pull == PullNever && src.Transport == Docker {
 		return nil, false, fmt.Errorf("oci: %s: %w", src, ErrNotPresent)
 	}
 	im, err := resolve(ctx, src, o)

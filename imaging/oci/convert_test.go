@@ -20,6 +20,8 @@ import (
 
 	"github.com/google/go-containerregistry/pkg/registry"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"github.com/google/go-containerregistry/pkg/v1/empty"
+	"github.com/google/go-containerregistry/pkg/v1/layout"
 
 	"github.com/virtkit/virtkit/cmd/cmdtest"
 	"github.com/virtkit/virtkit/imaging/imagetest"
@@ -255,6 +257,15 @@ func TestConvertCache(t *testing.T) {
 	oo.Pull = oci.PullNever
 	if _, err := oci.Convert(context.Background(), reg.host+"/other:1", oo); !errors.Is(err, oci.ErrNotPresent) {
 		t.Errorf("pull never, unknown tag: error %v", err)
+	}
+	// ... but local sources are always there to read.
+	lay := filepath.Join(t.TempDir(), "layout")
+	lp, _ := layout.Write(lay, empty.Index)
+	if err := lp.AppendImage(img); err != nil {
+		t.Fatal(err)
+	}
+	if b, err := oci.Convert(context.Background(), "oci:"+lay, oo); err != nil || b.Fingerprint != fps[0] {
+		t.Errorf("pull never, oci layout: %v (same image, so the same bundle: %v)", err, b)
 	}
 
 	// The store lists both bundles and prunes to the most recent one.
