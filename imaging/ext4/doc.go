@@ -13,12 +13,13 @@
 // FormatVersion, and nothing else in the image depends on the clock or the host, so identical
 // input and options give a byte-identical image.
 //
-// Why not a library: go-diskfs and similar write ext4 through a random-access block-device model
-// that needs the whole tree up front and lacks htree, metadata_csum and journal support; hcsshim's
-// compactext4 streams but has no metadata_csum, no htree (directories are linear, so a 100,000-entry
-// directory is slow to look up in the guest) and no content-derived identity. Writing the format
-// here keeps the streaming layout, checksums and determinism under our control; e2fsck -fn in the
-// tests is the arbiter of correctness.
+// Why not a library: go-diskfs builds ext4 through a random-access filesystem API over a
+// device (create, seek, write) rather than streaming a tar in one pass into a layout decided at
+// the end; hcsshim's compactext4 (v0.15.0) streams, but writes no metadata checksums, no htree
+// (linear directories make lookups in a 100,000-entry directory slow in the guest) and no
+// journal, and has no content-derived identity. Writing the format here keeps the streaming
+// layout, checksums and determinism under our control; e2fsck -fn and the kernel in the tests are
+// the arbiters of correctness.
 //
 // Concurrency: WriteTar, WriteDir, WriteEmpty and Fingerprint may run concurrently on different
 // outputs; one call uses one goroutine and owns its output file until it returns.
