@@ -378,6 +378,7 @@ func (s *session) stopRing(idx int) {
 	r.q.close() // unblocks WaitKick
 	s.dev.Stop(idx)
 	r.base = r.q.lastAvailIdx()
+	r.q.release()
 	r.q = nil
 }
 
