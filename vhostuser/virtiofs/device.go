@@ -23,6 +23,7 @@
 package virtiofs
 
 import (
+	"encoding/binary"
 	"runtime/debug"
 	"sync"
 	"time"
@@ -41,7 +42,8 @@ type device struct {
 	newFS   func() (*fuse.ProtocolServer, error)
 
 	mu      sync.Mutex
-	ps      *fuse.ProtocolServer // one FUSE session per frontend session
+	ps      *fuse.ProtocolServer // the FUSE session; replaced when the guest sends FUSE_INIT again
+	inited  bool                 // the current session has seen FUSE_INIT
 	runners map[int]*runner
 }
 
@@ -75,8 +77,7 @@ func (d *device) session() (*fuse.ProtocolServer, error) {
 }
 
 func (d *device) Start(q *vhostuser.Queue) {
-	ps, err := d.session()
-	if err != nil {
+	if _, err := d.session(); err != nil {
 		d.log.Error().Err(err).Msg("virtiofs: cannot start the file system")
 		return
 	}
@@ -87,7 +88,7 @@ func (d *device) Start(q *vhostuser.Queue) {
 	}
 	d.runners[q.Index] = r
 	d.mu.Unlock()
-	go d.serve(q, ps, r)
+	go d.serve(q, r)
 }
 
 func (d *device) Stop(index int) {
@@ -105,15 +106,52 @@ func (d *device) Stop(index int) {
 // inodes the old guest held are released.
 func (d *device) Reset() {
 	d.mu.Lock()
-	ps := d.ps
-	d.ps = nil
+	d.ps, d.inited = nil, false // the loopback tree is garbage once unreferenced
 	d.mu.Unlock()
-	_ = ps // the loopback tree and its open files are garbage once unreferenced
+}
+
+const opInit = 26 // FUSE_INIT
+
+// sessionFor returns the FUSE session for a request. A second FUSE_INIT means the guest rebooted
+// (or reset the device) without the VMM reconnecting: its old node IDs are gone, so it gets a
+// fresh session instead of growing the old one forever.
+func (d *device) sessionFor(ch *vhostuser.Chain) (*fuse.ProtocolServer, error) {
+	var hdr [8]byte
+	n := 0
+	for _, b := range ch.Readable {
+		n += copy(hdr[n:], b)
+		if n == len(hdr) {
+			break
+		}
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if n == len(hdr) && binary.LittleEndian.Uint32(hdr[4:]) == opInit {
+		if d.inited || d.ps == nil {
+			ps, err := d.newFS()
+			if err != nil {
+				return nil, err
+			}
+			if d.inited {
+				d.log.Info().Msg("virtiofs: guest re-initialised the file system; starting a fresh session")
+			}
+			d.ps = ps
+		}
+		d.inited = true
+	}
+	if d.ps == nil {
+		ps, err := d.newFS()
+		if err != nil {
+			return nil, err
+		}
+		d.ps = ps
+	}
+	return d.ps, nil
 }
 
 // serve pops chains from q and answers them on a pool of d.workers goroutines (persistent, so
 // their stacks stay grown and a request costs one channel hand-off).
-func (d *device) serve(q *vhostuser.Queue, ps *fuse.ProtocolServer, r *runner) {
+func (d *device) serve(q *vhostuser.Queue, r *runner) {
 	defer close(r.done)
 	work := make(chan *vhostuser.Chain)
 	var wg sync.WaitGroup
@@ -123,6 +161,12 @@ func (d *device) serve(q *vhostuser.Queue, ps *fuse.ProtocolServer, r *runner) {
 			defer wg.Done()
 			debug.SetPanicOnFault(true) // a fault on unmapped guest memory fails the request
 			for ch := range work {
+				ps, err := d.sessionFor(ch)
+				if err != nil {
+					d.log.Error().Err(err).Msg("virtiofs: cannot start a FUSE session")
+					q.Done(ch.Head, 0)
+					continue
+				}
 				q.Done(ch.Head, handle(ps, ch, d.log))
 			}
 		}()

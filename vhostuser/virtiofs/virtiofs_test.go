@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/rand"
+	"encoding/binary"
 	"errors"
 	"os"
 	"os/exec"
@@ -379,5 +380,29 @@ func TestSandboxRootless(t *testing.T) {
 			b, _ := c.Read(e.NodeID, fh, 0, 4096)
 			t.Fatalf("rootless daemon escaped the share: %q", b)
 		}
+	}
+}
+
+// TestReinitStartsFreshSession: a guest that reboots sends FUSE_INIT again on the same vhost-user
+// connection; it gets a working fresh session.
+func TestReinitStartsFreshSession(t *testing.T) {
+	share := t.TempDir()
+	os.WriteFile(filepath.Join(share, "f"), []byte("x"), 0o644)
+	c := inProcess(t, share, nil)
+	if _, err := c.Lookup(root, "f"); err != nil {
+		t.Fatal(err)
+	}
+	in := make([]byte, 16)
+	binary.LittleEndian.PutUint32(in, 7)
+	binary.LittleEndian.PutUint32(in[4:], 31)
+	if _, err := c.Do(vhostusertest.OpInit, 0, in, 80); err != nil {
+		t.Fatalf("second FUSE_INIT: %v", err)
+	}
+	e, err := c.Lookup(root, "f")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if a, err := c.Getattr(e.NodeID); err != nil || a.Size != 1 {
+		t.Fatalf("getattr after re-init: %+v %v", a, err)
 	}
 }
