@@ -406,3 +406,29 @@ func TestReinitStartsFreshSession(t *testing.T) {
 		t.Fatalf("getattr after re-init: %+v %v", a, err)
 	}
 }
+
+// TestFrontendReconnect: after a VMM goes away the daemon serves the next one.
+func TestFrontendReconnect(t *testing.T) {
+	share := t.TempDir()
+	os.WriteFile(filepath.Join(share, "f"), []byte("x"), 0o644)
+	sock := filepath.Join(t.TempDir(), "fs.sock")
+	s, err := Serve(context.Background(), Config{Socket: sock, SharedDir: share, Logger: testLogger(t)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	for i := 0; i < 3; i++ {
+		f, err := vhostusertest.Dial(sock, 16<<20)
+		if err != nil {
+			t.Fatal(err)
+		}
+		c, err := vhostusertest.NewFUSE(f, 64)
+		if err != nil {
+			t.Fatalf("round %d: %v", i, err)
+		}
+		if _, err := c.Lookup(root, "f"); err != nil {
+			t.Fatalf("round %d: %v", i, err)
+		}
+		f.Close()
+	}
+}
