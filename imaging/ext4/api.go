@@ -27,6 +27,9 @@ type Options struct {
 	Label     string
 	UUID      string // override; "" = content-derived
 	Inject    []Inject
+	// Sync flushes the image to stable storage before renaming it into place, so a crash never
+	// leaves a complete-looking image with missing blocks (use it for caches keyed by UUID).
+	Sync bool
 }
 
 // Result describes a written image.
@@ -156,11 +159,22 @@ func write(ctx context.Context, out string, opts Options, fill func(*builder) er
 	if err := f.Chmod(0o644); err != nil {
 		return Result{}, fmt.Errorf("mkext: %w", err)
 	}
+	if opts.Sync {
+		if err := f.Sync(); err != nil {
+			return Result{}, fmt.Errorf("mkext: sync output: %w", err)
+		}
+	}
 	if err := f.Close(); err != nil {
 		return Result{}, fmt.Errorf("mkext: close output: %w", err)
 	}
 	if err := os.Rename(f.Name(), out); err != nil {
 		return Result{}, fmt.Errorf("mkext: %w", err)
+	}
+	if opts.Sync {
+		if d, err := os.Open(filepath.Dir(out)); err == nil {
+			d.Sync()
+			d.Close()
+		}
 	}
 	return res, nil
 }

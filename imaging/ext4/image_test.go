@@ -104,7 +104,7 @@ func TestSizeJournalLabelInject(t *testing.T) {
 	if err := os.WriteFile(agent, randBytes(4, 100000), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	opts := ext4.Options{Size: 1 << 30, Label: "data", Inject: []ext4.Inject{
+	opts := ext4.Options{Size: 1 << 30, Label: "data", Sync: true, Inject: []ext4.Inject{
 		{Src: agent, Dst: "/sbin/virtkit-agent", Mode: 0o755},
 		{Src: agent, Dst: "etc/hostname", Mode: 0o600}, // replaces the archive's file
 	}}

@@ -21,7 +21,7 @@ func init() {
 // mkextFlags are the options shared by mkext-tar, mkext and fingerprint.
 type mkextFlags struct {
 	size, free, label, uuid string
-	noJournal               bool
+	noJournal, sync         bool
 	inject                  []string
 }
 
@@ -29,13 +29,14 @@ func (f *mkextFlags) add(fs *pflag.FlagSet) {
 	fs.StringVar(&f.size, "size", "", "image size, e.g. 8G (default: content plus --free)")
 	fs.StringVar(&f.free, "free", "", "free space to leave when sizing automatically (default: 10% of the content, at least 64M)")
 	fs.BoolVar(&f.noJournal, "no-journal", false, "no JBD2 journal (throwaway images)")
+	fs.BoolVar(&f.sync, "sync", false, "flush the image to disk before renaming it into place")
 	fs.StringVar(&f.label, "label", "", "filesystem label (up to 16 bytes)")
 	fs.StringVar(&f.uuid, "uuid", "", "filesystem UUID (default: derived from the input and options)")
 	fs.StringArrayVar(&f.inject, "inject", nil, "add a host file as SRC:DST[:MODE] (repeatable), e.g. dist/virtkit-agent:/sbin/virtkit-agent:0755")
 }
 
 func (f *mkextFlags) options() (ext4.Options, error) {
-	o := ext4.Options{NoJournal: f.noJournal, Label: f.label, UUID: f.uuid}
+	o := ext4.Options{NoJournal: f.noJournal, Label: f.label, UUID: f.uuid, Sync: f.sync}
 	var err error
 	if f.size != "" {
 		if o.Size, err = ext4.ParseSize(f.size); err != nil {
