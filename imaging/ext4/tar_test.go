@@ -124,6 +124,9 @@ func TestEveryEntryType(t *testing.T) {
 			"SCHILY.xattr.user.big":                 bigXattr,
 			"SCHILY.xattr.system.posix_acl_default": string(acl),
 		}}},
+		{hdr: tar.Header{Typeflag: tar.TypeDir, Name: "acl-dir", Mode: 0o750, ModTime: t0, PAXRecords: map[string]string{
+			"SCHILY.xattr.system.posix_acl_default": string(vfsACL([3]uint32{1, 7, 0xffffffff}, [3]uint32{4, 5, 0xffffffff}, [3]uint32{0x20, 0, 0xffffffff})),
+		}}},
 		// Duplicates: the later entry wins; a directory over a directory keeps its children.
 		{hdr: tar.Header{Typeflag: tar.TypeReg, Name: "dup", Mode: 0o644, ModTime: t0}, data: randBytes(3, 50000)},
 		{hdr: tar.Header{Typeflag: tar.TypeReg, Name: "dup", Mode: 0o640, ModTime: t0}, data: []byte("second")},
@@ -235,6 +238,15 @@ func TestEveryEntryType(t *testing.T) {
 	}
 	if got := ext4test.Xattr(t, img, "/bin/target", "security.capability"); !bytes.Equal(got, cap) {
 		t.Errorf("security.capability = %x", got)
+	}
+	if got := ext4test.Xattr(t, img, "/acl-dir", "system.posix_acl_default"); !bytes.Equal(got, vfsACL([3]uint32{1, 7, 0}, [3]uint32{4, 5, 0}, [3]uint32{0x20, 0, 0})) {
+		t.Errorf("in-inode default ACL = %x", got)
+	}
+	if st := ext4test.Stat(t, img, "/acl-dir")[0]; st.FileACL != 0 || len(st.Xattrs) != 1 {
+		t.Errorf("small ACL not kept in the inode: file ACL block %d, xattrs %v", st.FileACL, st.Xattrs)
+	}
+	if get["/bin/target"].FileACL != 0 {
+		t.Errorf("security.capability not kept in the inode")
 	}
 	if n := len(get["/bin/target"].Xattrs); n != 1 {
 		t.Errorf("/bin/target xattrs %v", get["/bin/target"].Xattrs)
