@@ -69,7 +69,10 @@ func (r *Runner) exec(j *job, req ExecRequest, m *nats.Msg) {
 	tw.WriteHeader(&tar.Header{Name: req.Exec + ".sh", Mode: 0o700, Size: int64(len(req.Script)), Typeflag: tar.TypeReg, ModTime: time.Now()})
 	tw.Write(req.Script)
 	tw.Close()
-	if err := j.agent.CopyIn(ctx, ScriptDir, &tb); err != nil {
+	cctx, ccancel := context.WithTimeout(ctx, time.Minute)
+	err := j.agent.CopyIn(cctx, ScriptDir, &tb)
+	ccancel()
+	if err != nil {
 		respond(m, Reply{Error: fmt.Sprintf("copy the stage script into the job VM: %v", err)})
 		return
 	}

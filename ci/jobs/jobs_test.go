@@ -15,6 +15,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats.go/jetstream"
 	"github.com/rs/zerolog"
 
 	"github.com/virtkit/virtkit/broker"
@@ -483,5 +484,44 @@ func TestAbandonedJobs(t *testing.T) {
 		if got := types(jobEvents(t, p.c, id)); !strings.HasSuffix(got, "job.canceled") || strings.Contains(got, "job.started") {
 			t.Errorf("%s events %s", id, got)
 		}
+	}
+}
+
+// TestLostDeliveryRuns: an item delivered to a host that never got it (the delivery was lost
+// with a connection) comes back and runs, since no host marked it taken.
+func TestLostDeliveryRuns(t *testing.T) {
+	p := newPool(t, broker.SchemaOptions{WorkAckWait: 2 * time.Second})
+	ctx := ctxT(t, time.Minute)
+	// Take the item with a raw consumer fetch and drop it on the floor.
+	js := p.c.JetStream()
+	cons, err := js.Consumer(ctx, broker.WorkStream, broker.WorkConsumerName(broker.WorkCIJob))
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan *jobs.Placement, 1)
+	go func() {
+		pl, err := jobs.Submit(ctx, p.c, jobs.Spec{ID: "lost", Image: p.img})
+		if err != nil {
+			t.Error(err)
+		}
+		done <- pl
+	}()
+	msg, err := cons.Next(jetstream.FetchMaxWait(10 * time.Second))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if md, _ := msg.Metadata(); md.NumDelivered != 1 {
+		t.Fatalf("delivered %d times", md.NumDelivered)
+	}
+	p.runner("h1", 1, nil)
+	pl := <-done
+	if pl == nil {
+		t.Fatal("the job did not start")
+	}
+	if err := jobs.Cleanup(ctx, p.c, pl, false, 0); err != nil {
+		t.Fatal(err)
+	}
+	if got := types(jobEvents(t, p.c, "lost")); got != "job.queued,job.started,job.succeeded" {
+		t.Fatalf("events %s", got)
 	}
 }

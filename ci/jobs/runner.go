@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
 	"github.com/rs/zerolog"
 
 	"github.com/virtkit/virtkit/agent/client"
@@ -183,12 +184,28 @@ func (r *Runner) handle(ctx context.Context, w *broker.Work) error {
 	}
 	log := r.log.With().Str("job", spec.ID).Logger()
 	if w.Attempt > 1 {
-		// The host that took it before died or stopped mid-job: its VM is gone with it. Running the
-		// job again here could run a stage twice; GitLab retries system failures instead.
-		log.Warn().Int("attempt", w.Attempt).Msg("redelivered job: failing it as a system failure")
-		r.publish(ctx, &broker.JobFailed{Job: spec.ID, ExitCode: -1, System: true,
-			Error: "the host that took this job went away before it ended; it is not run twice"})
-		return nil
+		r.mu.Lock()
+		_, here := r.jobs[spec.ID]
+		r.mu.Unlock()
+		if here {
+			// A second delivery of a job this host runs (an ack or progress report lost while the
+			// cluster changed leaders): the job goes on; this delivery is done.
+			log.Info().Int("attempt", w.Attempt).Msg("duplicate delivery of a job running here")
+			return nil
+		}
+		if r.taken(ctx, spec.ID) {
+			// The host that took it before died or stopped mid-job: its VM is gone with it. Running
+			// the job again here could run a stage twice; GitLab retries system failures instead.
+			log.Warn().Int("attempt", w.Attempt).Msg("redelivered job: failing it as a system failure")
+			r.publish(ctx, &broker.JobFailed{Job: spec.ID, ExitCode: -1, System: true,
+				Error: "the host that took this job went away before it ended; it is not run twice"})
+			// Should that host still be alive after all, it drops the job.
+			b, _ := json.Marshal(CleanupRequest{Job: spec.ID})
+			r.cfg.Client.Conn().Publish(CancelSubject, b)
+			return nil
+		}
+		// No host ever started it (the delivery was lost on the way): run it.
+		log.Info().Int("attempt", w.Attempt).Msg("redelivered job that no host started; running it")
 	}
 	timeout := r.cfg.JobTimeout
 	if t := time.Duration(spec.Timeout); t > 0 && t < timeout {
@@ -271,6 +288,8 @@ func (r *Runner) boot(ctx context.Context, spec Spec, log zerolog.Logger, abort 
 			r.teardown(j)
 		}
 	}()
+	// The mark that a host took the job: a redelivered item finds it and is not run twice.
+	r.publish(ctx, &broker.VMStarting{VM: spec.ID, Host: r.host, Image: spec.Image, CPUs: cpus, MemoryMiB: mem, Job: spec.ID})
 	bundle, err := r.cfg.Images.Resolve(ctx, spec.Image)
 	if err != nil {
 		return j, err
@@ -287,7 +306,7 @@ func (r *Runner) boot(ctx context.Context, spec Spec, log zerolog.Logger, abort 
 		}
 		s := &service{m: m}
 		j.services = append(j.services, s)
-		if s.ag, err = client.Dial(ctx, m.ExecURL()); err != nil {
+		if s.ag, err = dialAgent(ctx, m); err != nil {
 			return j, &Failure{System: true, Msg: fmt.Sprintf("service %s: %v", sv.Image, err)}
 		}
 		argv := sv.Entrypoint
@@ -318,7 +337,7 @@ func (r *Runner) boot(ctx context.Context, spec Spec, log zerolog.Logger, abort 
 		return j, &Failure{System: true, Msg: fmt.Sprintf("boot job VM: %v", err)}
 	}
 	j.vm = m
-	if j.agent, err = client.Dial(ctx, m.ExecURL()); err != nil {
+	if j.agent, err = dialAgent(ctx, m); err != nil {
 		return j, &Failure{System: true, Msg: fmt.Sprintf("job VM agent: %v", err)}
 	}
 	return j, nil
@@ -427,4 +446,24 @@ func (r *Runner) onCleanup(m *nats.Msg) {
 		// The job ended by itself meanwhile (reaped, host stopping): nothing left to do.
 	}
 	respond(m, Reply{OK: true})
+}
+
+// dialAgent connects to a booted VM's agent, retrying briefly: the launcher saw it answer, so
+// anything slower than a minute is a fault.
+func dialAgent(ctx context.Context, m Machine) (*client.Client, error) {
+	ctx, cancel := context.WithTimeout(ctx, time.Minute)
+	defer cancel()
+	return client.WaitReady(ctx, m.ExecURL())
+}
+
+// taken reports whether some host marked job id as taken (vm.starting with the job's name).
+func (r *Runner) taken(ctx context.Context, id string) bool {
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	st, err := r.cfg.Client.JetStream().Stream(ctx, broker.EventsStream)
+	if err != nil {
+		return true // cannot tell: the safe answer never runs a job twice
+	}
+	_, err = st.GetLastMsgForSubject(ctx, broker.EventFilter("vm", id, "starting"))
+	return !errors.Is(err, jetstream.ErrMsgNotFound)
 }
