@@ -1,6 +1,7 @@
 package ext4
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -12,10 +13,33 @@ import (
 )
 
 // Inject adds a host file to the image (e.g. the agent as /sbin/virtkit-agent), owned by root,
-// after the input, so it replaces an entry of the same name.
+// after the input, so it replaces an entry of the same name. Missing parent directories are
+// created (0755).
 type Inject struct {
 	Src, Dst string
 	Mode     fs.FileMode
+	Data     []byte // the content, when Src is empty (e.g. a generated /.virtkit/image.json)
+}
+
+// open returns the injected content and its size.
+func (in Inject) open() (io.ReadCloser, int64, error) {
+	if in.Src == "" {
+		return io.NopCloser(bytes.NewReader(in.Data)), int64(len(in.Data)), nil
+	}
+	f, err := os.Open(in.Src)
+	if err != nil {
+		return nil, 0, fmt.Errorf("inject: %w", err)
+	}
+	st, err := f.Stat()
+	if err != nil {
+		f.Close()
+		return nil, 0, fmt.Errorf("inject: %w", err)
+	}
+	if !st.Mode().IsRegular() {
+		f.Close()
+		return nil, 0, fmt.Errorf("inject %s: not a regular file", in.Src)
+	}
+	return f, st.Size(), nil
 }
 
 // Options shape the image. The zero value builds an automatically sized, journaled image with a
@@ -51,8 +75,8 @@ func (o Options) check() error {
 		}
 	}
 	for _, in := range o.Inject {
-		if in.Src == "" || in.Dst == "" {
-			return fmt.Errorf("inject %q:%q: source and destination are required", in.Src, in.Dst)
+		if in.Dst == "" || (in.Src == "" && in.Data == nil) {
+			return fmt.Errorf("inject %q:%q: a source (or data) and a destination are required", in.Src, in.Dst)
 		}
 	}
 	return nil
@@ -185,22 +209,15 @@ func (b *builder) inject(in Inject) error {
 	if err != nil || p == "" {
 		return fmt.Errorf("inject %s: bad destination %q", in.Src, in.Dst)
 	}
-	f, err := os.Open(in.Src)
+	r, size, err := in.open()
 	if err != nil {
-		return fmt.Errorf("inject: %w", err)
+		return err
 	}
-	defer f.Close()
-	st, err := f.Stat()
-	if err != nil {
-		return fmt.Errorf("inject: %w", err)
-	}
-	if !st.Mode().IsRegular() {
-		return fmt.Errorf("inject %s: not a regular file", in.Src)
-	}
-	fmt.Fprintf(b.sum, "inject %q %o %d\n", p, modeBits(in.Mode), st.Size())
+	defer r.Close()
+	fmt.Fprintf(b.sum, "inject %q %o %d\n", p, modeBits(in.Mode), size)
 	n := &node{mode: sIFREG | modeBits(in.Mode)}
-	if err := b.writeData(n, io.TeeReader(f, b.sum), st.Size()); err != nil {
-		return fmt.Errorf("inject %s: %w", in.Src, err)
+	if err := b.writeData(n, io.TeeReader(r, b.sum), size); err != nil {
+		return fmt.Errorf("inject %s: %w", in.Dst, err)
 	}
 	return b.put(p, n)
 }
@@ -211,17 +228,13 @@ func hashInject(b *builder, in Inject) error {
 	if err != nil || p == "" {
 		return fmt.Errorf("inject %s: bad destination %q", in.Src, in.Dst)
 	}
-	f, err := os.Open(in.Src)
-	if err != nil {
-		return fmt.Errorf("inject: %w", err)
-	}
-	defer f.Close()
-	st, err := f.Stat()
+	r, size, err := in.open()
 	if err != nil {
 		return err
 	}
-	fmt.Fprintf(b.sum, "inject %q %o %d\n", p, modeBits(in.Mode), st.Size())
-	_, err = copyCtx(b.ctx, b.sum, f)
+	defer r.Close()
+	fmt.Fprintf(b.sum, "inject %q %o %d\n", p, modeBits(in.Mode), size)
+	_, err = copyCtx(b.ctx, b.sum, io.LimitReader(r, size))
 	return err
 }
 

@@ -107,6 +107,7 @@ func TestSizeJournalLabelInject(t *testing.T) {
 	opts := ext4.Options{Size: 1 << 30, Label: "data", Sync: true, Inject: []ext4.Inject{
 		{Src: agent, Dst: "/sbin/virtkit-agent", Mode: 0o755},
 		{Src: agent, Dst: "etc/hostname", Mode: 0o600}, // replaces the archive's file
+		{Dst: "/.virtkit/image.json", Mode: 0o644, Data: []byte(`{"cmd":["/bin/sh"]}`)},
 	}}
 	img, res := writeTar(t, smallTree(t), opts)
 	st, _ := os.Stat(img)
@@ -121,6 +122,12 @@ func TestSizeJournalLabelInject(t *testing.T) {
 	}
 	if got := ext4test.Cat(t, img, "/sbin/virtkit-agent"); !bytes.Equal(got, randBytes(4, 100000)) {
 		t.Errorf("injected agent differs")
+	}
+	if got := ext4test.Cat(t, img, "/.virtkit/image.json"); string(got) != `{"cmd":["/bin/sh"]}` {
+		t.Errorf("injected data: %q", got)
+	}
+	if fp, err := ext4.Fingerprint(context.Background(), bytes.NewReader(smallTree(t)), opts); err != nil || fp != res.UUID {
+		t.Errorf("Fingerprint with injects = %s, %v; image %s", fp, err, res.UUID)
 	}
 	in := ext4test.Stat(t, img, "/sbin/virtkit-agent", "/etc/hostname")
 	if in[0].Mode != 0o755 || in[0].UID != 0 || in[1].Mode != 0o600 || in[1].Size != 100000 {
