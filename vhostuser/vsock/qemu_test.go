@@ -7,11 +7,14 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"os"
+	"os/exec"
 	"path/filepath"
 	"testing"
 	"time"
 
 	"github.com/virtkit/virtkit/agent/addr"
+	"github.com/virtkit/virtkit/cmd/cmdtest"
 	"github.com/virtkit/virtkit/vhostuser/vhostusertest"
 )
 
@@ -25,23 +28,48 @@ func qemuArgs(socket, machine string) []string {
 	return []string{"-chardev", "socket,id=vsock0,path=" + socket, "-device", dev + ",chardev=vsock0"}
 }
 
-// TestQEMUGuest boots a real kernel under QEMU (microvm and q35) with the backend as its vsock
-// device and moves streams both ways through the guest's AF_VSOCK sockets.
+// TestQEMUGuest boots a real kernel under QEMU with the backend as its vsock device and moves
+// streams both ways through the guest's AF_VSOCK sockets: in-process on microvm, and the
+// `virtkit vsockd` command on q35.
 func TestQEMUGuest(t *testing.T) {
-	for _, m := range []string{"microvm", "q35"} {
-		t.Run(m, func(t *testing.T) { testQEMUGuest(t, m) })
-	}
+	t.Run("microvm", func(t *testing.T) { testQEMUGuest(t, "microvm", false) })
+	t.Run("q35-cli", func(t *testing.T) { testQEMUGuest(t, "q35", true) })
 }
 
-func testQEMUGuest(t *testing.T, machine string) {
+func testQEMUGuest(t *testing.T, machine string, cli bool) {
 	initrd := vhostusertest.Initramfs(t, vhostusertest.GuestProg(t))
 	dir := t.TempDir()
 	cfg := Config{Socket: filepath.Join(dir, "vsock.vhost"), UDS: filepath.Join(dir, "vm.vsock"), CID: 3, Logger: testLogger(t)}
-	b, err := Serve(context.Background(), cfg)
-	if err != nil {
-		t.Fatal(err)
+	if cli {
+		cmd := exec.Command(cmdtest.Binary(t, "virtkit"), "vsockd", "--socket", cfg.Socket, "--uds", cfg.UDS, "--cid", "3", "--log-level", "warn")
+		cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		defer func() {
+			cmd.Process.Signal(os.Interrupt)
+			if err := cmd.Wait(); err != nil {
+				t.Errorf("vsockd exit: %v", err)
+			}
+		}()
+		for i := 0; ; i++ {
+			_, e1 := os.Stat(cfg.Socket)
+			_, e2 := os.Stat(cfg.UDS)
+			if e1 == nil && e2 == nil {
+				break
+			}
+			if i > 500 {
+				t.Fatal("vsockd did not create its sockets")
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+	} else {
+		b, err := Serve(context.Background(), cfg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer b.Close()
 	}
-	defer b.Close()
 
 	// Guest → host: the guest dials CID 2 port 5000 and echoes.
 	hl, err := addr.Listen(fmt.Sprintf("hvsock://%s:%d", cfg.UDS, 5000))
