@@ -13,6 +13,7 @@ type guard struct {
 	fuse.RawFileSystem
 	readOnly bool
 	xattr    bool
+	directIO bool // --cache never: file data bypasses the guest's page cache
 }
 
 // badName reports names that could walk out of their directory or confuse path joins.
@@ -110,7 +111,11 @@ func (g *guard) Create(cancel <-chan struct{}, in *fuse.CreateIn, name string, o
 	if badName(name) {
 		return fuse.EINVAL
 	}
-	return g.RawFileSystem.Create(cancel, in, name, out)
+	st := g.RawFileSystem.Create(cancel, in, name, out)
+	if st.Ok() && g.directIO {
+		out.OpenFlags |= fuse.FOPEN_DIRECT_IO
+	}
+	return st
 }
 
 func (g *guard) Tmpfile(cancel <-chan struct{}, in *fuse.CreateIn, out *fuse.CreateOut) fuse.Status {
@@ -128,7 +133,11 @@ func (g *guard) Open(cancel <-chan struct{}, in *fuse.OpenIn, out *fuse.OpenOut)
 	}
 	// O_PATH-less opens only; never follow a symlink planted as the final component.
 	in.Flags |= syscall.O_NOFOLLOW
-	return g.RawFileSystem.Open(cancel, in, out)
+	st := g.RawFileSystem.Open(cancel, in, out)
+	if st.Ok() && g.directIO {
+		out.OpenFlags |= fuse.FOPEN_DIRECT_IO
+	}
+	return st
 }
 
 func (g *guard) SetAttr(cancel <-chan struct{}, in *fuse.SetAttrIn, out *fuse.AttrOut) fuse.Status {

@@ -111,7 +111,7 @@ func NewFileSystem(cfg Config) (*fuse.ProtocolServer, error) {
 		},
 	}
 	opts.NullPermissions = true
-	raw := &guard{RawFileSystem: fs.NewNodeFS(root, opts), readOnly: cfg.ReadOnly, xattr: cfg.Xattr}
+	raw := &guard{RawFileSystem: fs.NewNodeFS(root, opts), readOnly: cfg.ReadOnly, xattr: cfg.Xattr, directIO: cfg.Cache == CacheNever}
 	return fuse.NewProtocolServer(raw, &opts.MountOptions), nil
 }
 

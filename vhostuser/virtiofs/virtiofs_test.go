@@ -432,3 +432,21 @@ func TestFrontendReconnect(t *testing.T) {
 		f.Close()
 	}
 }
+
+func TestCacheNeverOpensDirect(t *testing.T) {
+	share := t.TempDir()
+	os.WriteFile(filepath.Join(share, "f"), []byte("x"), 0o644)
+	c := inProcess(t, share, func(c *Config) { c.Cache = CacheNever })
+	e, err := c.Lookup(root, "f")
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := c.Do(vhostusertest.OpOpen, e.NodeID, make([]byte, 8), 16)
+	if err != nil || len(b) < 16 {
+		t.Fatalf("open: %v", err)
+	}
+	const directIO = 1 // FOPEN_DIRECT_IO
+	if binary.LittleEndian.Uint32(b[8:])&directIO == 0 {
+		t.Fatalf("open flags %#x lack FOPEN_DIRECT_IO", binary.LittleEndian.Uint32(b[8:]))
+	}
+}

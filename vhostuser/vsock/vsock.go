@@ -916,6 +916,9 @@ func (d *Device) fillLocked(ch *vhostuser.Chain) (uint32, bool) {
 		return uint32(scatter(ch.Writable, 0, hb[:])), true
 	}
 	for len(d.data) > 0 {
+		if capacity == hdrSize { // no room for a byte of data: hand the buffer back empty
+			return 0, true
+		}
 		c := d.data[0]
 		if c.state != stateEstablished || len(c.pending) == 0 {
 			c.inData = false
