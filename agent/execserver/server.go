@@ -18,7 +18,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"log/slog"
+	"log"
 	"net"
 	"os"
 	"runtime/debug"
@@ -31,8 +31,11 @@ import (
 
 // Config configures a Server. The zero value serves with defaults.
 type Config struct {
-	// Log receives per-connection errors; nil discards them.
-	Log *slog.Logger
+	// Log receives failed requests and server errors; nil discards them. (The standard logger,
+	// not slog or zerolog: the guest binary stays small.)
+	Log *log.Logger
+	// Debug also logs every session's start and end.
+	Debug bool
 	// Reaper starts and waits for session processes. Nil: a private one that reaps only the
 	// server's own children. As PID 1, pass the init's orphan-reaping Reaper.
 	Reaper *reaper.Reaper
@@ -64,7 +67,6 @@ type Config struct {
 // Server is an exec server.
 type Server struct {
 	cfg    Config
-	log    *slog.Logger
 	reaper *reaper.Reaper
 	own    bool
 	start  time.Time
@@ -77,10 +79,7 @@ type Server struct {
 
 // New returns a Server for cfg.
 func New(cfg Config) *Server {
-	s := &Server{cfg: cfg, log: cfg.Log, reaper: cfg.Reaper, conns: map[net.Conn]struct{}{}, start: time.Now()}
-	if s.log == nil {
-		s.log = slog.New(slog.DiscardHandler)
-	}
+	s := &Server{cfg: cfg, reaper: cfg.Reaper, conns: map[net.Conn]struct{}{}, start: time.Now()}
 	if s.cfg.Software == "" {
 		s.cfg.Software = "virtkit-agent"
 	}
@@ -139,7 +138,7 @@ func (s *Server) Serve(ctx context.Context, l net.Listener) error {
 			if errors.Is(err, net.ErrClosed) {
 				return fmt.Errorf("execserver: accept: %w", err)
 			}
-			s.log.Warn("accept failed", "err", err)
+			s.logf("accept: %v", err)
 			select {
 			case <-time.After(tempDelay):
 				continue
@@ -174,7 +173,7 @@ func (s *Server) Serve(ctx context.Context, l net.Listener) error {
 func (s *Server) handle(ctx context.Context, c net.Conn) {
 	defer func() {
 		if r := recover(); r != nil {
-			s.log.Error("panic serving a connection", "panic", r, "stack", string(debug.Stack()))
+			s.logf("panic serving a connection: %v\n%s", r, debug.Stack())
 		}
 	}()
 	r := proto.NewReader(c)
@@ -237,7 +236,7 @@ func (s *Server) handle(ctx context.Context, c net.Conn) {
 			if w.Write(proto.TOK, nil) != nil {
 				return
 			}
-			s.log.Info("shutdown requested", "poweroff", req.Poweroff)
+			s.logf("shutdown requested (poweroff %v)", req.Poweroff)
 			if s.cfg.Shutdown != nil {
 				go s.cfg.Shutdown(req.Poweroff)
 			} else {
@@ -281,9 +280,21 @@ func (s *Server) handle(ctx context.Context, c net.Conn) {
 	}
 }
 
+func (s *Server) logf(format string, args ...any) {
+	if s.cfg.Log != nil {
+		s.cfg.Log.Printf(format, args...)
+	}
+}
+
+func (s *Server) debugf(format string, args ...any) {
+	if s.cfg.Debug {
+		s.logf(format, args...)
+	}
+}
+
 // fail sends an error frame (best effort) and logs; the caller then closes the connection.
 func (s *Server) fail(w *proto.Writer, code string, err error) {
-	s.log.Warn("request failed", "code", code, "err", err)
+	s.logf("request failed (%s): %v", code, err)
 	_ = w.WriteJSON(proto.TError, proto.Error{Code: code, Message: err.Error()})
 }
 

@@ -212,7 +212,7 @@ func (s *Server) exec(c net.Conn, r *proto.Reader, w *proto.Writer, req proto.Ex
 		return
 	}
 	ss.pgid = p.Pid
-	s.log.Debug("session started", "pid", p.Pid, "argv", req.Argv)
+	s.debugf("session %d started: %q", p.Pid, req.Argv)
 	if err := w.WriteJSON(proto.TStarted, proto.Started{Pid: p.Pid}); err != nil {
 		ss.kill()
 	}
@@ -246,7 +246,7 @@ func (s *Server) exec(c net.Conn, r *proto.Reader, w *proto.Writer, req proto.Ex
 	pumps.Wait()
 	ex := proto.Exit{Code: st.Code, Signal: st.Signal}
 	_ = w.WriteJSON(proto.TExit, ex)
-	s.log.Debug("session ended", "pid", p.Pid, "code", st.Code, "signal", st.Signal)
+	s.debugf("session %d ended: code %d signal %d", p.Pid, st.Code, st.Signal)
 
 	ss.mu.Lock()
 	ss.inDone = true
@@ -290,7 +290,7 @@ func (ss *session) readLoop(r *proto.Reader) {
 		f, err := r.Read()
 		if err != nil {
 			if !ss.exited.Load() {
-				ss.s.log.Debug("session client gone", "pid", ss.pgid, "err", err)
+				ss.s.debugf("session %d: client gone (%v), killing it", ss.pgid, err)
 				ss.kill()
 			}
 			ss.closeStdin()

@@ -17,6 +17,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log"
 	"net"
 	"os"
 	"os/signal"
@@ -253,6 +254,8 @@ func (in *Init) serverConfig() execserver.Config {
 		env = im.Env
 	}
 	return execserver.Config{
+		Log:      log.New(in.console, "virtkit: exec server: ", 0),
+		Debug:    in.cfg.Debug,
 		Software: "virtkit-agent " + in.opt.Version,
 		Version:  in.opt.Version,
 		Reaper:   in.reaper,

@@ -42,6 +42,9 @@ func (in *Init) writeUnits() error {
 	if len(in.cfg.Wrapper) > 0 {
 		serve = append(serve, "--wrapper", strings.Join(in.cfg.Wrapper, " "))
 	}
+	if in.cfg.Debug {
+		serve = append(serve, "--debug")
+	}
 	units := map[string]string{"virtkit-agent.service": unit("virtkit agent exec server", serve)}
 	if in.cfg.Net.Mode != "none" {
 		units["virtkit-net.service"] = unit("virtkit network relay", in.relayArgv())

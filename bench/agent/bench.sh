@@ -25,15 +25,15 @@ sshd_pid=$!
 sleep 0.5
 export BENCH_SSH_PORT=$port BENCH_SSH_KEY=$tmp/user
 
-go test -run '^$' -bench '(ExecTrue|NsenterTrue|LocalTrue)$' -benchtime "${n}x" ./bench/agent/ | tee "$tmp/lat.txt"
+go test -run '^$' -bench '^Benchmark(ExecTrue|CLIExecTrue|NsenterTrue|LocalTrue)$' -benchtime "${n}x" ./bench/agent/ | tee "$tmp/lat.txt"
 # ssh is ~100x slower: fewer rounds keep the run short.
-go test -run '^$' -bench 'SSHTrue$' -benchtime "$(( n / 10 + 5 ))x" ./bench/agent/ | tee -a "$tmp/lat.txt"
-go test -run '^$' -bench 'Stdout$' -benchtime 3x ./bench/agent/ | tee "$tmp/tput.txt"
+go test -run '^$' -bench '^BenchmarkSSHTrue$' -benchtime "$(( n / 10 + 5 ))x" ./bench/agent/ | tee -a "$tmp/lat.txt"
+go test -run '^$' -bench '^Benchmark(Stdout|SSHStdout|NsenterStdout)$' -benchtime 3x ./bench/agent/ | tee "$tmp/tput.txt"
 sed -i "\|^${keyline}\$|d" /root/.ssh/authorized_keys
 
 # Optional: the same in a QEMU microVM over hybrid vsock (VM=1; slow under TCG).
 if [ "${VM:-0}" = 1 ]; then
-  go test -run '^$' -bench 'VM' -benchtime 10x -timeout 60m ./bench/agent/ | tee "$tmp/vm.txt"
+  go test -run '^$' -bench '^BenchmarkVM' -benchtime 10x -timeout 60m ./bench/agent/ | tee "$tmp/vm.txt"
 fi
 
 # Summary with ratios against the agent.

@@ -4,7 +4,7 @@ import (
 	"context"
 	"flag"
 	"fmt"
-	"log/slog"
+	"log"
 	"os"
 	"strings"
 
@@ -35,39 +35,32 @@ type repeatFlag []string
 func (l *repeatFlag) String() string     { return strings.Join(*l, " ") }
 func (l *repeatFlag) Set(v string) error { *l = append(*l, v); return nil }
 
-func newLogger(level string) *slog.Logger {
-	var lv slog.Level
-	if err := lv.UnmarshalText([]byte(level)); err != nil {
-		lv = slog.LevelInfo
-	}
-	return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: lv}))
-}
-
 func runServe(ctx context.Context, args []string) int {
 	fs := flag.NewFlagSet("serve", flag.ContinueOnError)
 	listen := fs.String("listen", fmt.Sprintf("vsock://any:%d", addr.PortExec), "endpoint URL to listen on")
 	var allow listFlag
 	fs.Var(&allow, "allow", "allow-list: programs (absolute paths) sessions may run; repeatable or comma-separated")
 	wrapper := fs.String("wrapper", "", "program (and arguments, space-separated) every session runs through")
-	level := fs.String("log-level", "info", "debug, info, warn or error")
+	debug := fs.Bool("debug", false, "log every session's start and end")
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}
-	log := newLogger(*level)
+	logger := log.New(os.Stderr, "virtkit-agent serve: ", log.LstdFlags|log.Lmicroseconds)
 	l, err := addr.Listen(*listen)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "virtkit-agent serve:", err)
 		return 1
 	}
 	cfg := execserver.Config{
-		Log:      log,
+		Log:      logger,
+		Debug:    *debug,
 		Software: "virtkit-agent " + Version,
 		Version:  Version,
 		Env:      os.Environ(),
 		Allow:    allow,
 		Wrapper:  strings.Fields(*wrapper),
 	}
-	log.Info("serving", "listen", *listen)
+	logger.Printf("serving on %s", *listen)
 	if err := execserver.New(cfg).Serve(ctx, l); err != nil {
 		fmt.Fprintln(os.Stderr, "virtkit-agent serve:", err)
 		return 1
