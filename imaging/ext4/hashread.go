@@ -7,17 +7,18 @@ import (
 	"sync"
 )
 
-// hashReader reads its source in a goroutine that also hashes every byte, so the identity hash
-// costs a second core instead of time on the writer's path. At most hashBuffers chunks are in
-// flight, which bounds its memory.
+// hashReader reads its source on one goroutine and hashes every byte on another, so neither the
+// read syscalls nor SHA-256 sit on the writer's path. At most hashBuffers chunks are in flight,
+// which bounds its memory.
 type hashReader struct {
-	out  chan *hchunk
-	free chan []byte
-	stop chan struct{}
-	wg   sync.WaitGroup
-	cur  *hchunk
-	off  int
-	err  error
+	out    chan *hchunk
+	toHash chan *hchunk
+	free   chan []byte
+	stop   chan struct{}
+	wg     sync.WaitGroup
+	cur    *hchunk
+	off    int
+	err    error
 }
 
 type hchunk struct {
@@ -27,19 +28,25 @@ type hchunk struct {
 }
 
 const (
-	hashBuffers = 4
+	hashBuffers = 6
 	hashChunk   = 1 << 20
 )
 
 func newHashReader(ctx context.Context, r io.Reader, h hash.Hash) *hashReader {
-	hr := &hashReader{out: make(chan *hchunk, hashBuffers), free: make(chan []byte, hashBuffers), stop: make(chan struct{})}
+	hr := &hashReader{
+		out:    make(chan *hchunk, hashBuffers),
+		toHash: make(chan *hchunk, hashBuffers),
+		free:   make(chan []byte, hashBuffers),
+		stop:   make(chan struct{}),
+	}
 	for i := 0; i < hashBuffers; i++ {
 		hr.free <- make([]byte, hashChunk)
 	}
-	hr.wg.Add(1)
-	go func() {
+	hr.wg.Add(2)
+	go func() { // reader: ends at EOF, on a read error, on Close or when ctx ends
 		defer hr.wg.Done()
 		defer close(hr.out)
+		defer close(hr.toHash)
 		for {
 			var buf []byte
 			select {
@@ -54,16 +61,22 @@ func newHashReader(ctx context.Context, r io.Reader, h hash.Hash) *hashReader {
 				err = io.EOF
 			}
 			c := &hchunk{buf: buf[:n], err: err, hashed: make(chan struct{})}
+			hr.toHash <- c // buffered as deep as the pool: never blocks
 			select {
 			case hr.out <- c:
 			case <-hr.stop:
 				return
 			}
-			h.Write(c.buf)
-			close(c.hashed)
 			if err != nil {
 				return
 			}
+		}
+	}()
+	go func() { // hasher: ends when the reader has ended and everything read is hashed
+		defer hr.wg.Done()
+		for c := range hr.toHash {
+			h.Write(c.buf)
+			close(c.hashed)
 		}
 	}()
 	return hr
@@ -98,11 +111,9 @@ func (hr *hashReader) release() {
 	hr.cur = nil
 }
 
-// Close stops the goroutine and waits for it; the hash is complete once Read returned io.EOF.
+// Close stops the goroutines and waits for them; the hash covers every byte read, complete once
+// Read has returned io.EOF.
 func (hr *hashReader) Close() {
 	close(hr.stop)
 	hr.wg.Wait()
-	if hr.cur != nil {
-		<-hr.cur.hashed
-	}
 }

@@ -7,6 +7,7 @@ import (
 	"flag"
 	"fmt"
 	"os"
+	"runtime/pprof"
 
 	"github.com/virtkit/virtkit/imaging/ext4"
 )
@@ -16,7 +17,17 @@ func main() {
 	dir := flag.String("dir", "", "input directory")
 	out := flag.String("o", "", "output image")
 	noJournal := flag.Bool("no-journal", false, "no journal")
+	cpuprofile := flag.String("cpuprofile", "", "write a CPU profile here")
 	flag.Parse()
+	if *cpuprofile != "" {
+		pf, err := os.Create(*cpuprofile)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			os.Exit(1)
+		}
+		pprof.StartCPUProfile(pf)
+		defer pprof.StopCPUProfile()
+	}
 	opts := ext4.Options{NoJournal: *noJournal}
 	var res ext4.Result
 	var err error
@@ -33,6 +44,7 @@ func main() {
 		}
 	}
 	if err != nil {
+		pprof.StopCPUProfile()
 		fmt.Fprintln(os.Stderr, err)
 		os.Exit(1)
 	}
