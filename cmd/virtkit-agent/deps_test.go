@@ -1,7 +1,9 @@
 package main_test
 
 import (
+	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
 	"testing"
 
@@ -63,5 +65,25 @@ func TestDepsGuardBites(t *testing.T) {
 		if !strings.Contains(bad, want) {
 			t.Errorf("the guard does not flag %s in cmd/virtkit", want)
 		}
+	}
+}
+
+// TestBinarySize keeps the guest binary, built as build.sh builds it, within 4 MiB.
+func TestBinarySize(t *testing.T) {
+	out := filepath.Join(t.TempDir(), "virtkit-agent")
+	cmd := exec.Command("go", "build", "-trimpath", "-buildvcs=false", "-ldflags", "-s -w -buildid=", "-o", out, "./cmd/virtkit-agent")
+	cmd.Dir = cmdtest.Root(t)
+	cmd.Env = append(os.Environ(), "CGO_ENABLED=0", "GOOS=linux", "GOARCH=amd64", "GOAMD64=v1")
+	if b, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("build: %v\n%s", err, b)
+	}
+	fi, err := os.Stat(out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	const limit = 4 << 20
+	t.Logf("virtkit-agent: %d bytes (%.2f MiB)", fi.Size(), float64(fi.Size())/(1<<20))
+	if fi.Size() > limit {
+		t.Errorf("virtkit-agent is %d bytes, over the %d-byte (4 MiB) budget: see what grew with `go tool nm -size -sort size`", fi.Size(), limit)
 	}
 }
