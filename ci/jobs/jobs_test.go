@@ -242,6 +242,54 @@ func TestBootFailuresAndPolicy(t *testing.T) {
 	}
 }
 
+func TestSignalsAndLease(t *testing.T) {
+	p := newPool(t, broker.SchemaOptions{})
+	p.runner("h1", 2, func(c *jobs.Config) { c.LeaseTimeout = 2 * time.Second })
+	ctx := ctxT(t, 2*time.Minute)
+	pl, err := jobs.Submit(ctx, p.c, jobs.Spec{ID: "sig", Image: p.img})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer jobs.Cleanup(context.Background(), p.c, pl, false, 0)
+
+	// SIGTERM reaches the stage's process group: the trap runs and the child sleep dies too.
+	dir := t.TempDir()
+	script := fmt.Sprintf("trap 'echo got TERM; exit 7' TERM\nsleep 300 &\necho $! > %s/child\necho started\nwait\n", dir)
+	sigs := make(chan syscall.Signal, 1)
+	var out bytes.Buffer
+	started := make(chan struct{})
+	go func() {
+		for !strings.Contains(readFile(dir+"/child"), "\n") {
+			time.Sleep(20 * time.Millisecond)
+		}
+		close(started)
+		sigs <- syscall.SIGTERM
+	}()
+	ex, err := jobs.Exec(ctx, p.c, pl, "step_script", []byte(script), &out, &out, jobs.ExecOptions{Signals: sigs})
+	<-started
+	if err != nil || ex.Code != 7 || !strings.Contains(out.String(), "got TERM") {
+		t.Fatalf("exit %+v err %v out %q", ex, err, out.String())
+	}
+	child, _ := strconv.Atoi(strings.TrimSpace(readFile(dir + "/child")))
+	waitGone(t, child)
+
+	// A hook that vanishes (no keep-alives) gets its stage killed after the lease.
+	os.Remove(dir + "/child")
+	hctx, hcancel := context.WithCancel(ctx)
+	go func() {
+		for !strings.Contains(readFile(dir+"/child"), "\n") {
+			time.Sleep(20 * time.Millisecond)
+		}
+		hcancel() // the hook is SIGKILLed: it stops sending anything
+	}()
+	_, err = jobs.Exec(hctx, p.c, pl, "step_script", []byte(fmt.Sprintf("sleep 300 &\necho $! > %s/child\nwait\n", dir)), &out, &out, jobs.ExecOptions{})
+	if !errors.Is(err, context.Canceled) {
+		t.Fatalf("exec with a vanished hook: %v", err)
+	}
+	child, _ = strconv.Atoi(strings.TrimSpace(readFile(dir + "/child")))
+	waitGone(t, child)
+}
+
 func readFile(p string) string { b, _ := os.ReadFile(p); return string(b) }
 
 func waitGone(t *testing.T, pid int) {
