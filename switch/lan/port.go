@@ -22,7 +22,7 @@ const (
 	DropNoDest     = "no-destination" // unicast to a MAC nobody has
 	DropBadLength  = "bad-length"     // length prefix out of range: the connection is closed
 	DropPolicy     = "policy"         // destination forbidden by policy
-	DropDisconnect = "disconnected"   // queued for a port whose guest is not connected
+	DropDisconnect = "disconnected"   // sent to a port whose guest is not connected
 )
 
 var dropNames = [...]string{DropSpoofMAC, DropSpoofIP, DropEtherType, DropMalformed, DropQueueFull, DropNoDest, DropBadLength, DropPolicy, DropDisconnect}
@@ -127,8 +127,9 @@ type Port struct {
 
 	mac atomic.Uint64 // 1<<63 | MAC once known
 
-	out chan *pbuf
-	ctr counters
+	out       chan *pbuf
+	ctr       counters
+	connected atomic.Bool // a guest connection is attached
 
 	mu     sync.Mutex
 	conn   net.Conn
@@ -205,6 +206,7 @@ func (p *Port) attach(c net.Conn) {
 	}
 	stop := make(chan struct{})
 	p.conn, p.stop = c, stop
+	p.connected.Store(true)
 	p.sw.wg.Add(2)
 	p.mu.Unlock()
 	p.ctr.connects.Add(1)
@@ -218,6 +220,7 @@ func (p *Port) detach(c net.Conn) {
 	p.mu.Lock()
 	if p.conn == c {
 		p.conn = nil
+		p.connected.Store(false)
 		close(p.stop)
 	}
 	p.mu.Unlock()
@@ -234,6 +237,7 @@ func (p *Port) close() {
 		return
 	}
 	p.closed = true
+	p.connected.Store(false)
 	close(p.done)
 	if p.conn != nil {
 		p.conn.Close()
@@ -307,6 +311,12 @@ func (p *Port) writeLoop(c net.Conn, stop chan struct{}) {
 // enqueue queues b for the guest, taking ownership. With wait it blocks briefly for room (the
 // gateway's TCP senders are better slowed than dropped); without it a full queue drops.
 func (p *Port) enqueue(b *pbuf, wait bool) {
+	if !p.connected.Load() {
+		// Like an unplugged cable: nothing is queued for a guest that is not there.
+		p.drop(dDisconnect)
+		putBuf(b)
+		return
+	}
 	select {
 	case p.out <- b:
 		return
