@@ -24,7 +24,8 @@ import (
 
 // File is a parsed, validated fleet file.
 type File struct {
-	// Name of the fleet (default: the folder holding the file). VM names are <name>-<unit>.
+	// Name of the fleet (default: the folder holding the file). Its LAN is fleet-<name>; VM names
+	// are the unit names, so that units resolve as <unit>.lan (one unit of a name per host).
 	Name string `yaml:"name" json:"name,omitempty"`
 	// Subnet of the fleet LAN (default 10.77.0.0/24).
 	Subnet string `yaml:"subnet" json:"subnet,omitempty"`

@@ -1,0 +1,406 @@
+package cli
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/virtkit/virtkit/agent/client"
+	"github.com/virtkit/virtkit/broker"
+	"github.com/virtkit/virtkit/workers/fleet"
+)
+
+func init() { register(newFleet) }
+
+type fleetFlags struct {
+	file     string
+	name     string
+	builder  string
+	services []string
+	img      imageFlags
+}
+
+// newFleet wires `virtkit fleet …` to package workers/fleet: the file model and the controller,
+// which works through the daemon's broker (launcher work, event projections).
+func newFleet(e *env) *cobra.Command {
+	var f fleetFlags
+	root := &cobra.Command{
+		Use:   "fleet",
+		Short: "Run a dev fleet: a builder and service microVMs on one LAN (virtkit.yaml)",
+		Long: `A fleet is a set of microVM units described by a fleet file (virtkit.yaml, or -f FILE): a builder
+with the project folder shared in, and services (redis, mysql, …) with persistent volumes. The units
+share one LAN named after the fleet and reach each other as <unit>.lan. Units allowed to (the
+virtctl: key) can start and stop others from inside with virtctl. Needs a running virtkit serve.
+
+Without a file, --builder IMAGE and --service NAME:IMAGE describe a quick fleet.`,
+	}
+	pf := root.PersistentFlags()
+	pf.StringVarP(&f.file, "file", "f", "", "fleet file (default virtkit.yaml in the working folder)")
+	pf.StringVar(&f.name, "name", "", "fleet name (default: from the file, else the folder's name)")
+
+	// connect reaches the daemon: fleet VMs must outlive this command.
+	connect := func(ctx context.Context) (*broker.Client, *fleet.Controller, error) {
+		c, _, err := e.connectBroker(ctx)
+		if errors.Is(err, broker.ErrNoDaemon) {
+			return nil, nil, fmt.Errorf("fleet: no daemon is running; start `virtkit serve` first")
+		}
+		if err != nil {
+			return nil, nil, err
+		}
+		return c, fleetController(e.cfg, c, e.log, f.img.options(e)), nil
+	}
+	progress := func(unit, msg string) { fmt.Fprintf(os.Stderr, "%-12s %s\n", unit, msg) }
+
+	up := &cobra.Command{
+		Use: "up", Short: "Convert images, boot the units in dependency order, wait for health; converge on re-run", Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			file, src, err := loadFleet(&f)
+			if err != nil {
+				return &ExitError{Code: 2, Err: err}
+			}
+			c, ctl, err := connect(cmd.Context())
+			if err != nil {
+				return err
+			}
+			defer c.Close()
+			t0 := time.Now()
+			if err := ctl.Up(cmd.Context(), file, src, progress); err != nil {
+				return err
+			}
+			fmt.Fprintf(os.Stderr, "fleet %s up in %s\n", file.Name, time.Since(t0).Round(time.Millisecond))
+			return nil
+		},
+	}
+	f.img.add(up.Flags())
+	up.Flags().StringVar(&f.builder, "builder", "", "quick fleet: IMAGE of a builder unit (the working folder shared at /src, virtctl allowed)")
+	up.Flags().StringArrayVar(&f.services, "service", nil, "quick fleet: NAME:IMAGE of a service unit (repeatable)")
+
+	var purge bool
+	down := &cobra.Command{
+		Use: "down", Short: "Stop every unit (definition and volumes are kept; --purge removes them)", Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			name, err := fleetName(e, &f)
+			if err != nil {
+				return err
+			}
+			c, ctl, err := connect(cmd.Context())
+			if err != nil {
+				return err
+			}
+			defer c.Close()
+			return ctl.Down(cmd.Context(), name, purge, progress)
+		},
+	}
+	down.Flags().BoolVar(&purge, "purge", false, "also remove the stored definition and the volumes")
+
+	ps := &cobra.Command{
+		Use: "ps", Short: "Show the units: state (event projection), IP, health", Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			name, err := fleetName(e, &f)
+			if err != nil {
+				return err
+			}
+			c, ctl, err := connect(cmd.Context())
+			if err != nil {
+				return err
+			}
+			defer c.Close()
+			st, err := ctl.Status(cmd.Context(), name)
+			if err != nil {
+				return err
+			}
+			if e.output == "json" {
+				return json.NewEncoder(os.Stdout).Encode(st)
+			}
+			tw := tabwriter.NewWriter(os.Stdout, 2, 4, 2, ' ', 0)
+			fmt.Fprintln(tw, "UNIT\tVM\tSTATE\tHEALTH\tIP\tBOOT")
+			for _, s := range st {
+				boot := "-"
+				if s.BootMillis > 0 && s.Phase == "running" {
+					boot = fmt.Sprintf("%dms", s.BootMillis)
+				}
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", s.Unit, s.VM, s.Phase, orDash(s.Health), orDash(s.IP), boot)
+			}
+			return tw.Flush()
+		},
+	}
+
+	unitOp := func(use, short string, op func(ctx context.Context, ctl *fleet.Controller, name, unit string) error) *cobra.Command {
+		return &cobra.Command{
+			Use: use + " UNIT...", Short: short, Args: cobra.MinimumNArgs(1),
+			RunE: func(cmd *cobra.Command, args []string) error {
+				name, err := fleetName(e, &f)
+				if err != nil {
+					return err
+				}
+				c, ctl, err := connect(cmd.Context())
+				if err != nil {
+					return err
+				}
+				defer c.Close()
+				for _, u := range args {
+					if err := op(cmd.Context(), ctl, name, u); err != nil {
+						return err
+					}
+				}
+				return nil
+			},
+		}
+	}
+	start := unitOp("start", "Start units and wait for their health", func(ctx context.Context, ctl *fleet.Controller, name, unit string) error {
+		return ctl.StartUnit(ctx, name, unit, progress)
+	})
+	stop := unitOp("stop", "Stop units (volumes are kept)", func(ctx context.Context, ctl *fleet.Controller, name, unit string) error {
+		return ctl.StopUnit(ctx, name, unit)
+	})
+	restart := unitOp("restart", "Stop and start units", func(ctx context.Context, ctl *fleet.Controller, name, unit string) error {
+		if err := ctl.StopUnit(ctx, name, unit); err != nil {
+			return err
+		}
+		return ctl.StartUnit(ctx, name, unit, progress)
+	})
+
+	var ef runFlags
+	attach := func(cmd *cobra.Command, unit string, req client.ExecRequest, interactive bool) error {
+		name, err := fleetName(e, &f)
+		if err != nil {
+			return err
+		}
+		ctl := fleetController(e.cfg, nil, e.log, f.img.options(e))
+		a, err := ctl.Load(name)
+		if err != nil {
+			return err
+		}
+		u := a.Units[unit]
+		if u == nil {
+			return fmt.Errorf("fleet %s: no unit %q", name, unit)
+		}
+		ag, err := client.Dial(cmd.Context(), ctl.ExecURL(u.Request.Name))
+		if err != nil {
+			return &ExitError{Code: 125, Err: fmt.Errorf("fleet %s: unit %s: %w (is it running?)", name, unit, err)}
+		}
+		defer ag.Close()
+		st, err := ag.Attach(cmd.Context(), req, client.Terminal{Stdin: os.Stdin, Stdout: os.Stdout, Stderr: os.Stderr, Interactive: interactive})
+		if err != nil {
+			return &ExitError{Code: client.ExitCode(err), Err: err}
+		}
+		if st.Code != 0 {
+			return &ExitError{Code: st.Code}
+		}
+		return nil
+	}
+	exec := &cobra.Command{
+		Use: "exec UNIT -- CMD [ARG...]", Short: "Run a command in a unit", Args: cobra.MinimumNArgs(2),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			argv := args[1:]
+			if argv[0] == "--" {
+				argv = argv[1:]
+			}
+			return attach(cmd, args[0], client.ExecRequest{Argv: argv, Env: ef.env, Dir: ef.workdir, User: ef.user, TTY: ef.tty}, ef.interactive)
+		},
+	}
+	xf := exec.Flags()
+	xf.BoolVarP(&ef.interactive, "interactive", "i", false, "stream stdin")
+	xf.BoolVarP(&ef.tty, "tty", "t", false, "allocate a terminal")
+	xf.StringSliceVarP(&ef.env, "env", "e", nil, "KEY=VALUE (repeatable)")
+	xf.StringVarP(&ef.workdir, "workdir", "w", "", "working folder")
+	xf.StringVarP(&ef.user, "user", "u", "", "user: name, uid or uid:gid")
+	xf.SetInterspersed(false)
+
+	ssh := &cobra.Command{
+		Use: "ssh [UNIT]", Short: "Open a login shell in a unit (default: builder) over the agent's vsock channel", Args: cobra.MaximumNArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			unit := "builder"
+			if len(args) == 1 {
+				unit = args[0]
+			}
+			tty := isTerminal(os.Stdin)
+			return attach(cmd, unit, client.ExecRequest{Argv: []string{"/bin/sh", "-c", `exec "$(command -v bash || echo /bin/sh)" -l`}, TTY: tty}, true)
+		},
+	}
+
+	var follow bool
+	logs := &cobra.Command{
+		Use: "logs UNIT", Short: "Print (-f: follow) a unit's console and its command's output", Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			name, err := fleetName(e, &f)
+			if err != nil {
+				return err
+			}
+			ctl := fleetController(e.cfg, nil, e.log, f.img.options(e))
+			a, err := ctl.Load(name)
+			if err != nil {
+				return err
+			}
+			u := a.Units[args[0]]
+			if u == nil {
+				return fmt.Errorf("fleet %s: no unit %q", name, args[0])
+			}
+			vmDir := filepath.Join(e.cfg.StateDir, "vms", u.Request.Name)
+			console := filepath.Join(vmDir, "console.log")
+			if _, err := os.Stat(console); err != nil {
+				return fmt.Errorf("fleet %s: unit %s is not running on this host", name, args[0])
+			}
+			ctx := cmd.Context()
+			gone := make(chan struct{})
+			if follow {
+				go func() {
+					defer close(gone)
+					for ctx.Err() == nil && fileExists(console) {
+						time.Sleep(200 * time.Millisecond)
+					}
+				}()
+			} else {
+				close(gone)
+			}
+			done := make(chan struct{})
+			go func() { defer close(done); followFile(ctx, console, prefixWriter("console | ", os.Stdout), gone) }()
+			if u.Start != nil {
+				argv := []string{"cat", "/run/virtkit-unit.log"}
+				if follow {
+					argv = []string{"tail", "-n", "+1", "-f", "/run/virtkit-unit.log"}
+				}
+				if ag, err := client.Dial(ctx, ctl.ExecURL(u.Request.Name)); err == nil {
+					w := prefixWriter(args[0]+" | ", os.Stdout)
+					ag.Exec(ctx, client.ExecRequest{Argv: argv}, nil, w, w)
+					ag.Close()
+				}
+			}
+			<-done
+			return nil
+		},
+	}
+	logs.Flags().BoolVarP(&follow, "follow", "f", false, "keep printing until the unit stops")
+
+	root.AddCommand(up, down, ps, logs, exec, ssh, start, stop, restart)
+	return root
+}
+
+// loadFleet reads the fleet file, or builds one from --builder/--service.
+func loadFleet(f *fleetFlags) (*fleet.File, []byte, error) {
+	if f.builder != "" || len(f.services) > 0 {
+		if f.file != "" {
+			return nil, nil, errors.New("fleet: give either -f FILE or --builder/--service, not both")
+		}
+		src, err := quickFleet(f)
+		if err != nil {
+			return nil, nil, err
+		}
+		wd, _ := os.Getwd()
+		file, err := fleet.Parse(src, filepath.Join(wd, "(flags)"))
+		return file, src, err
+	}
+	path := f.file
+	if path == "" {
+		path = "virtkit.yaml"
+	}
+	src, err := os.ReadFile(path)
+	if err != nil {
+		return nil, nil, fmt.Errorf("fleet: %w", err)
+	}
+	abs, _ := filepath.Abs(path)
+	file, err := fleet.Parse(src, abs)
+	if err != nil {
+		return nil, nil, err
+	}
+	if f.name != "" {
+		file.Name = f.name
+	}
+	return file, src, nil
+}
+
+// quickFleet writes the fleet file the flags describe.
+func quickFleet(f *fleetFlags) ([]byte, error) {
+	var b strings.Builder
+	if f.name != "" {
+		fmt.Fprintf(&b, "name: %q\n", f.name)
+	}
+	b.WriteString("units:\n")
+	var svc []string
+	for _, s := range f.services {
+		name, img, ok := strings.Cut(s, ":")
+		if !ok || name == "" || img == "" {
+			return nil, fmt.Errorf("--service %q: want NAME:IMAGE", s)
+		}
+		svc = append(svc, name)
+		fmt.Fprintf(&b, "  %s:\n    image: %q\n", name, img)
+	}
+	if f.builder != "" {
+		wd, err := os.Getwd()
+		if err != nil {
+			return nil, err
+		}
+		fmt.Fprintf(&b, "  builder:\n    image: %q\n    mode: agent\n    virtctl: true\n    shares:\n      - host: %q\n        guest: /src\n", f.builder, wd)
+		if len(svc) > 0 {
+			fmt.Fprintf(&b, "    depends_on: [%s]\n", strings.Join(svc, ", "))
+		}
+	}
+	return []byte(b.String()), nil
+}
+
+// fleetName is --name, else the fleet file's name, else the only fleet applied on this host.
+func fleetName(e *env, f *fleetFlags) (string, error) {
+	if f.name != "" {
+		return f.name, nil
+	}
+	path := f.file
+	if path == "" && fileExists("virtkit.yaml") {
+		path = "virtkit.yaml"
+	}
+	if path != "" {
+		file, _, err := loadFleet(&fleetFlags{file: path})
+		if err != nil {
+			return "", err
+		}
+		return file.Name, nil
+	}
+	names := fleetController(e.cfg, nil, e.log, f.img.options(e)).List()
+	if len(names) == 1 {
+		return names[0], nil
+	}
+	return "", fmt.Errorf("fleet: which fleet? no virtkit.yaml here and %d fleets are applied (%s); use -f or --name", len(names), strings.Join(names, ", "))
+}
+
+func orDash(s string) string {
+	if s == "" {
+		return "-"
+	}
+	return s
+}
+
+// prefixWriter prefixes each line written to w.
+func prefixWriter(prefix string, w *os.File) *linePrefixer {
+	return &linePrefixer{prefix: prefix, w: w, bol: true}
+}
+
+type linePrefixer struct {
+	prefix string
+	w      *os.File
+	bol    bool
+}
+
+func (p *linePrefixer) Write(b []byte) (int, error) {
+	var out []byte
+	for _, c := range b {
+		if p.bol {
+			out = append(out, p.prefix...)
+		}
+		out = append(out, c)
+		p.bol = c == '\n'
+	}
+	_, err := p.w.Write(out)
+	return len(b), err
+}
+
+func isTerminal(f *os.File) bool {
+	fi, err := f.Stat()
+	return err == nil && fi.Mode()&os.ModeCharDevice != 0
+}

@@ -1,0 +1,763 @@
+package fleet
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sort"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/rs/zerolog"
+
+	"github.com/virtkit/virtkit/agent/addr"
+	"github.com/virtkit/virtkit/agent/client"
+	"github.com/virtkit/virtkit/broker"
+	"github.com/virtkit/virtkit/workers/launcher"
+)
+
+// Image is a converted unit image: its read-only root filesystem and its OCI config.
+type Image struct {
+	Rootfs     string
+	Entrypoint []string
+	Cmd        []string
+	Env        []string
+	WorkingDir string
+	User       string
+}
+
+// ControllerConfig configures a Controller.
+type ControllerConfig struct {
+	// Client reaches the broker; VMs are launched and stopped on its host.
+	Client *broker.Client
+	// StateDir is virtkit's state folder: fleets live under StateDir/fleets/<fleet>, VMs under
+	// StateDir/vms/<vm>.
+	StateDir string
+	// Convert turns an image reference into a bootable image (cached by the caller's store).
+	Convert func(ctx context.Context, ref string) (Image, error)
+	// NewVolume makes an empty journaled ext4 file system of size bytes at path.
+	NewVolume func(ctx context.Context, path string, size int64) error
+	// CPUs and MemoryMiB are the defaults for units that do not say.
+	CPUs, MemoryMiB int
+	Log             zerolog.Logger
+}
+
+// Controller applies fleets: it converts images, makes volumes, boots units in dependency order
+// through the broker's launcher work, starts their commands, waits for their health checks, and
+// keeps the applied definition under the state dir. It is safe for concurrent use; operations on
+// one fleet are serialized.
+type Controller struct {
+	cfg ControllerConfig
+
+	mu    sync.Mutex
+	locks map[string]*sync.Mutex
+}
+
+// NewController returns a Controller.
+func NewController(cfg ControllerConfig) *Controller {
+	if cfg.CPUs == 0 {
+		cfg.CPUs = 1
+	}
+	if cfg.MemoryMiB == 0 {
+		cfg.MemoryMiB = 512
+	}
+	return &Controller{cfg: cfg, locks: map[string]*sync.Mutex{}}
+}
+
+func (c *Controller) lock(fleet string) func() {
+	c.mu.Lock()
+	l := c.locks[fleet]
+	if l == nil {
+		l = &sync.Mutex{}
+		c.locks[fleet] = l
+	}
+	c.mu.Unlock()
+	l.Lock()
+	return l.Unlock
+}
+
+// Applied is a fleet as last applied: stored as StateDir/fleets/<name>/fleet.json beside the
+// fleet file it came from (fleet.yaml), so a restarted daemon or host knows it.
+type Applied struct {
+	Name   string `json:"name"`
+	Source string `json:"source"` // the fleet file's path
+	// Up is false after `fleet down`.
+	Up    bool                    `json:"up"`
+	Units map[string]*AppliedUnit `json:"units"`
+}
+
+// AppliedUnit is a unit resolved to what the host runs.
+type AppliedUnit struct {
+	Request launcher.Request `json:"request"`
+	// Mounts are the volumes: Disk is the guest device, Path the mount point.
+	Mounts []Mount `json:"mounts,omitempty"`
+	// Start is the command started (detached) after boot in agent mode; empty for entrypoint mode
+	// and for interactive units.
+	Start     *client.ExecRequest `json:"start,omitempty"`
+	Health    *AppliedHealth      `json:"health,omitempty"`
+	Autostart bool                `json:"autostart"`
+	Virtctl   VirtctlList         `json:"virtctl"`
+	DependsOn []string            `json:"depends_on,omitempty"`
+	// Hash of the effective spec: a unit whose hash is unchanged is left running by `up`.
+	Hash string `json:"hash"`
+}
+
+// Mount is a volume of a unit.
+type Mount struct {
+	Volume string `json:"volume"`
+	File   string `json:"file"`
+	Disk   string `json:"disk"`
+	Path   string `json:"path"`
+}
+
+// AppliedHealth is a health check with defaults filled in.
+type AppliedHealth struct {
+	Test     []string      `json:"test"`
+	Interval time.Duration `json:"interval"`
+	Timeout  time.Duration `json:"timeout"`
+	Retries  int           `json:"retries"`
+}
+
+// MarshalJSON and UnmarshalJSON keep VirtctlList's YAML forms (true, false, a list).
+func (v VirtctlList) MarshalJSON() ([]byte, error) {
+	if v.All || len(v.Units) == 0 {
+		return json.Marshal(v.All)
+	}
+	return json.Marshal(v.Units)
+}
+
+func (v *VirtctlList) UnmarshalJSON(b []byte) error {
+	*v = VirtctlList{}
+	if err := json.Unmarshal(b, &v.All); err == nil {
+		return nil
+	}
+	return json.Unmarshal(b, &v.Units)
+}
+
+// Dir is where fleet name keeps its definition and volumes.
+func (c *Controller) Dir(name string) string { return filepath.Join(c.cfg.StateDir, "fleets", name) }
+
+// VMName is the VM of a unit: the unit's name, so that it resolves as <unit>.lan on the fleet LAN.
+func VMName(fleet, unit string) string { return unit }
+
+func (c *Controller) vmDir(vm string) string { return filepath.Join(c.cfg.StateDir, "vms", vm) }
+
+// ExecURL reaches the agent of a running VM on this host.
+func (c *Controller) ExecURL(vm string) string {
+	return fmt.Sprintf("hvsock://%s:%d", filepath.Join(c.vmDir(vm), "vsock.sock"), addr.PortExec)
+}
+
+// ControlSocket is the host listener of a VM's guest→host fleet control port.
+func (c *Controller) ControlSocket(vm string) string {
+	return filepath.Join(c.vmDir(vm), "vsock.sock_"+strconv.Itoa(addr.PortControl))
+}
+
+// Running reports whether the VM's folder exists on this host (the launcher removes it when the
+// VM ends).
+func (c *Controller) Running(vm string) bool {
+	_, err := os.Stat(filepath.Join(c.vmDir(vm), "vm.json"))
+	return err == nil
+}
+
+// Load reads fleet name's applied definition.
+func (c *Controller) Load(name string) (*Applied, error) {
+	b, err := os.ReadFile(filepath.Join(c.Dir(name), "fleet.json"))
+	if err != nil {
+		if errors.Is(err, os.ErrNotExist) {
+			return nil, fmt.Errorf("fleet %s: not applied on this host (run `virtkit fleet up`)", name)
+		}
+		return nil, fmt.Errorf("fleet %s: %w", name, err)
+	}
+	var a Applied
+	if err := json.Unmarshal(b, &a); err != nil {
+		return nil, fmt.Errorf("fleet %s: fleet.json: %w", name, err)
+	}
+	return &a, nil
+}
+
+// List names the fleets applied on this host.
+func (c *Controller) List() []string {
+	ents, _ := os.ReadDir(filepath.Join(c.cfg.StateDir, "fleets"))
+	var out []string
+	for _, e := range ents {
+		if _, err := os.Stat(filepath.Join(c.Dir(e.Name()), "fleet.json")); err == nil {
+			out = append(out, e.Name())
+		}
+	}
+	return out
+}
+
+// Owner finds the fleet and unit a VM belongs to.
+func (c *Controller) Owner(vm string) (*Applied, string, bool) {
+	for _, name := range c.List() {
+		a, err := c.Load(name)
+		if err != nil {
+			continue
+		}
+		for u, au := range a.Units {
+			if au.Request.Name == vm {
+				return a, u, true
+			}
+		}
+	}
+	return nil, "", false
+}
+
+func (c *Controller) save(a *Applied, source []byte) error {
+	dir := c.Dir(a.Name)
+	if err := os.MkdirAll(filepath.Join(dir, "volumes"), 0o700); err != nil {
+		return fmt.Errorf("fleet %s: %w", a.Name, err)
+	}
+	if source != nil {
+		if err := writeAtomic(filepath.Join(dir, "fleet.yaml"), source); err != nil {
+			return fmt.Errorf("fleet %s: %w", a.Name, err)
+		}
+	}
+	b, err := json.MarshalIndent(a, "", "  ")
+	if err != nil {
+		return fmt.Errorf("fleet %s: encode: %w", a.Name, err)
+	}
+	if err := writeAtomic(filepath.Join(dir, "fleet.json"), b); err != nil {
+		return fmt.Errorf("fleet %s: %w", a.Name, err)
+	}
+	return nil
+}
+
+func writeAtomic(path string, b []byte) error {
+	tmp := path + ".tmp"
+	if err := os.WriteFile(tmp, b, 0o600); err != nil {
+		return err
+	}
+	return os.Rename(tmp, path)
+}
+
+// Resolve converts a fleet file's images, makes missing volumes and computes each unit's
+// effective spec and hash.
+func (c *Controller) Resolve(ctx context.Context, f *File) (*Applied, error) {
+	a := &Applied{Name: f.Name, Up: true, Units: map[string]*AppliedUnit{}}
+	images := map[string]Image{}
+	for _, name := range f.Order() {
+		u := f.Units[name]
+		img, ok := images[u.Image]
+		if !ok {
+			var err error
+			if img, err = c.cfg.Convert(ctx, u.Image); err != nil {
+				return nil, fmt.Errorf("fleet %s: unit %s: image %s: %w", f.Name, name, u.Image, err)
+			}
+			images[u.Image] = img
+		}
+		au, err := c.resolveUnit(ctx, f, name, u, img)
+		if err != nil {
+			return nil, fmt.Errorf("fleet %s: unit %s: %w", f.Name, name, err)
+		}
+		a.Units[name] = au
+	}
+	return a, nil
+}
+
+func (c *Controller) resolveUnit(ctx context.Context, f *File, name string, u *Unit, img Image) (*AppliedUnit, error) {
+	req := launcher.Request{Name: VMName(f.Name, name), Rootfs: img.Rootfs, CPUs: u.CPUs, MemoryMiB: u.Memory.MiB(), Net: "dhcp", LAN: "fleet-" + f.Name}
+	if req.CPUs == 0 {
+		req.CPUs = c.cfg.CPUs
+	}
+	if req.MemoryMiB == 0 {
+		req.MemoryMiB = c.cfg.MemoryMiB
+	}
+	for _, s := range u.Shares {
+		host := s.Host
+		if !filepath.IsAbs(host) {
+			host = filepath.Join(f.Dir, host)
+		}
+		if err := os.MkdirAll(host, 0o755); err != nil {
+			return nil, fmt.Errorf("share %s: %w", s.Host, err)
+		}
+		req.Shares = append(req.Shares, launcher.Share{HostDir: host, GuestDir: s.Guest, ReadOnly: s.ReadOnly})
+	}
+	for _, p := range u.Ports {
+		req.Forwards = append(req.Forwards, launcher.PortForward{Listen: fmt.Sprintf("%s:%d", p.HostIP, p.HostPort), GuestPort: uint16(p.GuestPort)})
+	}
+	for _, k := range u.SSHKeys {
+		k = strings.TrimSpace(k)
+		if strings.HasPrefix(k, "@") || strings.HasPrefix(k, "/") || strings.HasPrefix(k, "~") {
+			path := strings.TrimPrefix(k, "@")
+			if strings.HasPrefix(path, "~/") {
+				home, _ := os.UserHomeDir()
+				path = filepath.Join(home, path[2:])
+			} else if !filepath.IsAbs(path) {
+				path = filepath.Join(f.Dir, path)
+			}
+			b, err := os.ReadFile(path)
+			if err != nil {
+				return nil, fmt.Errorf("ssh key: %w", err)
+			}
+			k = strings.TrimSpace(string(b))
+		}
+		req.Cmdline = append(req.Cmdline, "virtkit.ssh_key=b64:"+b64(k))
+	}
+	au := &AppliedUnit{Virtctl: u.Virtctl, Autostart: u.Autostart == nil || *u.Autostart, DependsOn: u.DependsOn}
+	for i, v := range u.Volumes {
+		file := filepath.Join(c.Dir(f.Name), "volumes", name+"-"+v.Name+".ext4")
+		if _, err := os.Stat(file); errors.Is(err, os.ErrNotExist) {
+			if err := os.MkdirAll(filepath.Dir(file), 0o700); err != nil {
+				return nil, err
+			}
+			if err := c.cfg.NewVolume(ctx, file, v.Size.Bytes); err != nil {
+				return nil, fmt.Errorf("volume %s: %w", v.Name, err)
+			}
+		} else if err != nil {
+			return nil, fmt.Errorf("volume %s: %w", v.Name, err)
+		}
+		req.Disks = append(req.Disks, file)
+		au.Mounts = append(au.Mounts, Mount{Volume: v.Name, File: file, Disk: "/dev/vd" + string(rune('c'+i)), Path: v.Path})
+	}
+	// Entrypoint mode runs the image's own command at boot, with the image's env; a unit with a
+	// command, env or volumes (which must be mounted first) runs in agent mode and its command is
+	// started once the volumes are mounted.
+	mode := u.Mode
+	if mode == "" {
+		mode = "entrypoint"
+		if len(u.Shares) > 0 && len(u.Command) == 0 {
+			mode = "agent" // a builder: a machine to work in
+		}
+	}
+	argv := append(append([]string{}, img.Entrypoint...), img.Cmd...)
+	if len(u.Command) > 0 {
+		argv = u.Command
+	}
+	if mode == "entrypoint" && (len(u.Command) > 0 || len(u.Env) > 0 || len(u.Volumes) > 0) {
+		mode = "agent"
+		if len(argv) == 0 {
+			return nil, errors.New("the image has no entrypoint or cmd: give the unit a command")
+		}
+		env := append([]string{}, img.Env...)
+		keys := make([]string, 0, len(u.Env))
+		for k := range u.Env {
+			keys = append(keys, k)
+		}
+		sort.Strings(keys)
+		for _, k := range keys {
+			env = append(env, k+"="+u.Env[k])
+		}
+		au.Start = &client.ExecRequest{Argv: argv, Env: env, Dir: img.WorkingDir, User: img.User}
+	}
+	req.Mode = mode
+	if h := u.Health; h != nil {
+		ah := &AppliedHealth{Test: h.Test, Interval: h.Interval.D, Timeout: h.Timeout.D, Retries: h.Retries}
+		if ah.Interval == 0 {
+			ah.Interval = time.Second
+		}
+		if ah.Timeout == 0 {
+			ah.Timeout = 10 * time.Second
+		}
+		if ah.Retries == 0 {
+			ah.Retries = 60
+		}
+		au.Health = ah
+	}
+	b, _ := json.Marshal(struct {
+		R launcher.Request
+		M []Mount
+		S *client.ExecRequest
+		H *AppliedHealth
+		V VirtctlList
+	}{req, au.Mounts, au.Start, au.Health, au.Virtctl})
+	sum := sha256.Sum256(b)
+	au.Hash = hex.EncodeToString(sum[:8])
+	au.Request = req
+	return au, nil
+}
+
+// Progress reports what an operation does, one line per step (nil: quiet).
+type Progress func(unit, msg string)
+
+// Up converges fleet f to its file: units whose effective spec changed (or that are not
+// running) are (re)started in dependency order, each waiting for its health check before its
+// dependents boot; unchanged running units are left alone; units no longer in the file stop.
+func (c *Controller) Up(ctx context.Context, f *File, source []byte, p Progress) error {
+	a, err := c.Resolve(ctx, f)
+	if err != nil {
+		return err
+	}
+	unlock := c.lock(a.Name)
+	defer unlock()
+	prev, _ := c.Load(a.Name)
+	if err := c.save(a, source); err != nil {
+		return err
+	}
+	return c.converge(ctx, a, prev, f.Order(), p)
+}
+
+// Resume brings fleet name back after a daemon or host restart: the stored definition's
+// autostart units that are not running are started.
+func (c *Controller) Resume(ctx context.Context, name string, p Progress) error {
+	unlock := c.lock(name)
+	defer unlock()
+	a, err := c.Load(name)
+	if err != nil || !a.Up {
+		return err
+	}
+	return c.converge(ctx, a, a, a.order(), p)
+}
+
+func (a *Applied) order() []string {
+	f := &File{Units: map[string]*Unit{}}
+	for n, u := range a.Units {
+		f.Units[n] = &Unit{DependsOn: u.DependsOn}
+	}
+	return f.Order()
+}
+
+func (c *Controller) converge(ctx context.Context, a, prev *Applied, order []string, p Progress) error {
+	if p == nil {
+		p = func(string, string) {}
+	}
+	if prev != nil {
+		for name, pu := range prev.Units {
+			if _, ok := a.Units[name]; !ok && c.Running(pu.Request.Name) {
+				p(name, "removed from the fleet file: stopping")
+				if err := c.stopVM(ctx, pu.Request.Name); err != nil {
+					return err
+				}
+			}
+		}
+	}
+	for _, name := range order {
+		u := a.Units[name]
+		running := c.Running(u.Request.Name)
+		if running && prev != nil && prev.Units[name] != nil && prev.Units[name].Hash == u.Hash {
+			p(name, "unchanged")
+			continue
+		}
+		if !u.Autostart && !running {
+			p(name, "autostart off: not started")
+			continue
+		}
+		if running {
+			p(name, "changed: restarting")
+			if err := c.stopVM(ctx, u.Request.Name); err != nil {
+				return err
+			}
+		}
+		if err := c.startUnit(ctx, a, name, p); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// Down stops every unit of fleet name; its definition and volumes stay (Up or Resume brings it
+// back). With purge the definition and volumes are removed as well.
+func (c *Controller) Down(ctx context.Context, name string, purge bool, p Progress) error {
+	unlock := c.lock(name)
+	defer unlock()
+	a, err := c.Load(name)
+	if err != nil {
+		return err
+	}
+	if p == nil {
+		p = func(string, string) {}
+	}
+	order := a.order()
+	var errs []error
+	for i := len(order) - 1; i >= 0; i-- {
+		u := a.Units[order[i]]
+		if c.Running(u.Request.Name) {
+			p(order[i], "stopping")
+			if err := c.stopVM(ctx, u.Request.Name); err != nil {
+				errs = append(errs, err)
+			}
+		}
+	}
+	if err := errors.Join(errs...); err != nil {
+		return err
+	}
+	if purge {
+		return os.RemoveAll(c.Dir(name))
+	}
+	a.Up = false
+	return c.save(a, nil)
+}
+
+// StartUnit starts one unit of a fleet (no-op when it runs) and waits for its health check.
+func (c *Controller) StartUnit(ctx context.Context, fleet, unit string, p Progress) error {
+	unlock := c.lock(fleet)
+	defer unlock()
+	a, err := c.Load(fleet)
+	if err != nil {
+		return err
+	}
+	if a.Units[unit] == nil {
+		return fmt.Errorf("fleet %s: no unit %q", fleet, unit)
+	}
+	if c.Running(a.Units[unit].Request.Name) {
+		return nil
+	}
+	if p == nil {
+		p = func(string, string) {}
+	}
+	return c.startUnit(ctx, a, unit, p)
+}
+
+// StopUnit stops one unit of a fleet (its volumes stay).
+func (c *Controller) StopUnit(ctx context.Context, fleet, unit string) error {
+	unlock := c.lock(fleet)
+	defer unlock()
+	a, err := c.Load(fleet)
+	if err != nil {
+		return err
+	}
+	u := a.Units[unit]
+	if u == nil {
+		return fmt.Errorf("fleet %s: no unit %q", fleet, unit)
+	}
+	if !c.Running(u.Request.Name) {
+		return nil
+	}
+	return c.stopVM(ctx, u.Request.Name)
+}
+
+func (c *Controller) startUnit(ctx context.Context, a *Applied, name string, p Progress) error {
+	u := a.Units[name]
+	vm := u.Request.Name
+	t0 := time.Now()
+	p(name, "booting")
+	ready, err := c.launch(ctx, u.Request)
+	if err != nil {
+		return fmt.Errorf("fleet %s: unit %s: %w", a.Name, name, err)
+	}
+	if err := c.postStart(ctx, u); err != nil {
+		return fmt.Errorf("fleet %s: unit %s: %w", a.Name, name, err)
+	}
+	if u.Health != nil {
+		p(name, fmt.Sprintf("up at %s in %s; waiting for health", ready.IP, time.Since(t0).Round(time.Millisecond)))
+		if err := c.waitHealthy(ctx, vm, u.Health); err != nil {
+			return fmt.Errorf("fleet %s: unit %s: %w", a.Name, name, err)
+		}
+	}
+	p(name, fmt.Sprintf("ready at %s in %s", ready.IP, time.Since(t0).Round(time.Millisecond)))
+	return nil
+}
+
+// postStart mounts the unit's volumes, links virtctl and starts its command.
+func (c *Controller) postStart(ctx context.Context, u *AppliedUnit) error {
+	if len(u.Mounts) == 0 && u.Start == nil && !u.Virtctl.Enabled() {
+		return nil
+	}
+	ag, err := client.Dial(ctx, c.ExecURL(u.Request.Name))
+	if err != nil {
+		return err
+	}
+	defer ag.Close()
+	var script strings.Builder
+	script.WriteString("set -e\n")
+	for _, m := range u.Mounts {
+		fmt.Fprintf(&script, "mkdir -p %s\nmountpoint -q %s || mount -t ext4 %s %s\n", shq(m.Path), shq(m.Path), m.Disk, shq(m.Path))
+	}
+	if u.Virtctl.Enabled() {
+		script.WriteString("mkdir -p /usr/local/bin && ln -sf /sbin/virtkit-agent /usr/local/bin/virtctl\n")
+	}
+	script.WriteString(": > /run/virtkit-unit.log && chmod 0666 /run/virtkit-unit.log\n")
+	var out bytes.Buffer
+	st, err := ag.Exec(ctx, client.ExecRequest{Argv: []string{"/bin/sh", "-c", script.String()}}, nil, &out, &out)
+	if err != nil {
+		return fmt.Errorf("prepare: %w", err)
+	}
+	if st.Code != 0 {
+		return fmt.Errorf("prepare (volumes) exited %d: %s", st.Code, strings.TrimSpace(out.String()))
+	}
+	if u.Start == nil {
+		return nil
+	}
+	// setsid -f: the command outlives this exec session, in a session of its own; PID 1 reaps it
+	// and SIGTERMs it at power-off. Its output goes to a log `fleet logs` shows.
+	start := *u.Start
+	start.Argv = append([]string{"setsid", "-f", "/bin/sh", "-c", `exec "$@" </dev/null >>/run/virtkit-unit.log 2>&1`, "virtkit-unit"}, u.Start.Argv...)
+	out.Reset()
+	st, err = ag.Exec(ctx, start, nil, &out, &out)
+	if err != nil {
+		return fmt.Errorf("start %v: %w", u.Start.Argv, err)
+	}
+	if st.Code != 0 {
+		return fmt.Errorf("start %v exited %d: %s", u.Start.Argv, st.Code, strings.TrimSpace(out.String()))
+	}
+	return nil
+}
+
+func shq(s string) string { return "'" + strings.ReplaceAll(s, "'", `'\''`) + "'" }
+
+// Check runs a unit's health check once.
+func (c *Controller) Check(ctx context.Context, vm string, h *AppliedHealth) error {
+	ctx, cancel := context.WithTimeout(ctx, h.Timeout)
+	defer cancel()
+	ag, err := client.Dial(ctx, c.ExecURL(vm))
+	if err != nil {
+		return err
+	}
+	defer ag.Close()
+	var out bytes.Buffer
+	st, err := ag.Exec(ctx, client.ExecRequest{Argv: h.Test}, nil, &out, &out)
+	if err != nil {
+		return err
+	}
+	if st.Code != 0 {
+		return fmt.Errorf("health check %v exited %d: %s", h.Test, st.Code, lastLine(out.String()))
+	}
+	return nil
+}
+
+func lastLine(s string) string {
+	s = strings.TrimSpace(s)
+	if i := strings.LastIndexByte(s, '\n'); i >= 0 {
+		s = s[i+1:]
+	}
+	if len(s) > 200 {
+		s = s[:200]
+	}
+	return s
+}
+
+func (c *Controller) waitHealthy(ctx context.Context, vm string, h *AppliedHealth) error {
+	var last error
+	for i := 0; i <= h.Retries; i++ {
+		if last = c.Check(ctx, vm, h); last == nil {
+			return nil
+		}
+		if !c.Running(vm) {
+			return fmt.Errorf("stopped while waiting for health: %w", last)
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("waiting for health: %w (last: %v)", ctx.Err(), last)
+		case <-time.After(h.Interval):
+		}
+	}
+	return fmt.Errorf("unhealthy after %d checks: %w", h.Retries+1, last)
+}
+
+// Status is a unit's state on this host.
+type Status struct {
+	Unit, VM, Phase, IP, Health string
+	BootMillis                  int64
+}
+
+// Status reports each unit of fleet name: phase from the event projection (and the VM folder),
+// health from running its check now.
+func (c *Controller) Status(ctx context.Context, name string) ([]Status, error) {
+	a, err := c.Load(name)
+	if err != nil {
+		return nil, err
+	}
+	st, err := broker.ReadProjection(ctx, c.cfg.Client)
+	if err != nil {
+		return nil, err
+	}
+	var out []Status
+	for _, unit := range a.order() {
+		u := a.Units[unit]
+		s := Status{Unit: unit, VM: u.Request.Name, Phase: "stopped"}
+		if v, ok := st.VMs[u.Request.Name]; ok {
+			s.Phase, s.IP, s.BootMillis = v.Phase, v.IP, v.BootMillis
+		}
+		running := c.Running(u.Request.Name)
+		switch {
+		case running && s.Phase != "starting":
+			s.Phase = "running"
+		case !running && (s.Phase == "ready" || s.Phase == "starting"):
+			s.Phase = "stopped"
+		}
+		if s.Phase != "running" {
+			s.IP = ""
+		}
+		if running && u.Health != nil {
+			hctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+			h := *u.Health
+			h.Timeout = 5 * time.Second
+			if c.Check(hctx, u.Request.Name, &h) == nil {
+				s.Health = "healthy"
+			} else {
+				s.Health = "unhealthy"
+			}
+			cancel()
+		}
+		out = append(out, s)
+	}
+	return out, nil
+}
+
+// launch asks this host's launcher to boot req and waits for vm.ready or vm.failed.
+func (c *Controller) launch(ctx context.Context, req launcher.Request) (*broker.VMReady, error) {
+	evs, stop, err := c.follow(ctx, req.Name)
+	if err != nil {
+		return nil, err
+	}
+	defer stop()
+	bc := c.cfg.Client
+	if _, err := bc.Submit(ctx, broker.HostWorkSubject(bc.Host(), launcher.KindLaunch), "fleet-launch-"+req.Name+"-"+nonce(), req); err != nil {
+		return nil, err
+	}
+	for {
+		select {
+		case ev := <-evs:
+			switch e := ev.(type) {
+			case *broker.VMReady:
+				return e, nil
+			case *broker.VMFailed:
+				return nil, errors.New(e.Error)
+			case *broker.VMStopped:
+				return nil, fmt.Errorf("vm %s stopped while booting: %s", req.Name, e.Reason)
+			}
+		case <-ctx.Done():
+			return nil, fmt.Errorf("vm %s: waiting for it to boot: %w", req.Name, ctx.Err())
+		}
+	}
+}
+
+// stopVM asks this host's launcher to stop vm and waits until it has.
+func (c *Controller) stopVM(ctx context.Context, vm string) error {
+	evs, stop, err := c.follow(ctx, vm)
+	if err != nil {
+		return err
+	}
+	defer stop()
+	bc := c.cfg.Client
+	if _, err := bc.Submit(ctx, broker.HostWorkSubject(bc.Host(), launcher.KindStop), "fleet-stop-"+vm+"-"+nonce(), launcher.StopRequest{Name: vm}); err != nil {
+		return err
+	}
+	for {
+		select {
+		case ev := <-evs:
+			switch e := ev.(type) {
+			case *broker.VMStopped:
+				return nil
+			case *broker.VMFailed:
+				return errors.New(e.Error)
+			}
+		case <-ctx.Done():
+			return fmt.Errorf("vm %s: waiting for it to stop: %w", vm, ctx.Err())
+		}
+	}
+}
+
+func (c *Controller) follow(ctx context.Context, vm string) (<-chan broker.Event, func(), error) {
+	ch := make(chan broker.Event, 16)
+	sub, err := c.cfg.Client.Subscribe(ctx, broker.SubscribeOptions{Filters: []string{broker.EventFilter("vm", vm, "")}, New: true},
+		func(ctx context.Context, _ *broker.Envelope, ev broker.Event) error {
+			select {
+			case ch <- ev:
+			case <-ctx.Done():
+			}
+			return nil
+		})
+	if err != nil {
+		return nil, nil, err
+	}
+	return ch, sub.Stop, nil
+}
