@@ -478,6 +478,13 @@ func (p *Projector) Run(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("broker: projector: %w", err)
 	}
+	if st, err := p.c.js.Stream(ctx, EventsStream); err == nil && done > st.CachedInfo().State.LastSeq {
+		// The log is shorter than what we applied: it was recreated. Follow the new one from
+		// its start (rows written from the old log keep their sequences; rebuild them with
+		// RebuildProjection).
+		p.log.Warn().Uint64("checkpoint", done).Uint64("last", st.CachedInfo().State.LastSeq).Msg("event log is behind the checkpoint; following it from the start")
+		done = 0
+	}
 	cons, err := p.c.js.OrderedConsumer(ctx, EventsStream, jetstream.OrderedConsumerConfig{
 		DeliverPolicy: jetstream.DeliverByStartSequencePolicy,
 		OptStartSeq:   done + 1,
@@ -489,6 +496,7 @@ func (p *Projector) Run(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("broker: projector: %w", err)
 	}
+	defer it.Stop()
 	// On stop, catch up with the log as it is at that moment (the last events of workers that
 	// stopped before us, host.stopped), for at most catchUp, then end.
 	var applied, target atomic.Uint64
