@@ -93,6 +93,9 @@ func WriteTar(ctx context.Context, r io.Reader, out string, opts Options) (Resul
 // the modification times: reading the tree would otherwise change the image.
 func WriteDir(ctx context.Context, dir, out string, opts Options) (Result, error) {
 	return write(ctx, out, opts, func(b *builder) error {
+		a := newAsyncHash(b.sum)
+		defer a.Close()
+		b.sum = a
 		return b.readDir(dir)
 	})
 }
@@ -135,6 +138,9 @@ func FingerprintDir(ctx context.Context, dir string, opts Options) (string, erro
 	if err != nil {
 		return "", fmt.Errorf("mkext: %w", err)
 	}
+	a := newAsyncHash(b.sum)
+	defer a.Close()
+	b.sum = a
 	if err := b.readDir(dir); err != nil {
 		return "", fmt.Errorf("mkext: fingerprint: %w", err)
 	}
