@@ -2,6 +2,7 @@ package virtiofs
 
 import (
 	"context"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -36,13 +37,15 @@ func startDaemonWith(t testing.TB, share string, wrapper []string, extra ...stri
 		cancel()
 		cmd.Wait()
 	})
-	for i := 0; i < 200; i++ {
-		if _, err := os.Stat(sock); err == nil {
+	// Wait until the daemon accepts (a probe session that ends at once is harmless to it).
+	for i := 0; i < 500; i++ {
+		if c, err := net.Dial("unix", sock); err == nil {
+			c.Close()
 			return sock
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
-	t.Fatalf("virtiofsd did not create %s", sock)
+	t.Fatalf("virtiofsd did not accept on %s", sock)
 	return ""
 }
 
