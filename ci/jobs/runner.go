@@ -102,6 +102,7 @@ func (r *Runner) Run(ctx context.Context) error {
 	for subj, h := range map[string]func(*nats.Msg){
 		ControlSubject(r.host, "exec"):    r.onExec,
 		ControlSubject(r.host, "cleanup"): r.onCleanup,
+		ControlSubject(r.host, "status"):  r.onStatus,
 		CancelSubject:                     r.onCancel,
 	} {
 		s, err := nc.Subscribe(subj, func(m *nats.Msg) {
@@ -193,7 +194,12 @@ func (r *Runner) handle(ctx context.Context, w *broker.Work) error {
 			log.Info().Int("attempt", w.Attempt).Msg("duplicate delivery of a job running here")
 			return nil
 		}
-		if r.taken(ctx, spec.ID) {
+		if holder, taken := r.taken(ctx, spec.ID); taken && holder != r.host && r.holds(ctx, holder, spec.ID) {
+			// Another live host runs it; the item came back because the cluster lost track of
+			// its progress reports (a NATS node died). That host carries on; this delivery is done.
+			log.Info().Int("attempt", w.Attempt).Str("holder", holder).Msg("duplicate delivery of a job another host runs")
+			return nil
+		} else if taken {
 			// The host that took it before died or stopped mid-job: its VM is gone with it. Running
 			// the job again here could run a stage twice; GitLab retries system failures instead.
 			log.Warn().Int("attempt", w.Attempt).Msg("redelivered job: failing it as a system failure")
@@ -456,14 +462,54 @@ func dialAgent(ctx context.Context, m Machine) (*client.Client, error) {
 	return client.WaitReady(ctx, m.ExecURL())
 }
 
-// taken reports whether some host marked job id as taken (vm.starting with the job's name).
-func (r *Runner) taken(ctx context.Context, id string) bool {
+// taken reports whether some host marked job id as taken (vm.starting with the job's name), and
+// which.
+func (r *Runner) taken(ctx context.Context, id string) (string, bool) {
 	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
 	st, err := r.cfg.Client.JetStream().Stream(ctx, broker.EventsStream)
 	if err != nil {
-		return true // cannot tell: the safe answer never runs a job twice
+		return "", true // cannot tell: the safe answer never runs a job twice
 	}
-	_, err = st.GetLastMsgForSubject(ctx, broker.EventFilter("vm", id, "starting"))
-	return !errors.Is(err, jetstream.ErrMsgNotFound)
+	m, err := st.GetLastMsgForSubject(ctx, broker.EventFilter("vm", id, "starting"))
+	if errors.Is(err, jetstream.ErrMsgNotFound) {
+		return "", false
+	}
+	if err != nil {
+		return "", true
+	}
+	env, err := broker.DecodeEnvelope(m.Data, m.Subject)
+	if err != nil {
+		return "", true
+	}
+	return env.Source, true
+}
+
+// holds asks host whether it runs job id (booting or ready).
+func (r *Runner) holds(ctx context.Context, host, id string) bool {
+	if broker.ValidID(host) != nil {
+		return false
+	}
+	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	b, _ := json.Marshal(CleanupRequest{Job: id})
+	m, err := r.cfg.Client.Conn().RequestWithContext(ctx, ControlSubject(host, "status"), b)
+	if err != nil {
+		return false
+	}
+	var rep Reply
+	return json.Unmarshal(m.Data, &rep) == nil && rep.OK
+}
+
+// onStatus answers whether this host runs a job (booting or ready).
+func (r *Runner) onStatus(m *nats.Msg) {
+	var req CleanupRequest
+	if json.Unmarshal(m.Data, &req) != nil {
+		respond(m, Reply{Error: "bad status request"})
+		return
+	}
+	r.mu.Lock()
+	j := r.jobs[req.Job]
+	r.mu.Unlock()
+	respond(m, Reply{OK: j != nil && !j.aborted.Load(), Unknown: j == nil})
 }
