@@ -224,7 +224,11 @@ func (c *Config) fill() error {
 		if err != nil {
 			return fmt.Errorf("%s: %w", f.key, err)
 		}
+		fi, err := fh.Stat()
 		fh.Close()
+		if err == nil && fi.IsDir() {
+			return fmt.Errorf("%s: %s is a folder, not a file", f.key, f.path)
+		}
 	}
 	switch c.VM.VMM {
 	case "":
