@@ -85,7 +85,7 @@ func convert(ctx context.Context, ref string, opts ConvertOptions) (*store.Bundl
 	if err != nil {
 		return nil, false, err
 	}
-	agentSum, err := fileDigest(opts.Agent)
+	agentSum, err := agentDigest(st, opts.Agent)
 	if err != nil {
 		return nil, false, fmt.Errorf("oci: agent: %w", err)
 	}
@@ -246,6 +246,27 @@ func fingerprint(id, agentSum string, opts *ConvertOptions) string {
 	}{ConverterVersion, ext4.FormatVersion, id, agentSum, opts.Size, opts.Free, opts.NoJournal})
 	h := sha256.Sum256(in)
 	return hex.EncodeToString(h[:])
+}
+
+// agentDigest is the agent binary's digest, remembered by path, size, mtime and inode so that a
+// cache hit does not hash megabytes.
+func agentDigest(st *store.Store, path string) (string, error) {
+	fi, err := os.Stat(path)
+	if err != nil {
+		return "", err
+	}
+	abs, _ := filepath.Abs(path)
+	h := sha256.Sum256([]byte(fmt.Sprintf("agent\n%s\n%d\n%d\n%d", abs, fi.Size(), fi.ModTime().UnixNano(), inode(fi))))
+	key := hex.EncodeToString(h[:16])
+	if r, ok := st.Ref(key); ok {
+		return r.ID, nil
+	}
+	d, err := fileDigest(path)
+	if err != nil {
+		return "", err
+	}
+	_ = st.SetRef(key, store.Ref{Source: abs, ID: d, Time: time.Now()})
+	return d, nil
 }
 
 func fileDigest(path string) (string, error) {
