@@ -115,6 +115,11 @@ func mountOne(m Mount) error {
 		return fmt.Errorf("mount %s: create %s: %w", m.FSType, m.Target, err)
 	}
 	if err := unix.Mount(m.Source, m.Target, m.FSType, m.Flags, m.Data); err != nil {
+		if errors.Is(err, unix.EBUSY) {
+			// Already mounted: the kernel mounts devtmpfs itself (DEVTMPFS_MOUNT) before /proc
+			// exists to tell us so.
+			return nil
+		}
 		return fmt.Errorf("mount %s on %s: %w", m.FSType, m.Target, err)
 	}
 	return nil
