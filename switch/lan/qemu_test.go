@@ -148,4 +148,3 @@ func hostKHz() int {
 	}
 	return 0
 }
-
