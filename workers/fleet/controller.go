@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/rs/zerolog"
+	"golang.org/x/sync/errgroup"
 
 	"github.com/virtkit/virtkit/agent/addr"
 	"github.com/virtkit/virtkit/agent/client"
@@ -280,6 +281,10 @@ func (c *Controller) resolveUnit(ctx context.Context, f *File, name string, u *U
 			return nil, fmt.Errorf("share %s: %w", s.Host, err)
 		}
 		req.Shares = append(req.Shares, launcher.Share{HostDir: host, GuestDir: s.Guest, ReadOnly: s.ReadOnly})
+		if s.UIDMap != "" || s.GIDMap != "" {
+			// virtiofsd takes --uid-map/--gid-map, but launcher.Share does not carry them yet.
+			c.cfg.Log.Warn().Str("unit", name).Str("share", s.Guest).Msg("uid_map/gid_map are not applied yet: the launcher's shares carry no id maps")
+		}
 	}
 	for _, p := range u.Ports {
 		req.Forwards = append(req.Forwards, launcher.PortForward{Listen: fmt.Sprintf("%s:%d", p.HostIP, p.HostPort), GuestPort: uint16(p.GuestPort)})
@@ -429,28 +434,58 @@ func (c *Controller) converge(ctx context.Context, a, prev *Applied, order []str
 			}
 		}
 	}
-	for _, name := range order {
-		u := a.Units[name]
-		running := c.Running(u.Request.Name)
-		if running && prev != nil && prev.Units[name] != nil && prev.Units[name].Hash == u.Hash {
-			p(name, "unchanged")
-			continue
+	// Units of one dependency level boot together; a level starts when the one before is
+	// healthy.
+	for _, level := range a.levels(order) {
+		g, gctx := errgroup.WithContext(ctx)
+		for _, name := range level {
+			g.Go(func() error { return c.convergeUnit(gctx, a, prev, name, p) })
 		}
-		if !u.Autostart && !running {
-			p(name, "autostart off: not started")
-			continue
-		}
-		if running {
-			p(name, "changed: restarting")
-			if err := c.stopVM(ctx, u.Request.Name); err != nil {
-				return err
-			}
-		}
-		if err := c.startUnit(ctx, a, name, p); err != nil {
+		if err := g.Wait(); err != nil {
 			return err
 		}
 	}
 	return nil
+}
+
+func (c *Controller) convergeUnit(ctx context.Context, a, prev *Applied, name string, p Progress) error {
+	u := a.Units[name]
+	running := c.Running(u.Request.Name)
+	if running && prev != nil && prev.Units[name] != nil && prev.Units[name].Hash == u.Hash {
+		p(name, "unchanged")
+		return nil
+	}
+	if !u.Autostart && !running {
+		p(name, "autostart off: not started")
+		return nil
+	}
+	if running {
+		p(name, "changed: restarting")
+		if err := c.stopVM(ctx, u.Request.Name); err != nil {
+			return err
+		}
+	}
+	return c.startUnit(ctx, a, name, p)
+}
+
+// levels groups units by dependency depth (order is dependencies first).
+func (a *Applied) levels(order []string) [][]string {
+	depth := map[string]int{}
+	var out [][]string
+	for _, n := range order {
+		d := 0
+		for _, dep := range a.Units[n].DependsOn {
+			if depth[dep]+1 > d {
+				d = depth[dep] + 1
+			}
+		}
+		depth[n] = d
+		for len(out) <= d {
+			out = append(out, nil)
+		}
+		out[d] = append(out[d], n)
+	}
+	return out
 }
 
 // Down stops every unit of fleet name; its definition and volumes stay (Up or Resume brings it
