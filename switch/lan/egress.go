@@ -33,6 +33,11 @@ func (s *Switch) egressTCP(r *tcp.ForwarderRequest) {
 		r.Complete(true)
 		return
 	}
+	if !s.takeFlow() {
+		r.Complete(true)
+		return
+	}
+	defer s.flows.Add(-1)
 	d := net.Dialer{Timeout: 15 * time.Second}
 	hc, err := d.DialContext(s.ctx, "tcp4", target.String())
 	if err != nil {
@@ -50,6 +55,16 @@ func (s *Switch) egressTCP(r *tcp.ForwarderRequest) {
 	r.Complete(false)
 	gc := gonet.NewTCPConn(&wq, ep)
 	s.splice(gc, hc.(*net.TCPConn))
+}
+
+// takeFlow reserves one of Config.MaxFlows; the caller releases it with s.flows.Add(-1).
+func (s *Switch) takeFlow() bool {
+	if s.flows.Add(1) > int64(s.cfg.MaxFlows) {
+		s.flows.Add(-1)
+		s.flowDrops.Add(1)
+		return false
+	}
+	return true
 }
 
 // halfCloser is a stream with a write side that can be shut alone.
@@ -116,13 +131,18 @@ func (s *Switch) egressUDP(r *udp.ForwarderRequest) bool {
 		s.policyDrops.Add(1)
 		return true // swallow silently: no ICMP hint about what is there
 	}
+	if !s.takeFlow() {
+		return true
+	}
 	hc, err := net.DialUDP("udp4", nil, net.UDPAddrFromAddrPort(target))
 	if err != nil {
+		s.flows.Add(-1)
 		return false
 	}
 	var wq waiter.Queue
 	ep, terr := r.CreateEndpoint(&wq)
 	if terr != nil {
+		s.flows.Add(-1)
 		hc.Close()
 		return false
 	}
@@ -130,6 +150,7 @@ func (s *Switch) egressUDP(r *udp.ForwarderRequest) bool {
 	s.mu.Lock()
 	if s.closed {
 		s.mu.Unlock()
+		s.flows.Add(-1)
 		gc.Close()
 		hc.Close()
 		return true
@@ -138,6 +159,7 @@ func (s *Switch) egressUDP(r *udp.ForwarderRequest) bool {
 	s.mu.Unlock()
 	go func() {
 		defer s.wg.Done()
+		defer s.flows.Add(-1)
 		s.udpFlow(gc, hc)
 	}()
 	return true

@@ -65,6 +65,9 @@ type Config struct {
 	// super-segments of up to 64 KiB as single frames (like a NIC's receive offload), which
 	// virtkit's relay and Linux taps accept; set this for peers that drop frames above the MTU.
 	NoOffload bool
+	// MaxFlows caps the TCP connections and UDP flows the gateway re-originates at once (all
+	// guests together), so that a guest cannot exhaust the host's sockets; default 16384.
+	MaxFlows int
 	// QueueLen is each port's transmit queue in frames; default 1024.
 	QueueLen int
 	// Logger receives the switch's logs.
@@ -144,6 +147,8 @@ type Switch struct {
 	icmp        icmpState
 	gwDrops     atomic.Uint64 // gateway frames for unknown MACs
 	policyDrops atomic.Uint64 // flows refused by policy
+	flowDrops   atomic.Uint64 // flows refused because MaxFlows were open
+	flows       atomic.Int64  // open egress flows
 }
 
 // ErrClosed is returned by operations on a closed Switch.
@@ -175,6 +180,9 @@ func New(cfg Config) (*Switch, error) {
 	}
 	if cfg.UDPTimeout == 0 {
 		cfg.UDPTimeout = 60 * time.Second
+	}
+	if cfg.MaxFlows == 0 {
+		cfg.MaxFlows = 16384
 	}
 	if cfg.QueueLen == 0 {
 		cfg.QueueLen = 1024

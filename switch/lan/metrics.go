@@ -49,6 +49,8 @@ func (s *Switch) WriteMetrics(w io.Writer) error {
 	}
 	g := s.GatewayCounters()
 	fmt.Fprintf(&b, "# HELP virtkit_switch_gateway_policy_refusals_total Guest flows refused by the egress policy.\n# TYPE virtkit_switch_gateway_policy_refusals_total counter\nvirtkit_switch_gateway_policy_refusals_total %d\n", g.PolicyRefusals)
+	fmt.Fprintf(&b, "# HELP virtkit_switch_gateway_flows Egress flows (TCP connections, UDP flows) open now.\n# TYPE virtkit_switch_gateway_flows gauge\nvirtkit_switch_gateway_flows %d\n", g.Flows)
+	fmt.Fprintf(&b, "# HELP virtkit_switch_gateway_flow_limit_refusals_total Egress flows refused because MaxFlows were open.\n# TYPE virtkit_switch_gateway_flow_limit_refusals_total counter\nvirtkit_switch_gateway_flow_limit_refusals_total %d\n", g.FlowLimitRefusals)
 	fmt.Fprintf(&b, "# HELP virtkit_switch_gateway_unknown_dest_total Gateway frames for MACs no port has.\n# TYPE virtkit_switch_gateway_unknown_dest_total counter\nvirtkit_switch_gateway_unknown_dest_total %d\n", g.UnknownDest)
 	_, err := io.WriteString(w, b.String())
 	return err
@@ -58,9 +60,14 @@ func (s *Switch) WriteMetrics(w io.Writer) error {
 type GatewayCounters struct {
 	PolicyRefusals uint64 // TCP/UDP/ICMP flows refused by policy
 	UnknownDest    uint64 // frames the gateway sent to MACs no port has
+	// Flows is the number of egress flows open now; FlowLimitRefusals counts flows refused at
+	// Config.MaxFlows.
+	Flows             int64
+	FlowLimitRefusals uint64
 }
 
 // GatewayCounters returns the gateway's counters.
 func (s *Switch) GatewayCounters() GatewayCounters {
-	return GatewayCounters{PolicyRefusals: s.policyDrops.Load(), UnknownDest: s.gwDrops.Load()}
+	return GatewayCounters{PolicyRefusals: s.policyDrops.Load(), UnknownDest: s.gwDrops.Load(),
+		Flows: s.flows.Load(), FlowLimitRefusals: s.flowDrops.Load()}
 }

@@ -516,3 +516,69 @@ func TestJumbo(t *testing.T) {
 }
 
 func md5hex(b []byte) string { s := md5.Sum(b); return hex.EncodeToString(s[:]) }
+
+// TestFlowLimit: with MaxFlows open, further egress connections are refused at once, and the
+// limit frees up when flows end.
+func TestFlowLimit(t *testing.T) {
+	cmdtest.RequireRoot(t)
+	agentBin := cmdtest.Binary(t, "virtkit-agent")
+	cmdtest.Tool(t, "curl")
+	hold := make(chan struct{})
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/hold" {
+			select {
+			case <-hold:
+			case <-r.Context().Done():
+			}
+		}
+		io.WriteString(w, "ok\n")
+	}))
+	t.Cleanup(srv.Close)
+	t.Cleanup(func() { close(hold) })
+	port := srv.Listener.Addr().(*net.TCPAddr).Port
+	sw, err := lan.New(lan.Config{Subnet: netip.MustParsePrefix("10.91.0.0/24"), AllowHostLoopback: true, MaxFlows: 2,
+		Logger: zerolog.New(zerolog.NewTestWriter(t)).Level(zerolog.WarnLevel)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { sw.Close() })
+	path := filepath.Join(t.TempDir(), "f.sock")
+	p, err := sw.ListenPort(path, lan.Lease{Name: "f"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ns := lantest.NewNetns(t, "fl")
+	ns.Start(agentBin, "net", "--connect", "unix://"+path, "--resolv-conf", "")
+	lantest.WaitFor(t, 15*time.Second, "lease", func() error {
+		out, _ := ns.Run(5*time.Second, "ip", "-4", "-o", "addr", "show", "dev", "vk0")
+		if !strings.Contains(out, p.IP().String()) {
+			return fmt.Errorf("%q", out)
+		}
+		return nil
+	})
+	url := fmt.Sprintf("http://10.91.0.1:%d/", port)
+	for i := 0; i < 2; i++ {
+		ns.Start("curl", "-sS", "-m", "60", url+"hold")
+	}
+	lantest.WaitFor(t, 15*time.Second, "two held flows", func() error {
+		if g := sw.GatewayCounters(); g.Flows != 2 {
+			return fmt.Errorf("%+v", g)
+		}
+		return nil
+	})
+	if out, err := ns.Run(10*time.Second, "curl", "-sS", "-m", "5", url); err == nil {
+		t.Errorf("third flow accepted: %q", out)
+	}
+	if g := sw.GatewayCounters(); g.FlowLimitRefusals == 0 {
+		t.Errorf("gateway counters %+v, want a flow-limit refusal", g)
+	}
+	hold <- struct{}{}
+	hold <- struct{}{}
+	lantest.WaitFor(t, 15*time.Second, "a flow after the held ones ended", func() error {
+		out, err := ns.Run(10*time.Second, "curl", "-sS", "-m", "5", url)
+		if err != nil || out != "ok\n" {
+			return fmt.Errorf("%v %q", err, out)
+		}
+		return nil
+	})
+}
