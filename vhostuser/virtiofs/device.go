@@ -154,6 +154,16 @@ func (d *device) sessionFor(ch *vhostuser.Chain) (*fuse.ProtocolServer, error) {
 func (d *device) serve(q *vhostuser.Queue, r *runner) {
 	defer close(r.done)
 	work := make(chan *vhostuser.Chain)
+	answer := func(ch *vhostuser.Chain) {
+		ps, err := d.sessionFor(ch)
+		if err != nil {
+			d.log.Error().Err(err).Msg("virtiofs: cannot start a FUSE session")
+			q.Done(ch.Head, 0)
+			return
+		}
+		q.Done(ch.Head, handle(ps, ch, d.log))
+	}
+	debug.SetPanicOnFault(true) // this goroutine answers metadata requests inline
 	var wg sync.WaitGroup
 	for range d.workers {
 		wg.Add(1)
@@ -161,13 +171,7 @@ func (d *device) serve(q *vhostuser.Queue, r *runner) {
 			defer wg.Done()
 			debug.SetPanicOnFault(true) // a fault on unmapped guest memory fails the request
 			for ch := range work {
-				ps, err := d.sessionFor(ch)
-				if err != nil {
-					d.log.Error().Err(err).Msg("virtiofs: cannot start a FUSE session")
-					q.Done(ch.Head, 0)
-					continue
-				}
-				q.Done(ch.Head, handle(ps, ch, d.log))
+				answer(ch)
 			}
 		}()
 	}
@@ -191,6 +195,10 @@ func (d *device) serve(q *vhostuser.Queue, r *runner) {
 			if ch == nil {
 				break
 			}
+			if inline(ch) {
+				answer(ch)
+				continue
+			}
 			select {
 			case work <- ch:
 			case <-r.stop:
@@ -206,6 +214,27 @@ func (d *device) serve(q *vhostuser.Queue, r *runner) {
 			return
 		}
 	}
+}
+
+// inlineOps are requests answered on the queue's own goroutine, saving two goroutine switches:
+// metadata operations that cannot wait on another request (unlike READ/WRITE on a FIFO, OPEN of
+// a FIFO, locks, or anything that creates or removes names, which may take directory locks).
+var inlineOps = map[uint32]bool{
+	1: true, 2: true, 3: true, 5: true, 17: true, 18: true, 25: true, 27: true, 28: true,
+	29: true, 34: true, 42: true, 44: true, // LOOKUP FORGET GETATTR READLINK STATFS RELEASE FLUSH
+	// OPENDIR READDIR RELEASEDIR ACCESS BATCH_FORGET READDIRPLUS
+}
+
+func inline(ch *vhostuser.Chain) bool {
+	var hdr [8]byte
+	n := 0
+	for _, b := range ch.Readable {
+		n += copy(hdr[n:], b)
+		if n == len(hdr) {
+			break
+		}
+	}
+	return n == len(hdr) && inlineOps[binary.LittleEndian.Uint32(hdr[4:])]
 }
 
 // handle answers one FUSE request; a panic in the file system (a bug, or a fault on guest memory
