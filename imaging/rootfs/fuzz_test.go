@@ -28,6 +28,9 @@ func FuzzFlatten(f *testing.F) {
 			blob := b
 			ls = append(ls, rootfs.Layer{Open: func(context.Context) (io.ReadCloser, error) { return io.NopCloser(bytes.NewReader(blob)), nil }})
 		}
+		// The one-pass path must not panic either, whatever the input.
+		rootfs.Stream(context.Background(), bytes.NewReader(l1), rootfs.Layer{}, tar.NewWriter(io.Discard),
+			rootfs.Options{Limits: rootfs.Limits{MaxBytes: 1 << 20, MaxEntries: 1000}})
 		var out bytes.Buffer
 		slow := time.AfterFunc(5*time.Second, func() { panic("Flatten took more than 5s") })
 		defer slow.Stop()

@@ -126,6 +126,12 @@ func (p *progress) event(ev oci.Event) {
 	if ev.Phase == "done" {
 		if p.tty {
 			p.draw(true)
+			return
+		}
+		for i, l := range p.layers { // the last step of each layer was not reported yet
+			if l.phase != "waiting" {
+				p.line(i, l)
+			}
 		}
 		return
 	}
@@ -135,16 +141,20 @@ func (p *progress) event(ev oci.Event) {
 	l := &p.layers[ev.Layer]
 	finishedPhase := l.phase != ev.Phase && l.phase != "waiting"
 	if !p.tty && finishedPhase {
-		line := fmt.Sprintf("layer %d/%d: %s", ev.Layer+1, len(p.layers), pastTense(l.phase))
-		if l.bytes > 0 {
-			line += " " + human(l.bytes)
-		}
-		fmt.Fprintln(p.w, line)
+		p.line(ev.Layer, *l)
 	}
 	l.phase, l.bytes, l.total = ev.Phase, ev.Bytes, ev.Total
 	if p.tty && time.Since(p.last) > 100*time.Millisecond {
 		p.draw(false)
 	}
+}
+
+func (p *progress) line(i int, l layerProgress) {
+	s := fmt.Sprintf("layer %d/%d: %s", i+1, len(p.layers), pastTense(l.phase))
+	if l.bytes > 0 {
+		s += " " + human(l.bytes)
+	}
+	fmt.Fprintln(p.w, s)
 }
 
 func pastTense(phase string) string {
