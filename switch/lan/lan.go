@@ -23,10 +23,12 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"os"
 	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/rs/zerolog"
@@ -273,7 +275,8 @@ func (s *Switch) Gateway() (netip.Addr, net.HardwareAddr) { return s.cfg.Gateway
 // SetHost adds, changes or (with an invalid ip) removes a DNS name under the LAN domain.
 func (s *Switch) SetHost(name string, ip netip.Addr) { s.dns.SetHost(name, ip) }
 
-// ListenPort listens on the unix socket path and serves each connection as the port for lease;
+// ListenPort listens on the unix socket path (replacing a stale socket file nobody answers on)
+// and serves each connection as the port for lease;
 // a new connection replaces the previous one (the guest relay reconnects after a restart). The
 // port keeps its lease and counters until RemovePort.
 func (s *Switch) ListenPort(path string, lease Lease) (*Port, error) {
@@ -282,6 +285,14 @@ func (s *Switch) ListenPort(path string, lease Lease) (*Port, error) {
 		return nil, err
 	}
 	l, err := net.Listen("unix", path)
+	if err != nil && errors.Is(err, syscall.EADDRINUSE) {
+		// A socket file left by a switch that died: replace it unless someone still answers.
+		if c, derr := net.DialTimeout("unix", path, time.Second); derr == nil {
+			c.Close()
+		} else if os.Remove(path) == nil {
+			l, err = net.Listen("unix", path)
+		}
+	}
 	if err != nil {
 		s.RemovePort(p.name)
 		return nil, fmt.Errorf("lan: listen port %s on %s: %w", p.name, path, err)

@@ -250,3 +250,31 @@ func TestConfigErrors(t *testing.T) {
 		c6.Close()
 	}
 }
+
+func TestListenPortStaleSocket(t *testing.T) {
+	sw, err := lan.New(lan.Config{Logger: zerolog.Nop()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sw.Close()
+	dir, _ := os.MkdirTemp("", "vk-lan-")
+	defer os.RemoveAll(dir)
+	path := filepath.Join(dir, "p.sock")
+	// A socket file nobody listens on any more.
+	l, err := net.Listen("unix", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	l.(*net.UnixListener).SetUnlinkOnClose(false)
+	l.Close()
+	if _, err := sw.ListenPort(path, lan.Lease{Name: "p"}); err != nil {
+		t.Fatalf("stale socket: %v", err)
+	}
+	// A live one is not taken over.
+	if _, err := sw.ListenPort(path, lan.Lease{Name: "q"}); err == nil {
+		t.Error("a second port took over a live socket")
+	}
+	if _, ok := sw.Port("q"); ok {
+		t.Error("the failed port was kept")
+	}
+}

@@ -107,14 +107,6 @@ Guests connect with "virtkit-agent net --connect unix:///PATH".`,
 					return err
 				}
 				for _, p := range ports {
-					if _, err := os.Stat(p.path); err == nil {
-						if c, err := net.Dial("unix", p.path); err == nil {
-							c.Close()
-							sw.Close()
-							return fmt.Errorf("--listen %s: a switch is already listening there", p.path)
-						}
-						os.Remove(p.path) // a stale socket from a previous run
-					}
 					port, err := sw.ListenPort(p.path, p.lease)
 					if err != nil {
 						sw.Close()
