@@ -2,7 +2,7 @@
 # Compare virtkit's ext4 writer with `mke2fs -d` (e2fsprogs) and Microsoft's tar2ext4 (hcsshim
 # v0.15.0) side by side, and print wall time, input MB/s, peak RSS and ratios.
 #
-#   ./bench/ext4/run.sh                 # VK_BENCH_LARGE=5G VK_BENCH_REPS=3
+#   ./bench/ext4/run.sh                 # VK_BENCH_LARGE=5G VK_BENCH_REPS=3 VK_BENCH_CASES="large rootfs"
 #
 # Cases: (a) "large": a tar of five big files of non-zero data (VK_BENCH_LARGE in total);
 # (b) "rootfs": four copies of a Debian bookworm minbase tree (~27,000 entries) as a tar.
@@ -11,7 +11,7 @@
 # Needs debootstrap (root) the first time for the rootfs fixture, e2fsprogs, GNU time and Go.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-: "${VK_BENCH_LARGE:=5G}" "${VK_BENCH_REPS:=3}" "${VK_BENCH_DIR:=/var/tmp/virtkit-bench-ext4}"
+: "${VK_BENCH_LARGE:=5G}" "${VK_BENCH_REPS:=3}" "${VK_BENCH_DIR:=/var/tmp/virtkit-bench-ext4}" "${VK_BENCH_CASES:=large rootfs}"
 fixtures="${VIRTKIT_FIXTURES:-${XDG_CACHE_HOME:-$HOME/.cache}/virtkit/fixtures}"
 mkdir -p "$VK_BENCH_DIR/bin"
 W="$VK_BENCH_DIR"
@@ -61,7 +61,7 @@ measure() { # case tool input-bytes command...
 	rm -f "$W/out.img"
 }
 size_of() { stat -c %s "$1"; }
-for c in large rootfs; do
+for c in $VK_BENCH_CASES; do
 	if [ $c = large ]; then in="$W/large-$VK_BENCH_LARGE.tar"; tree="$W/large-tree-$VK_BENCH_LARGE"; else in="$W/rootfs.tar"; tree="$W/rootfs-tree"; fi
 	bytes=$(size_of "$in")
 	"$W/bin/mkext" -tar "$in" -o "$W/probe.img" > /dev/null
