@@ -536,7 +536,7 @@ func TestFlowLimit(t *testing.T) {
 	t.Cleanup(srv.Close)
 	t.Cleanup(func() { close(hold) })
 	port := srv.Listener.Addr().(*net.TCPAddr).Port
-	sw, err := lan.New(lan.Config{Subnet: netip.MustParsePrefix("10.91.0.0/24"), AllowHostLoopback: true, MaxFlows: 2,
+	sw, err := lan.New(lan.Config{Subnet: netip.MustParsePrefix("10.91.0.0/24"), AllowHostLoopback: true, MaxFlows: 2, UDPTimeout: time.Second,
 		Logger: zerolog.New(zerolog.NewTestWriter(t)).Level(zerolog.WarnLevel)})
 	if err != nil {
 		t.Fatal(err)
@@ -578,6 +578,41 @@ func TestFlowLimit(t *testing.T) {
 		out, err := ns.Run(10*time.Second, "curl", "-sS", "-m", "5", url)
 		if err != nil || out != "ok\n" {
 			return fmt.Errorf("%v %q", err, out)
+		}
+		return nil
+	})
+
+	// A UDP flow (an echo on the host's loopback) closes after UDPTimeout of silence.
+	cmdtest.Tool(t, "socat")
+	pc, err := net.ListenPacket("udp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pc.Close()
+	go func() {
+		buf := make([]byte, 2048)
+		for {
+			n, from, err := pc.ReadFrom(buf)
+			if err != nil {
+				return
+			}
+			pc.WriteTo(buf[:n], from)
+		}
+	}()
+	lantest.WaitFor(t, 15*time.Second, "TCP flows closed", func() error {
+		if g := sw.GatewayCounters(); g.Flows != 0 {
+			return fmt.Errorf("%+v", g)
+		}
+		return nil
+	})
+	udpPort := pc.LocalAddr().(*net.UDPAddr).Port
+	out, err := ns.Run(10*time.Second, "sh", "-c", fmt.Sprintf("echo udp-echo | socat -t 2 - UDP4:10.91.0.1:%d", udpPort))
+	if err != nil || out != "udp-echo\n" {
+		t.Fatalf("udp echo through the gateway: %v %q", err, out)
+	}
+	lantest.WaitFor(t, 10*time.Second, "idle UDP flow closed", func() error {
+		if g := sw.GatewayCounters(); g.Flows != 0 {
+			return fmt.Errorf("%+v", g)
 		}
 		return nil
 	})
