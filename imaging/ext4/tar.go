@@ -46,7 +46,7 @@ func decompress(br *bufio.Reader) (io.Reader, func(), error) {
 func (b *builder) readTar(r io.Reader) error {
 	hr := newHashReader(b.ctx, r, b.sum)
 	defer hr.Close()
-	br := bufio.NewReaderSize(hr, 64<<10)
+	br := bufio.NewReaderSize(hr, blockSize) // large reads bypass it and copy straight from hr
 	tr, done, err := decompress(br)
 	if err != nil {
 		return err
