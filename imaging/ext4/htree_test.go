@@ -101,3 +101,5 @@ func mountCheck(t *testing.T, img, dir string, names []string) {
 		t.Errorf("kernel lookup missed %d of %d names", missing, len(names))
 	}
 }
+
+func bytesReader(b []byte) *bytes.Reader { return bytes.NewReader(b) }
