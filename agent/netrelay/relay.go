@@ -165,17 +165,28 @@ func (r *relay) loop(ctx context.Context) error {
 				return nil
 			case <-time.After(backoff):
 			}
-			backoff = min(2*backoff, time.Second)
+			backoff = min(2*backoff, 2*time.Second)
 			continue
 		}
-		backoff = 50 * time.Millisecond
 		start := time.Now()
 		err = r.session(ctx, c)
 		c.Close()
 		if ctx.Err() != nil {
 			return nil
 		}
-		r.cfg.Logf("netrelay: switch connection ended after %v: %v; reconnecting", time.Since(start).Round(time.Millisecond), err)
+		lasted := time.Since(start)
+		r.cfg.Logf("netrelay: switch connection ended after %v: %v; reconnecting", lasted.Round(time.Millisecond), err)
+		if lasted > 5*time.Second {
+			backoff = 50 * time.Millisecond
+			continue
+		}
+		// A session that fails at once (a NAK, a switch that hangs up) must not spin.
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-time.After(backoff):
+		}
+		backoff = min(2*backoff, 2*time.Second)
 	}
 }
 
