@@ -21,19 +21,27 @@ func Submit(ctx context.Context, c *broker.Client, spec Spec) (*Placement, error
 	if err := spec.Validate(); err != nil {
 		return nil, &Failure{Msg: err.Error()}
 	}
+	// A core subscription sees the job's events as they are stored, without the cost of a
+	// JetStream consumer per job; a poll of the stream covers what a reconnect could drop.
 	evs := make(chan broker.Event, 8)
-	sub, err := c.Subscribe(ctx, broker.SubscribeOptions{Filters: []string{broker.EventFilter("job", spec.ID, "")}},
-		func(ctx context.Context, _ *broker.Envelope, ev broker.Event) error {
+	sub, err := c.Conn().Subscribe(broker.EventFilter("job", spec.ID, ""), func(m *nats.Msg) {
+		if ev := decodeEvent(m.Data, m.Subject); ev != nil {
 			select {
 			case evs <- ev:
-			case <-ctx.Done():
+			default:
 			}
-			return nil
-		})
+		}
+	})
 	if err != nil {
 		return nil, fmt.Errorf("jobs: submit %s: %w", spec.ID, err)
 	}
-	defer sub.Stop()
+	defer sub.Unsubscribe()
+	fctx, fcancel := context.WithTimeout(ctx, 30*time.Second)
+	err = c.Conn().FlushWithContext(fctx)
+	fcancel()
+	if err != nil {
+		return nil, fmt.Errorf("jobs: submit %s: %w", spec.ID, err)
+	}
 	p := &Placement{Job: spec.ID, Queued: time.Now()}
 	if _, err := c.Publish(ctx, &broker.JobQueued{Job: spec.ID, Image: spec.Image, Origin: spec.Origin}); err != nil {
 		return nil, fmt.Errorf("jobs: submit %s: %w", spec.ID, err)
@@ -42,9 +50,19 @@ func Submit(ctx context.Context, c *broker.Client, spec Spec) (*Placement, error
 	if err != nil {
 		return nil, fmt.Errorf("jobs: submit %s: %w", spec.ID, err)
 	}
+	poll := time.NewTicker(2 * time.Second)
+	defer poll.Stop()
 	for {
+		var ev broker.Event
 		select {
-		case ev := <-evs:
+		case ev = <-evs:
+		case <-poll.C:
+			ev = lastOutcome(ctx, c, spec.ID)
+		case <-ctx.Done():
+			abandon(c, spec.ID, ack.Sequence)
+			return nil, fmt.Errorf("jobs: job %s: waiting for a host to start it: %w", spec.ID, ctx.Err())
+		}
+		{
 			switch e := ev.(type) {
 			case *broker.JobStarted:
 				p.Host, p.VM, p.Ready = e.Host, e.VM, time.Now()
@@ -54,11 +72,38 @@ func Submit(ctx context.Context, c *broker.Client, spec Spec) (*Placement, error
 			case *broker.JobCanceled:
 				return nil, &Failure{System: true, Msg: "canceled: " + e.Reason}
 			}
-		case <-ctx.Done():
-			abandon(c, spec.ID, ack.Sequence)
-			return nil, fmt.Errorf("jobs: job %s: waiting for a host to start it: %w", spec.ID, ctx.Err())
 		}
 	}
+}
+
+func decodeEvent(data []byte, subject string) broker.Event {
+	env, err := broker.DecodeEnvelope(data, subject)
+	if err != nil {
+		return nil
+	}
+	ev, err := env.Event()
+	if err != nil {
+		return nil
+	}
+	return ev
+}
+
+// lastOutcome reads the job's stored outcome so far (started, failed or canceled), if any.
+func lastOutcome(ctx context.Context, c *broker.Client, id string) broker.Event {
+	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	st, err := c.JetStream().Stream(ctx, broker.EventsStream)
+	if err != nil {
+		return nil
+	}
+	for _, name := range []string{"failed", "canceled", "started"} {
+		if m, err := st.GetLastMsgForSubject(ctx, broker.EventFilter("job", id, name)); err == nil {
+			if ev := decodeEvent(m.Data, m.Subject); ev != nil {
+				return ev
+			}
+		}
+	}
+	return nil
 }
 
 // ExecOptions tune Exec.
