@@ -48,7 +48,7 @@ dist/virtkit serve >"$tmp/serve.log" 2>&1 &
 serve_pid=$!
 until [ -e "$tmp/state/broker/endpoint.json" ]; do sleep 0.1; done
 vk() { dist/virtkit "$@"; }
-ms() { local t0=$(date +%s%N); "$@" >/dev/null 2>&1; echo $(( ($(date +%s%N) - t0) / 1000000 )); }
+ms() { local t0=$(date +%s%N); "$@" >"$tmp/last.log" 2>&1 || { echo "failed: $*" >&2; cat "$tmp/last.log" >&2; return 1; }; echo $(( ($(date +%s%N) - t0) / 1000000 )); }
 
 echo "converting the image once (cached afterwards): $(ms vk fleet up -f "$tmp/virtkit.yaml") ms (first up, includes conversion)"
 vk fleet down -f "$tmp/virtkit.yaml" >/dev/null 2>&1

@@ -92,6 +92,11 @@ func TestFleet(t *testing.T) {
 	}
 	mustBuilder("PONG", "redis-cli", "-h", "redis.lan", "ping")
 	mustBuilder("OK", "redis-cli", "-h", "redis.lan", "set", "greeting", "kept-on-the-volume")
+	// logs: the console and the command's output, each line marked with where it came from.
+	if out, stderr, code := v.run("fleet", "logs", "--file", file, "redis"); code != 0 || !strings.Contains(out, "console | ") ||
+		!regexpMatch(`(?m)^redis \| .*Ready to accept connections`, out) {
+		t.Errorf("fleet logs redis: exit %d, stderr %q, stdout:\n%s", code, stderr, out)
+	}
 
 	// The project folder is shared: the builder's writes show on the host.
 	mustBuilder("", "sh", "-c", "echo built-in-the-vm > /src/artifact.txt && sync")

@@ -42,9 +42,11 @@ virtctl: key) can start and stop others from inside with virtctl. Needs a runnin
 
 Without a file, --builder IMAGE and --service NAME:IMAGE describe a quick fleet.`,
 	}
-	pf := root.PersistentFlags()
-	pf.StringVarP(&f.file, "file", "f", "", "fleet file (default virtkit.yaml in the working folder)")
-	pf.StringVar(&f.name, "name", "", "fleet name (default: from the file, else the folder's name)")
+	// -f is the fleet file everywhere but in `logs`, where it is --follow (as in docker compose).
+	fileFlags := func(cmd *cobra.Command, short string) {
+		cmd.Flags().StringVarP(&f.file, "file", short, "", "fleet file (default virtkit.yaml in the working folder)")
+		cmd.Flags().StringVar(&f.name, "name", "", "fleet name (default: from the file, else the folder's name)")
+	}
 
 	// connect reaches the daemon: fleet VMs must outlive this command.
 	connect := func(ctx context.Context) (*broker.Client, *fleet.Controller, error) {
@@ -280,6 +282,10 @@ Without a file, --builder IMAGE and --service NAME:IMAGE describe a quick fleet.
 	}
 	logs.Flags().BoolVarP(&follow, "follow", "f", false, "keep printing until the unit stops")
 
+	for _, c := range []*cobra.Command{up, down, ps, exec, ssh, start, stop, restart} {
+		fileFlags(c, "f")
+	}
+	fileFlags(logs, "")
 	root.AddCommand(up, down, ps, logs, exec, ssh, start, stop, restart)
 	return root
 }
