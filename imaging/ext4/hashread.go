@@ -28,7 +28,7 @@ type hchunk struct {
 }
 
 const (
-	hashBuffers = 6
+	hashBuffers = 4
 	hashChunk   = 1 << 20
 )
 
