@@ -335,3 +335,32 @@ func (c *FUSE) Forget(node, n uint64) error {
 	_, err := c.Do(OpForget, node, in, 0)
 	return err
 }
+
+// Submit publishes a request with buffers of its own and returns without waiting; WaitAny
+// collects completions. Tests use it to keep a request outstanding while others run.
+func (c *FUSE) Submit(op uint32, nodeid uint64, body []byte, outLen int) (uint16, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.unique++
+	n := inHeaderSize + len(body)
+	in := c.f.Alloc(uint64(n), 8)
+	out := c.f.Alloc(uint64(outHeaderSize+outLen), 8)
+	m := c.f.Mem
+	binary.LittleEndian.PutUint32(m[in:], uint32(n))
+	binary.LittleEndian.PutUint32(m[in+4:], op)
+	binary.LittleEndian.PutUint64(m[in+8:], c.unique)
+	binary.LittleEndian.PutUint64(m[in+16:], nodeid)
+	copy(m[in+inHeaderSize:], body)
+	head, ok := c.q.Add([]Buf{{Addr: in, Len: uint32(n)}, {Addr: out, Len: uint32(outHeaderSize + outLen), Write: true}})
+	if !ok {
+		return 0, fmt.Errorf("fuse: request queue full")
+	}
+	return head, c.q.Kick()
+}
+
+// WaitAny waits for completions of submitted requests.
+func (c *FUSE) WaitAny(timeout time.Duration) ([]Used, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.q.Wait(timeout)
+}

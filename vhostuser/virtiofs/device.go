@@ -26,6 +26,7 @@ import (
 	"encoding/binary"
 	"runtime/debug"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/hanwen/go-fuse/v2/fuse"
@@ -149,11 +150,18 @@ func (d *device) sessionFor(ch *vhostuser.Chain) (*fuse.ProtocolServer, error) {
 	return d.ps, nil
 }
 
-// serve pops chains from q and answers them on a pool of d.workers goroutines (persistent, so
-// their stacks stay grown and a request costs one channel hand-off).
+// serve answers q's requests inline on the goroutine that pops them: no hand-off, no goroutine
+// switch per request. A request that takes longer than takeover (a read from a FIFO, a lock
+// wait, a slow disk) hands the popping role to a fresh goroutine, so one blocked request never
+// stalls the queue; the slow one finishes on its own goroutine and ends there. At most
+// d.workers requests are in flight per queue; beyond that the queue waits.
 func (d *device) serve(q *vhostuser.Queue, r *runner) {
 	defer close(r.done)
-	work := make(chan *vhostuser.Chain)
+	var (
+		wg   sync.WaitGroup // every goroutine that may touch the queue or guest memory
+		gen  atomic.Int64   // the popping role belongs to the goroutine holding this generation
+		busy = make(chan struct{}, d.workers)
+	)
 	answer := func(ch *vhostuser.Chain) {
 		ps, err := d.sessionFor(ch)
 		if err != nil {
@@ -163,79 +171,57 @@ func (d *device) serve(q *vhostuser.Queue, r *runner) {
 		}
 		q.Done(ch.Head, handle(ps, ch, d.log))
 	}
-	debug.SetPanicOnFault(true) // this goroutine answers metadata requests inline
-	var wg sync.WaitGroup
-	for range d.workers {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			debug.SetPanicOnFault(true) // a fault on unmapped guest memory fails the request
-			for ch := range work {
-				answer(ch)
-			}
-		}()
-	}
-	// Requests alias guest memory: finish them before the ring goes away.
-	defer wg.Wait()
-	defer close(work)
-	for {
-		q.DisableNotify()
-		for {
+	var loop func(me int64)
+	loop = func(me int64) {
+		defer wg.Done()
+		debug.SetPanicOnFault(true) // a fault on unmapped guest memory fails the request
+		for gen.Load() == me {
 			select {
 			case <-r.stop:
 				return
 			default:
 			}
+			q.DisableNotify()
 			ch, err := q.Pop()
 			if err != nil {
 				d.log.Error().Err(err).Int("queue", q.Index).Msg("virtiofs: queue stopped")
-				<-r.stop
 				return
 			}
 			if ch == nil {
-				break
-			}
-			if inline(ch) {
-				answer(ch)
+				if q.Poll(pollTime) || q.EnableNotify() {
+					continue
+				}
+				if q.WaitKick() != nil {
+					return
+				}
 				continue
 			}
 			select {
-			case work <- ch:
+			case busy <- struct{}{}:
 			case <-r.stop:
 				q.Done(ch.Head, 0)
 				return
 			}
-		}
-		if q.Poll(pollTime) || q.EnableNotify() {
-			continue
-		}
-		if err := q.WaitKick(); err != nil {
-			<-r.stop
-			return
-		}
-	}
-}
-
-// inlineOps are requests answered on the queue's own goroutine, saving two goroutine switches:
-// metadata operations that cannot wait on another request (unlike READ/WRITE on a FIFO, OPEN of
-// a FIFO, locks, or anything that creates or removes names, which may take directory locks).
-var inlineOps = map[uint32]bool{
-	1: true, 2: true, 3: true, 5: true, 17: true, 18: true, 25: true, 27: true, 28: true,
-	29: true, 34: true, 42: true, 44: true, // LOOKUP FORGET GETATTR READLINK STATFS RELEASE FLUSH
-	// OPENDIR READDIR RELEASEDIR ACCESS BATCH_FORGET READDIRPLUS
-}
-
-func inline(ch *vhostuser.Chain) bool {
-	var hdr [8]byte
-	n := 0
-	for _, b := range ch.Readable {
-		n += copy(hdr[n:], b)
-		if n == len(hdr) {
-			break
+			t := time.AfterFunc(takeover, func() {
+				if gen.CompareAndSwap(me, me+1) {
+					wg.Add(1)
+					go loop(me + 1)
+				}
+			})
+			answer(ch)
+			t.Stop()
+			<-busy
 		}
 	}
-	return n == len(hdr) && inlineOps[binary.LittleEndian.Uint32(hdr[4:])]
+	wg.Add(1)
+	go loop(0)
+	<-r.stop
+	gen.Add(1 << 32) // no goroutine holds the role any more; each ends after its request
+	wg.Wait()        // requests alias guest memory: finish them before the ring goes away
 }
+
+// takeover is how long a request may run inline before the queue gets a new popping goroutine.
+const takeover = time.Millisecond
 
 // handle answers one FUSE request; a panic in the file system (a bug, or a fault on guest memory
 // the frontend unmapped) fails the request instead of the daemon.

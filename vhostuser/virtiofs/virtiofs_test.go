@@ -450,3 +450,38 @@ func TestCacheNeverOpensDirect(t *testing.T) {
 		t.Fatalf("open flags %#x lack FOPEN_DIRECT_IO", binary.LittleEndian.Uint32(b[8:]))
 	}
 }
+
+// TestBlockedRequestDoesNotStallQueue: opening a FIFO blocks until a writer comes; requests
+// behind it on the same queue must still be answered.
+func TestBlockedRequestDoesNotStallQueue(t *testing.T) {
+	share := t.TempDir()
+	fifo := filepath.Join(share, "fifo")
+	if err := syscall.Mkfifo(fifo, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	c := inProcess(t, share, nil)
+	e, err := c.Lookup(root, "fifo")
+	if err != nil {
+		t.Fatal(err)
+	}
+	open := make([]byte, 8)
+	binary.LittleEndian.PutUint32(open, uint32(os.O_RDONLY))
+	head, err := c.Submit(vhostusertest.OpOpen, e.NodeID, open, 16)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; i < 5; i++ {
+		if _, err := c.Getattr(root); err != nil {
+			t.Fatalf("getattr behind a blocked open: %v", err)
+		}
+	}
+	w, err := os.OpenFile(fifo, os.O_WRONLY, 0) // unblocks the guest's open
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer w.Close()
+	used, err := c.WaitAny(10 * time.Second)
+	if err != nil || len(used) != 1 || used[0].Head != head {
+		t.Fatalf("blocked open did not complete: %v %v", used, err)
+	}
+}
