@@ -28,9 +28,9 @@ const MaxScript = 512 << 10
 
 var execIDPattern = regexp.MustCompile(`^[A-Za-z0-9_-]{1,128}$`)
 
-// scriptRunner runs the copied script with bash when the image has it, else sh (GitLab's bash
-// shell scripts are POSIX-compatible enough for sh only when the image has no bash).
-const scriptRunner = `if command -v bash >/dev/null 2>&1; then exec bash "$0"; fi; exec sh "$0"`
+// scriptRunner runs the copied script with bash when the image has it, else sh. The file is
+// opened and removed first, so no stage script (and no secret in it) stays on disk.
+const scriptRunner = `exec 9<"$0" && rm -f "$0" || exit 1; if command -v bash >/dev/null 2>&1; then exec bash /dev/fd/9; fi; exec sh /dev/fd/9`
 
 func (r *Runner) onExec(m *nats.Msg) {
 	var req ExecRequest
