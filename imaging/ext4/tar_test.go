@@ -304,3 +304,24 @@ func TestSymlinkedParents(t *testing.T) {
 	}
 	assertNoOutput(t, dir)
 }
+
+// TestFragmentedFile: every other block a hole gives 3000 extents, an extent tree two index
+// levels deep.
+func TestFragmentedFile(t *testing.T) {
+	const n = 3000
+	data := make([]byte, 2*n*4096)
+	for i := 0; i < n; i++ {
+		copy(data[2*i*4096:], randBytes(uint64(i), 64))
+	}
+	img, _ := writeTar(t, mkTar(t, []entry{{hdr: tar.Header{Typeflag: tar.TypeReg, Name: "frag", Mode: 0o644, ModTime: t0}, data: data}}), ext4.Options{})
+	if got := ext4test.Cat(t, img, "/frag"); !bytes.Equal(got, data) {
+		t.Fatalf("content differs")
+	}
+	if ext := ext4test.Extents(t, img, "/frag"); len(ext) != n {
+		t.Fatalf("%d extents, want %d", len(ext), n)
+	}
+	tree := ext4test.Debugfs(t, img, "dump_extents /frag")
+	if !strings.Contains(tree, " 2/ 2") {
+		t.Fatalf("extent tree is not two levels deep:\n%.500s", tree)
+	}
+}
