@@ -568,7 +568,10 @@ func (c *Controller) startUnit(ctx context.Context, a *Applied, name string, p P
 	if err != nil {
 		return fmt.Errorf("fleet %s: unit %s: %w", a.Name, name, err)
 	}
-	if err := c.postStart(ctx, u); err != nil {
+	pctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
+	err = c.postStart(pctx, u)
+	cancel()
+	if err != nil {
 		return fmt.Errorf("fleet %s: unit %s: %w", a.Name, name, err)
 	}
 	if u.Health != nil {
@@ -586,7 +589,7 @@ func (c *Controller) postStart(ctx context.Context, u *AppliedUnit) error {
 	if len(u.Mounts) == 0 && u.Start == nil && !u.Virtctl.Enabled() {
 		return nil
 	}
-	ag, err := client.Dial(ctx, c.ExecURL(u.Request.Name))
+	ag, err := c.dial(ctx, u.Request.Name)
 	if err != nil {
 		return err
 	}
@@ -627,6 +630,27 @@ func (c *Controller) postStart(ctx context.Context, u *AppliedUnit) error {
 }
 
 func shq(s string) string { return "'" + strings.ReplaceAll(s, "'", `'\''`) + "'" }
+
+// dial reaches a VM's agent, retrying attempts that stall (each gets 15 s) until ctx ends.
+func (c *Controller) dial(ctx context.Context, vm string) (*client.Client, error) {
+	for {
+		dctx, cancel := context.WithTimeout(ctx, 15*time.Second)
+		ag, err := client.Dial(dctx, c.ExecURL(vm))
+		cancel()
+		if err == nil {
+			return ag, nil
+		}
+		if ctx.Err() != nil || !c.Running(vm) {
+			return nil, err
+		}
+		c.cfg.Log.Warn().Err(err).Str("vm", vm).Msg("agent did not answer; retrying")
+		select {
+		case <-ctx.Done():
+			return nil, err
+		case <-time.After(250 * time.Millisecond):
+		}
+	}
+}
 
 // Check runs a unit's health check once.
 func (c *Controller) Check(ctx context.Context, vm string, h *AppliedHealth) error {
