@@ -48,10 +48,6 @@ type device struct {
 	runners map[int]*runner
 }
 
-// pollTime is how long a queue spins for the next request before sleeping on its kick: the
-// guest's next request usually follows the reply within microseconds.
-const pollTime = 50 * time.Microsecond
-
 type runner struct {
 	stop chan struct{}
 	done chan struct{}
@@ -188,7 +184,9 @@ func (d *device) serve(q *vhostuser.Queue, r *runner) {
 				return
 			}
 			if ch == nil {
-				if q.Poll(pollTime) || q.EnableNotify() {
+				// No busy-polling: on a shared host, spinning steals the CPU the guest (or the
+				// VMM) needs to send the next request; measured slower than sleeping.
+				if q.EnableNotify() {
 					continue
 				}
 				if q.WaitKick() != nil {
