@@ -18,8 +18,10 @@
 // xattrs are off unless enabled. File descriptors are bounded by RLIMIT_NOFILE; running out gives
 // the guest EMFILE, not a crash.
 //
-// Concurrency: each started request queue has one goroutine popping chains and up to
-// Config.Workers goroutines answering them; Stop waits for all of them.
+// Concurrency: each started queue has one goroutine that pops requests and answers them inline;
+// a request that runs longer than a millisecond hands the popping to a new goroutine, so at most
+// Config.Workers requests per queue run at once and a blocked one never stalls the queue. Stop
+// waits for all of them.
 package virtiofs
 
 import (

@@ -40,7 +40,7 @@ type Config struct {
 	Xattr bool
 	// RequestQueues is the number of request queues (default 1); the VMM must use the same.
 	RequestQueues int
-	// Workers bounds concurrent requests per queue (default 32).
+	// Workers bounds the requests in flight per queue (default 32).
 	Workers int
 	Logger  zerolog.Logger
 }
