@@ -301,6 +301,14 @@ func TestDaemonVMsNetworkAndFaults(t *testing.T) {
 	img := testImage(t)
 	stop := v.daemon()
 
+	// A free host port for vm1's -p forward.
+	fl, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	fwdPort := fl.Addr().(*net.TCPAddr).Port
+	fl.Close()
+
 	// Four VMs at once, two of them serving.
 	var wg sync.WaitGroup
 	errs := make(chan string, 4)
@@ -308,7 +316,11 @@ func TestDaemonVMsNetworkAndFaults(t *testing.T) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			out, errOut, code := v.run("run", "-d", "--name", fmt.Sprintf("vm%d", i), img, "--", "true")
+			args := []string{"run", "-d", "--name", fmt.Sprintf("vm%d", i)}
+			if i == 1 {
+				args = append(args, "-p", fmt.Sprintf("127.0.0.1:%d:7001", fwdPort))
+			}
+			out, errOut, code := v.run(append(args, img, "--", "true")...)
 			if code != 0 {
 				errs <- fmt.Sprintf("vm%d: exit %d: %s %s", i, code, out, errOut)
 			}
@@ -350,6 +362,20 @@ func TestDaemonVMsNetworkAndFaults(t *testing.T) {
 	}
 	if out, errOut, code := v.run("vm", "exec", "vm2", "--", "sh", "-c", "getent hosts vm1.lan && busybox nc vm1.lan 7000 </dev/null"); code != 0 || !strings.Contains(out, "from-vm1") {
 		t.Fatalf("vm2 → vm1.lan:7000: exit %d, %q %s", code, out, errOut)
+	}
+	// -p: a host port forwarded to a guest port.
+	if _, errOut, code := v.run("vm", "exec", "vm1", "--", "sh", "-c", "setsid busybox nc -l -p 7001 -e echo fwd-ok </dev/null >/dev/null 2>&1 & sleep 0.5"); code != 0 {
+		t.Fatalf("server in vm1: %d %s", code, errOut)
+	}
+	fc, err := net.DialTimeout("tcp", fmt.Sprintf("127.0.0.1:%d", fwdPort), 10*time.Second)
+	if err != nil {
+		t.Fatalf("-p forward: %v", err)
+	}
+	fc.SetDeadline(time.Now().Add(20 * time.Second))
+	got, _ := io.ReadAll(fc)
+	fc.Close()
+	if string(got) != "fwd-ok\n" {
+		t.Fatalf("-p forward read %q, want fwd-ok", got)
 	}
 	if out, errOut, code := v.run("vm", "exec", "vm3", "--", "busybox", "wget", "-q", "-O", "-", fmt.Sprintf("http://10.77.0.1:%d/", port)); code != 0 || out != "host-says-hi" {
 		t.Fatalf("egress to the host: exit %d, %q %s", code, out, errOut)
