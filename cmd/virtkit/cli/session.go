@@ -57,8 +57,10 @@ func (e *env) oneShot(ctx context.Context) (s *session, err error) {
 			cleanup()
 		}
 	}()
+	// The one-shot's broker and workers are plumbing of this one command: quiet unless debugging.
 	log := e.log.With().Str("broker", "one-shot").Logger()
-	srv, err := broker.StartServer(ctx, broker.ServerConfig{StateDir: dir, Name: "virtkit-oneshot", Log: log.Level(maxLevel(log))})
+	log = log.Level(maxLevel(log))
+	srv, err := broker.StartServer(ctx, broker.ServerConfig{StateDir: dir, Name: "virtkit-oneshot", Log: log})
 	if err != nil {
 		return nil, err
 	}
