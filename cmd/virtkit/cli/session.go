@@ -81,12 +81,15 @@ func (e *env) oneShot(ctx context.Context) (s *session, err error) {
 	}
 	sup := workers.New(workers.Config{Log: log})
 	d := &daemon{Client: c, Slots: broker.NewSlots(cfg.VM.Capacity), Config: cfg, Log: log, Supervisor: sup}
-	for _, f := range workerFactories {
+	for i, f := range workerFactories {
+		if !oneShotWorkers[workerNames[i]] {
+			continue
+		}
 		w, err := f(ctx, d)
 		if err != nil {
 			return nil, err
 		}
-		if w != nil && oneShotWorkers[w.Name()] {
+		if w != nil {
 			sup.Add(w)
 		}
 	}
