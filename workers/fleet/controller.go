@@ -753,70 +753,11 @@ func (c *Controller) Status(ctx context.Context, name string) ([]Status, error) 
 
 // launch asks this host's launcher to boot req and waits for vm.ready or vm.failed.
 func (c *Controller) launch(ctx context.Context, req launcher.Request) (*broker.VMReady, error) {
-	evs, stop, err := c.follow(ctx, req.Name)
-	if err != nil {
-		return nil, err
-	}
-	defer stop()
-	bc := c.cfg.Client
-	if _, err := bc.Submit(ctx, broker.HostWorkSubject(bc.Host(), launcher.KindLaunch), "fleet-launch-"+req.Name+"-"+nonce(), req); err != nil {
-		return nil, err
-	}
-	for {
-		select {
-		case ev := <-evs:
-			switch e := ev.(type) {
-			case *broker.VMReady:
-				return e, nil
-			case *broker.VMFailed:
-				return nil, errors.New(e.Error)
-			case *broker.VMStopped:
-				return nil, fmt.Errorf("vm %s stopped while booting: %s", req.Name, e.Reason)
-			}
-		case <-ctx.Done():
-			return nil, fmt.Errorf("vm %s: waiting for it to boot: %w", req.Name, ctx.Err())
-		}
-	}
+	return launcher.Launch(ctx, c.cfg.Client, c.cfg.Client.Host(), req)
 }
 
 // stopVM asks this host's launcher to stop vm and waits until it has.
 func (c *Controller) stopVM(ctx context.Context, vm string) error {
-	evs, stop, err := c.follow(ctx, vm)
-	if err != nil {
-		return err
-	}
-	defer stop()
-	bc := c.cfg.Client
-	if _, err := bc.Submit(ctx, broker.HostWorkSubject(bc.Host(), launcher.KindStop), "fleet-stop-"+vm+"-"+nonce(), launcher.StopRequest{Name: vm}); err != nil {
-		return err
-	}
-	for {
-		select {
-		case ev := <-evs:
-			switch e := ev.(type) {
-			case *broker.VMStopped:
-				return nil
-			case *broker.VMFailed:
-				return errors.New(e.Error)
-			}
-		case <-ctx.Done():
-			return fmt.Errorf("vm %s: waiting for it to stop: %w", vm, ctx.Err())
-		}
-	}
-}
-
-func (c *Controller) follow(ctx context.Context, vm string) (<-chan broker.Event, func(), error) {
-	ch := make(chan broker.Event, 16)
-	sub, err := c.cfg.Client.Subscribe(ctx, broker.SubscribeOptions{Filters: []string{broker.EventFilter("vm", vm, "")}, New: true},
-		func(ctx context.Context, _ *broker.Envelope, ev broker.Event) error {
-			select {
-			case ch <- ev:
-			case <-ctx.Done():
-			}
-			return nil
-		})
-	if err != nil {
-		return nil, nil, err
-	}
-	return ch, sub.Stop, nil
+	_, err := launcher.Stop(ctx, c.cfg.Client, c.cfg.Client.Host(), vm, false)
+	return err
 }

@@ -1,15 +1,5 @@
 package fleet
 
-import (
-	"crypto/rand"
-	"encoding/base64"
-	"encoding/hex"
-)
-
-func nonce() string {
-	b := make([]byte, 4)
-	rand.Read(b)
-	return hex.EncodeToString(b)
-}
+import "encoding/base64"
 
 func b64(s string) string { return base64.StdEncoding.EncodeToString([]byte(s)) }
