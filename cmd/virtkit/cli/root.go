@@ -80,12 +80,9 @@ func newLogger(lvl zerolog.Level) zerolog.Logger {
 // command is how each file registers its subcommand.
 type command func(*env) *cobra.Command
 
-var commands, placeholders []command
+var commands []command
 
 func register(c command) { commands = append(commands, c) }
-
-// registerPending adds a placeholder that is dropped as soon as a real command of the same name exists.
-func registerPending(c command) { placeholders = append(placeholders, c) }
 
 // NewRoot builds the whole command tree.
 func NewRoot() *cobra.Command {
@@ -108,16 +105,8 @@ func NewRoot() *cobra.Command {
 	pf.StringVar(&e.logLevel, "log-level", "", "trace, debug, info, warn or error (default from config: info)")
 	pf.StringVar(&e.stateDir, "state-dir", "", "state folder (default $XDG_STATE_HOME/virtkit)")
 	pf.StringVarP(&e.output, "output", "o", "text", "output format: text or json")
-	have := map[string]bool{}
 	for _, c := range commands {
-		cmd := c(e)
-		have[cmd.Name()] = true
-		root.AddCommand(cmd)
-	}
-	for _, c := range placeholders {
-		if cmd := c(e); !have[cmd.Name()] {
-			root.AddCommand(cmd)
-		}
+		root.AddCommand(c(e))
 	}
 	return root
 }
@@ -139,26 +128,4 @@ func Execute(ctx context.Context, args []string) int {
 	}
 	fmt.Fprintln(os.Stderr, "virtkit:", err)
 	return 1
-}
-
-// errNotYet is what a command whose issue is still open returns: it says so and exits non-zero.
-func errNotYet(name string, issue int) error {
-	return &ExitError{Code: 2, Err: fmt.Errorf("%s is not implemented yet (tracked in issue %d)", name, issue)}
-}
-
-// notYet is a placeholder command for work that has not landed.
-func notYet(use, short string, issue int) command {
-	return func(*env) *cobra.Command {
-		return &cobra.Command{
-			Use:                use,
-			Short:              short + " (not implemented yet)",
-			DisableFlagParsing: true,
-			RunE: func(cmd *cobra.Command, args []string) error {
-				if len(args) > 0 && (args[0] == "--help" || args[0] == "-h") {
-					return cmd.Help()
-				}
-				return errNotYet(cmd.Name(), issue)
-			},
-		}
-	}
 }
