@@ -44,7 +44,13 @@ func daemon(b *testing.B, name, share string) string {
 		}
 		cmd = exec.Command(cVirtiofsd, "--socket-path="+sock, "-o", "source="+share, "-o", "cache=auto", "-o", "log_level=err")
 	}
-	cmd.Stderr = os.Stderr
+	// The daemons' own messages go to a log, not into the benchmark lines run.sh parses.
+	logf, err := os.Create(filepath.Join(b.TempDir(), name+".log"))
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { logf.Close() })
+	cmd.Stdout, cmd.Stderr = logf, logf
 	if err := cmd.Start(); err != nil {
 		b.Fatal(err)
 	}

@@ -14,6 +14,7 @@ import (
 	"net"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 	"unsafe"
 
@@ -68,7 +69,17 @@ type Frontend struct {
 
 // Dial connects to a backend socket and creates memSize bytes of guest memory.
 func Dial(socket string, memSize int) (*Frontend, error) {
-	c, err := net.DialUnix("unix", nil, &net.UnixAddr{Name: socket, Net: "unix"})
+	// A socket file exists between bind(2) and listen(2): a backend that has just started may
+	// refuse for a moment.
+	var c *net.UnixConn
+	var err error
+	for deadline := time.Now().Add(5 * time.Second); ; {
+		c, err = net.DialUnix("unix", nil, &net.UnixAddr{Name: socket, Net: "unix"})
+		if err == nil || !(errors.Is(err, syscall.ECONNREFUSED) || errors.Is(err, syscall.ENOENT)) || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
 	if err != nil {
 		return nil, fmt.Errorf("vhostusertest: dial %s: %w", socket, err)
 	}
