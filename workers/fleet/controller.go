@@ -280,11 +280,7 @@ func (c *Controller) resolveUnit(ctx context.Context, f *File, name string, u *U
 		if err := os.MkdirAll(host, 0o755); err != nil {
 			return nil, fmt.Errorf("share %s: %w", s.Host, err)
 		}
-		req.Shares = append(req.Shares, launcher.Share{HostDir: host, GuestDir: s.Guest, ReadOnly: s.ReadOnly})
-		if s.UIDMap != "" || s.GIDMap != "" {
-			// virtiofsd takes --uid-map/--gid-map, but launcher.Share does not carry them yet.
-			c.cfg.Log.Warn().Str("unit", name).Str("share", s.Guest).Msg("uid_map/gid_map are not applied yet: the launcher's shares carry no id maps")
-		}
+		req.Shares = append(req.Shares, launcher.Share{HostDir: host, GuestDir: s.Guest, ReadOnly: s.ReadOnly, UIDMap: s.UIDMap, GIDMap: s.GIDMap})
 	}
 	for _, p := range u.Ports {
 		req.Forwards = append(req.Forwards, launcher.PortForward{Listen: fmt.Sprintf("%s:%d", p.HostIP, p.HostPort), GuestPort: uint16(p.GuestPort)})

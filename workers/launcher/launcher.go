@@ -62,6 +62,10 @@ type Share struct {
 	HostDir  string `json:"host_dir"`
 	GuestDir string `json:"guest_dir"`
 	ReadOnly bool   `json:"read_only,omitempty"`
+	// UIDMap and GIDMap map guest ids to host ids, "GUEST:HOST:COUNT" (virtiofsd's user-namespace
+	// --uid-map/--gid-map), e.g. "0:1000:1" so files root makes in the guest belong to user 1000.
+	UIDMap string `json:"uid_map,omitempty"`
+	GIDMap string `json:"gid_map,omitempty"`
 }
 
 // Request describes a VM to boot.
@@ -227,9 +231,11 @@ func (l *Launcher) Start(ctx context.Context, req Request) (vm *VM, err error) {
 	l.mu.Unlock()
 	t0 := time.Now()
 	log := l.log.With().Str("vm", req.Name).Logger()
+	// The named result is nil by the time an error return runs this, so hold the VM here.
+	started := vm
 	defer func() {
 		if err != nil {
-			vm.teardown(context.Background())
+			started.teardown(context.Background())
 			err = fmt.Errorf("launcher: start %s: %w", req.Name, err)
 		}
 	}()
@@ -305,6 +311,12 @@ func (l *Launcher) Start(ctx context.Context, req Request) (vm *VM, err error) {
 		args := []string{"virtiofsd", "--socket-path", sock, "--shared-dir", s.HostDir}
 		if s.ReadOnly {
 			args = append(args, "--readonly")
+		}
+		if s.UIDMap != "" {
+			args = append(args, "--uid-map", s.UIDMap)
+		}
+		if s.GIDMap != "" {
+			args = append(args, "--gid-map", s.GIDMap)
 		}
 		if _, err := vm.startHelper(ctx, tag, sock, args...); err != nil {
 			return nil, err
