@@ -130,11 +130,13 @@ func Serve(ctx context.Context, cfg Config) (*Server, error) {
 		return nil, err
 	}
 	l := cfg.Listener
+	created := ""
 	if l == nil {
 		var err error
 		if l, err = Listen(cfg.Socket); err != nil {
 			return nil, err
 		}
+		created = cfg.Socket
 	}
 	raiseNoFile()
 	dev := &device{
@@ -146,6 +148,9 @@ func Serve(ctx context.Context, cfg Config) (*Server, error) {
 	go func() {
 		defer close(s.done)
 		s.err = vhostuser.Serve(ctx, l, dev, cfg.Logger)
+		if created != "" {
+			os.Remove(created)
+		}
 	}()
 	return s, nil
 }
@@ -162,24 +167,13 @@ func (s *Server) Wait() error {
 	return s.err
 }
 
-// Listen creates the vhost-user socket, replacing a stale socket file but never a live one or a
-// non-socket.
+// Listen creates the vhost-user socket (see vhostuser.Listen: connectable as soon as it exists;
+// the caller removes it when done).
 func Listen(path string) (*net.UnixListener, error) {
-	if c, err := net.Dial("unix", path); err == nil {
-		c.Close()
-		return nil, fmt.Errorf("virtiofs: %s is in use by a live listener", path)
-	}
-	if fi, err := os.Lstat(path); err == nil {
-		if fi.Mode()&os.ModeSocket == 0 {
-			return nil, fmt.Errorf("virtiofs: %s exists and is not a socket", path)
-		}
-		os.Remove(path)
-	}
-	l, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
+	l, err := vhostuser.Listen(path)
 	if err != nil {
-		return nil, fmt.Errorf("virtiofs: listen: %w", err)
+		return nil, fmt.Errorf("virtiofs: %w", err)
 	}
-	l.SetUnlinkOnClose(true)
 	return l, nil
 }
 

@@ -144,24 +144,7 @@ func (b *Backend) Wait() error {
 	return b.err
 }
 
-func listenUnix(path string) (*net.UnixListener, error) {
-	if c, err := net.Dial("unix", path); err == nil {
-		c.Close()
-		return nil, fmt.Errorf("%s is in use by a live listener", path)
-	}
-	if fi, err := os.Lstat(path); err == nil {
-		if fi.Mode()&os.ModeSocket == 0 {
-			return nil, fmt.Errorf("%s exists and is not a socket", path)
-		}
-		os.Remove(path)
-	}
-	l, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
-	if err != nil {
-		return nil, err
-	}
-	l.SetUnlinkOnClose(true)
-	return l, nil
-}
+func listenUnix(path string) (*net.UnixListener, error) { return vhostuser.Listen(path) }
 
 // connKey identifies a connection: the host-side port and the guest-side port.
 type connKey struct{ local, peer uint32 }

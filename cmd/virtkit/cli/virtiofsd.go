@@ -76,6 +76,7 @@ host's namespace and trusts the guest.`,
 					if err != nil {
 						return err
 					}
+					defer os.Remove(cfg.Socket)
 					defer l.Close()
 					e.log.Info().Str("socket", cfg.Socket).Str("share", dir).Msg("virtiofsd starting sandboxed")
 					return virtiofs.SpawnSandboxed(ctx, dir, l, os.Args, um, gm)
