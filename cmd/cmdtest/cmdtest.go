@@ -51,6 +51,9 @@ func Binary(t testing.TB, name string) string {
 		if err != nil {
 			t.Fatal(err)
 		}
+		// World-searchable: sandboxed helpers (virtiofsd with id maps) re-execute the binary as an
+		// unprivileged host user.
+		os.Chmod(d, 0o755)
 		builtDir = d // removed by the OS tmp cleaner; binaries are reused across tests of the process
 	}
 	out := filepath.Join(builtDir, name)

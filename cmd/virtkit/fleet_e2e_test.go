@@ -47,7 +47,7 @@ units:
     memory: 384M
     depends_on: [redis]
     shares:
-      - {host: ./project, guest: /src}
+      - {host: ./project, guest: /src, uid_map: "0:1000:1", gid_map: "0:1000:1"}
     virtctl: [redis]
 `
 
@@ -60,6 +60,10 @@ func TestFleet(t *testing.T) {
 	img := redisImage(t)
 	dir := t.TempDir()
 	os.MkdirAll(filepath.Join(dir, "project"), 0o755)
+	// The project belongs to a user, as on a workstation, and its path is searchable by them.
+	os.Chown(filepath.Join(dir, "project"), 1000, 1000)
+	os.Chmod(dir, 0o755)
+	os.Chmod(filepath.Dir(dir), 0o755)
 	file := filepath.Join(dir, "virtkit.yaml")
 	os.WriteFile(file, []byte(strings.ReplaceAll(fleetFile, "%IMAGE%", img)), 0o644)
 
@@ -102,6 +106,12 @@ func TestFleet(t *testing.T) {
 	mustBuilder("", "sh", "-c", "echo built-in-the-vm > /src/artifact.txt && sync")
 	if b, err := os.ReadFile(filepath.Join(dir, "project", "artifact.txt")); err != nil || string(b) != "built-in-the-vm\n" {
 		t.Errorf("shared folder: host sees %q, %v", b, err)
+	}
+	// uid_map/gid_map 0:1000:1: what root makes in the guest belongs to 1000:1000 on the host.
+	if fi, err := os.Stat(filepath.Join(dir, "project", "artifact.txt")); err == nil {
+		if st := fi.Sys().(*syscall.Stat_t); st.Uid != 1000 || st.Gid != 1000 {
+			t.Errorf("shared folder: the guest's file is owned by %d:%d on the host, want 1000:1000 (uid_map/gid_map)", st.Uid, st.Gid)
+		}
 	}
 
 	// virtctl from inside: stop makes redis unreachable, start brings it back with its data.

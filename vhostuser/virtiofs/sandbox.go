@@ -78,7 +78,13 @@ func SpawnSandboxed(ctx context.Context, share string, l *net.UnixListener, argv
 		}
 		attr.GidMappingsEnableSetgroups = false
 	} else if len(uidMap) > 0 || len(gidMap) > 0 {
+		// Root asked for id maps (e.g. guest root → host user 1000): the daemon runs as root of a
+		// new user namespace whose ids are those maps, so what it creates belongs to the mapped
+		// host ids. It must be uid/gid 0 inside before execve, or it loses its capabilities there.
 		attr.Cloneflags |= syscall.CLONE_NEWUSER
+		uidMap, gidMap = withInsideRoot(uidMap), withInsideRoot(gidMap)
+		attr.Credential = &syscall.Credential{Uid: 0, Gid: 0, NoSetGroups: true}
+		attr.GidMappingsEnableSetgroups = false
 		for _, m := range uidMap {
 			attr.UidMappings = append(attr.UidMappings, syscall.SysProcIDMap{ContainerID: m.Inside, HostID: m.Outside, Size: m.Count})
 		}
@@ -158,4 +164,14 @@ func EnterSandbox(share string, readOnly bool) error {
 	// Nothing in the share may gain privileges through exec (we never exec, but a bug might).
 	unix.Prctl(unix.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
 	return nil
+}
+
+// withInsideRoot adds 0→0 when no map covers id 0 inside, so the daemon can be root there.
+func withInsideRoot(ms []IDMap) []IDMap {
+	for _, m := range ms {
+		if m.Inside == 0 && m.Count > 0 {
+			return ms
+		}
+	}
+	return append([]IDMap{{Inside: 0, Outside: 0, Count: 1}}, ms...)
 }

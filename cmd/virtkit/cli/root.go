@@ -13,6 +13,7 @@ import (
 	"golang.org/x/term"
 
 	"github.com/virtkit/virtkit/cmd/virtkit/config"
+	"github.com/virtkit/virtkit/vhostuser/virtiofs"
 )
 
 // Version is set at link time by build.sh (-X).
@@ -47,6 +48,14 @@ type env struct {
 
 // load reads the configuration once flags are parsed.
 func (e *env) load() error {
+	if os.Getenv(virtiofs.SandboxEnv) != "" {
+		// The sandboxed half of virtiofsd runs as the mapped (unprivileged) host user and gets
+		// everything it needs on its command line: the host's config file is none of its business
+		// and may not even be readable to it.
+		e.cfg = &config.Config{LogLevel: "info"}
+		e.log = newLogger(zerolog.InfoLevel)
+		return nil
+	}
 	cfg, err := config.Load(e.configPath)
 	if err != nil {
 		return err
