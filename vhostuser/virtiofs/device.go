@@ -202,14 +202,21 @@ func (d *device) serve(q *vhostuser.Queue, r *runner) {
 				q.Done(ch.Head, 0)
 				return
 			}
+			fired := make(chan struct{})
 			t := time.AfterFunc(takeover, func() {
+				defer close(fired)
 				if gen.CompareAndSwap(me, me+1) {
 					wg.Add(1)
 					go loop(me + 1)
 				}
 			})
 			answer(ch)
-			t.Stop()
+			if !t.Stop() {
+				// The hand-over has started: wait until it is settled, or this goroutine could
+				// still believe it pops and sleep on the kick next to its successor, each taking
+				// the other's wake-ups.
+				<-fired
+			}
 			<-busy
 		}
 	}
