@@ -59,6 +59,19 @@ Without a file, --builder IMAGE and --service NAME:IMAGE describe a quick fleet.
 		}
 		return c, fleetController(e.cfg, c, e.log, f.img.options(e)), nil
 	}
+	// withFleet runs fn with the fleet's name and a controller connected to the daemon.
+	withFleet := func(ctx context.Context, fn func(name string, ctl *fleet.Controller) error) error {
+		name, err := fleetName(e, &f)
+		if err != nil {
+			return err
+		}
+		c, ctl, err := connect(ctx)
+		if err != nil {
+			return err
+		}
+		defer c.Close()
+		return fn(name, ctl)
+	}
 	progress := func(unit, msg string) { fmt.Fprintf(os.Stderr, "%-12s %s\n", unit, msg) }
 
 	up := &cobra.Command{
@@ -89,16 +102,9 @@ Without a file, --builder IMAGE and --service NAME:IMAGE describe a quick fleet.
 	down := &cobra.Command{
 		Use: "down", Short: "Stop every unit (definition and volumes are kept; --purge removes them)", Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			name, err := fleetName(e, &f)
-			if err != nil {
-				return err
-			}
-			c, ctl, err := connect(cmd.Context())
-			if err != nil {
-				return err
-			}
-			defer c.Close()
-			return ctl.Down(cmd.Context(), name, purge, progress)
+			return withFleet(cmd.Context(), func(name string, ctl *fleet.Controller) error {
+				return ctl.Down(cmd.Context(), name, purge, progress)
+			})
 		},
 	}
 	down.Flags().BoolVar(&purge, "purge", false, "also remove the stored definition and the volumes")
@@ -106,32 +112,25 @@ Without a file, --builder IMAGE and --service NAME:IMAGE describe a quick fleet.
 	ps := &cobra.Command{
 		Use: "ps", Short: "Show the units: state (event projection), IP, health", Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			name, err := fleetName(e, &f)
-			if err != nil {
-				return err
-			}
-			c, ctl, err := connect(cmd.Context())
-			if err != nil {
-				return err
-			}
-			defer c.Close()
-			st, err := ctl.Status(cmd.Context(), name)
-			if err != nil {
-				return err
-			}
-			if e.output == "json" {
-				return json.NewEncoder(os.Stdout).Encode(st)
-			}
-			tw := tabwriter.NewWriter(os.Stdout, 2, 4, 2, ' ', 0)
-			fmt.Fprintln(tw, "UNIT\tVM\tSTATE\tHEALTH\tIP\tBOOT")
-			for _, s := range st {
-				boot := "-"
-				if s.BootMillis > 0 && s.Phase == "running" {
-					boot = fmt.Sprintf("%dms", s.BootMillis)
+			return withFleet(cmd.Context(), func(name string, ctl *fleet.Controller) error {
+				st, err := ctl.Status(cmd.Context(), name)
+				if err != nil {
+					return err
 				}
-				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", s.Unit, s.VM, s.Phase, orDash(s.Health), orDash(s.IP), boot)
-			}
-			return tw.Flush()
+				if e.output == "json" {
+					return json.NewEncoder(os.Stdout).Encode(st)
+				}
+				tw := tabwriter.NewWriter(os.Stdout, 2, 4, 2, ' ', 0)
+				fmt.Fprintln(tw, "UNIT\tVM\tSTATE\tHEALTH\tIP\tBOOT")
+				for _, s := range st {
+					boot := "-"
+					if s.BootMillis > 0 && s.Phase == "running" {
+						boot = fmt.Sprintf("%dms", s.BootMillis)
+					}
+					fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", s.Unit, s.VM, s.Phase, orDash(s.Health), orDash(s.IP), boot)
+				}
+				return tw.Flush()
+			})
 		},
 	}
 
@@ -139,21 +138,14 @@ Without a file, --builder IMAGE and --service NAME:IMAGE describe a quick fleet.
 		return &cobra.Command{
 			Use: use + " UNIT...", Short: short, Args: cobra.MinimumNArgs(1),
 			RunE: func(cmd *cobra.Command, args []string) error {
-				name, err := fleetName(e, &f)
-				if err != nil {
-					return err
-				}
-				c, ctl, err := connect(cmd.Context())
-				if err != nil {
-					return err
-				}
-				defer c.Close()
-				for _, u := range args {
-					if err := op(cmd.Context(), ctl, name, u); err != nil {
-						return err
+				return withFleet(cmd.Context(), func(name string, ctl *fleet.Controller) error {
+					for _, u := range args {
+						if err := op(cmd.Context(), ctl, name, u); err != nil {
+							return err
+						}
 					}
-				}
-				return nil
+					return nil
+				})
 			},
 		}
 	}
