@@ -2,14 +2,12 @@ package main
 
 import (
 	"context"
-	"errors"
 	"flag"
 	"fmt"
 	"os"
 	"strings"
 
 	"github.com/virtkit/virtkit/agent/client"
-	"github.com/virtkit/virtkit/agent/proto"
 )
 
 func init() {
@@ -43,7 +41,7 @@ func runExec(ctx context.Context, args []string) int {
 	code, err := execRemote(ctx, *connect, req, *interactive)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "virtkit-agent exec:", err)
-		return errorCode(err)
+		return client.ExitCode(err)
 	}
 	return code
 }
@@ -61,19 +59,4 @@ func execRemote(ctx context.Context, url string, req client.ExecRequest, interac
 		return 0, err
 	}
 	return st.Code, nil
-}
-
-// errorCode maps a failure to run the command to a shell-like exit code: 127 not found,
-// 126 not allowed or not executable, 255 for agent or transport failures (as ssh does).
-func errorCode(err error) int {
-	var re *proto.RemoteError
-	if errors.As(err, &re) {
-		switch re.Code {
-		case proto.CodeNotFound:
-			return 127
-		case proto.CodeDenied, proto.CodeExec:
-			return 126
-		}
-	}
-	return 255
 }
