@@ -522,16 +522,12 @@ func (vm *VM) startHelper(ctx context.Context, name, socket string, args ...stri
 	go func() { cmd.Wait(); close(h.done) }()
 	vm.helpers = append(vm.helpers, h)
 	os.WriteFile(filepath.Join(vm.Dir, name+".pid"), []byte(strconv.Itoa(cmd.Process.Pid)+"\n"), 0o600)
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		if fi, err := os.Stat(socket); err == nil && fi.Mode()&os.ModeSocket != 0 {
-			return h, nil
-		}
-		if h.exited() || time.Now().After(deadline) || ctx.Err() != nil {
-			return nil, fmt.Errorf("helper %s did not listen on %s: %s", name, socket, tailLog(logPath))
-		}
-		time.Sleep(5 * time.Millisecond)
+	wctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	if err := vmm.WaitSocket(wctx, socket, h.done); err != nil {
+		return nil, fmt.Errorf("helper %s did not listen on %s: %s", name, socket, tailLog(logPath))
 	}
+	return h, nil
 }
 
 func tailLog(path string) string {

@@ -153,7 +153,7 @@ func (c *CloudHypervisor) Start(ctx context.Context, s Spec) (Machine, error) {
 	}
 	sctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
-	if err := waitSocket(sctx, api, m.done); err != nil {
+	if err := WaitSocket(sctx, api, m.done); err != nil {
 		return fail(fmt.Errorf("vmm: cloud-hypervisor api socket: %w: %s", err, tailFile(s.VMMLog(), 1024)))
 	}
 	if err := chCall(ctx, cl, http.MethodPut, "vm.create", body, nil); err != nil {

@@ -155,8 +155,9 @@ func ConsoleTail(spec Spec, lines int) string {
 	return strings.Join(parts, "\n")
 }
 
-// waitSocket waits until a unix socket path exists (a VMM creating its API socket).
-func waitSocket(ctx context.Context, path string, done <-chan struct{}) error {
+// WaitSocket waits until a unix socket path exists (a VMM or helper creating its socket), ctx
+// ends, or done is closed (the process that should create it exited).
+func WaitSocket(ctx context.Context, path string, done <-chan struct{}) error {
 	t := time.NewTicker(5 * time.Millisecond)
 	defer t.Stop()
 	for {
