@@ -2,6 +2,7 @@ package initproc
 
 import (
 	"encoding/base64"
+	"encoding/json"
 	"fmt"
 	"net/netip"
 	"strings"
@@ -21,6 +22,12 @@ type Share struct {
 	RO        bool
 }
 
+// Volume is a data disk mounted before the mode starts (virtkit.volume=/dev/vdX:/mount/point[:ro]).
+type Volume struct {
+	Dev, Path string
+	RO        bool
+}
+
 // Net is the guest network configuration (virtkit.net=).
 type Net struct {
 	Mode    string       // dhcp, none or static
@@ -35,6 +42,9 @@ type Config struct {
 	Overlay   string        // virtkit.overlay: a block device (writable layer, ext4), "tmpfs", or "" for a plain root
 	OverlayFS string        // virtkit.overlay_fstype: filesystem of the overlay device (default ext4)
 	FS        []Share       // virtkit.fs, repeatable or comma-separated
+	Volumes   []Volume      // virtkit.volume: ext4 data disks, repeatable or comma-separated
+	Command   []string      // virtkit.command: replaces the image's entrypoint + cmd (comma list, or b64:BASE64 of a JSON array)
+	Env       []string      // virtkit.env: KEY=VALUE added to (or replacing in) the image's env; repeatable, or b64:BASE64 of a JSON array
 	Net       Net           // virtkit.net: dhcp (default), none, static:IP/PREFIX[,GW]
 	DNS       []netip.Addr  // virtkit.dns: comma-separated
 	ExitCode  string        // virtkit.exitcode: where "virtkit: exit-code N" goes: console (default), a device path, or an endpoint URL
@@ -154,7 +164,7 @@ func Load(file, cmdline string, env []string) (Config, error) {
 }
 
 var keys = map[string]struct{}{"mode": {}, "hostname": {}, "overlay": {}, "overlay_fstype": {}, "fs": {},
-	"net": {}, "dns": {}, "exitcode": {}, "ssh_key": {}, "listen": {}, "relay": {}, "tap": {},
+	"volume": {}, "command": {}, "env": {}, "net": {}, "dns": {}, "exitcode": {}, "ssh_key": {}, "listen": {}, "relay": {}, "tap": {},
 	"image": {}, "poweroff": {}, "linger": {}, "allow": {}, "wrapper": {}, "debug": {}, "systemd": {}}
 
 func unquote(v string) string {
@@ -168,6 +178,10 @@ func (c *Config) reset(k string) {
 	switch k {
 	case "fs":
 		c.FS = nil
+	case "volume":
+		c.Volumes = nil
+	case "env":
+		c.Env = nil
 	case "dns":
 		c.DNS = nil
 	case "ssh_key":
@@ -216,6 +230,44 @@ func (c *Config) set(k, v string) error {
 			}
 			c.FS = append(c.FS, sh)
 		}
+	case "volume":
+		for _, s := range strings.Split(v, ",") {
+			if s == "" {
+				continue
+			}
+			parts := strings.Split(s, ":")
+			if len(parts) < 2 || len(parts) > 3 || !strings.HasPrefix(parts[0], "/dev/") || !strings.HasPrefix(parts[1], "/") || parts[1] == "/" {
+				return fmt.Errorf("virtkit.volume=%q: want /dev/DISK:/mount/point[:ro]", s)
+			}
+			vol := Volume{Dev: parts[0], Path: parts[1]}
+			if len(parts) == 3 {
+				if parts[2] != "ro" && parts[2] != "rw" {
+					return fmt.Errorf("virtkit.volume=%q: option %q, want ro or rw", s, parts[2])
+				}
+				vol.RO = parts[2] == "ro"
+			}
+			c.Volumes = append(c.Volumes, vol)
+		}
+	case "command":
+		argv, err := stringList("command", v, true)
+		if err != nil {
+			return err
+		}
+		if len(argv) == 0 || argv[0] == "" {
+			return fmt.Errorf("virtkit.command=%q: empty command", v)
+		}
+		c.Command = argv
+	case "env":
+		env, err := stringList("env", v, false)
+		if err != nil {
+			return err
+		}
+		for _, kv := range env {
+			if k, _, ok := strings.Cut(kv, "="); !ok || k == "" || strings.ContainsRune(k, 0) {
+				return fmt.Errorf("virtkit.env=%q: want KEY=VALUE", kv)
+			}
+		}
+		c.Env = append(c.Env, env...)
 	case "net":
 		n, err := parseNet(v)
 		if err != nil {
@@ -289,6 +341,35 @@ func (c *Config) set(k, v string) error {
 		c.Unknown = append(c.Unknown, k)
 	}
 	return nil
+}
+
+// stringList reads b64:BASE64 (standard or URL alphabet) of a JSON array of strings, or else the
+// plain value: split at commas when commas is set, one item otherwise.
+func stringList(key, v string, commas bool) ([]string, error) {
+	rest, ok := strings.CutPrefix(v, "b64:")
+	if !ok {
+		if !commas {
+			return []string{v}, nil
+		}
+		var out []string
+		for _, s := range strings.Split(v, ",") {
+			if s != "" {
+				out = append(out, s)
+			}
+		}
+		return out, nil
+	}
+	b, err := base64.StdEncoding.DecodeString(rest)
+	if err != nil {
+		if b, err = base64.RawURLEncoding.DecodeString(rest); err != nil {
+			return nil, fmt.Errorf("virtkit.%s: bad base64: %w", key, err)
+		}
+	}
+	var out []string
+	if err := json.Unmarshal(b, &out); err != nil {
+		return nil, fmt.Errorf("virtkit.%s: want b64: of a JSON array of strings: %w", key, err)
+	}
+	return out, nil
 }
 
 func parseNet(v string) (Net, error) {

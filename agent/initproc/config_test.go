@@ -18,7 +18,7 @@ func TestSplitCmdline(t *testing.T) {
 
 func TestLoad(t *testing.T) {
 	file := "# comment\nmode=agent\nvirtkit.fs=a:/a\nhostname=fromfile\n"
-	cmdline := `root=/dev/vda ro virtkit.hostname=web1 virtkit.overlay=/dev/vdb virtkit.fs=share:/mnt/share:ro,cache:/cache virtkit.fs=x:/x virtkit.net=static:10.77.0.5/24,10.77.0.1 virtkit.dns=10.77.0.1,1.1.1.1 virtkit.ssh_key=b64:c3NoLWVkMjU1MTkgQUFBQSBrZXk= virtkit.linger=2s virtkit.exitcode=/dev/hvc1`
+	cmdline := `root=/dev/vda ro virtkit.hostname=web1 virtkit.overlay=/dev/vdb virtkit.fs=share:/mnt/share:ro,cache:/cache virtkit.fs=x:/x virtkit.net=static:10.77.0.5/24,10.77.0.1 virtkit.dns=10.77.0.1,1.1.1.1 virtkit.ssh_key=b64:c3NoLWVkMjU1MTkgQUFBQSBrZXk= virtkit.linger=2s virtkit.exitcode=/dev/hvc1 virtkit.volume=/dev/vdc:/data,/dev/vdd:/ref:ro virtkit.command=b64:WyJyZWRpcy1zZXJ2ZXIiLCItLWRpciIsIi9kYXRhIGRpciJd virtkit.env=A=1,2 virtkit.env=b64:WyJCPXggeSIsIkM9Il0=`
 	c, err := Load(file, cmdline, []string{"VIRTKIT_MODE=entrypoint", "VIRTKIT_AGENT=unix:///x", "HOME=/"})
 	if err != nil {
 		t.Fatal(err)
@@ -33,10 +33,15 @@ func TestLoad(t *testing.T) {
 	want.SSHKeys = []string{"ssh-ed25519 AAAA key"}
 	want.Linger = 2 * time.Second
 	want.ExitCode = "/dev/hvc1"
+	want.Volumes = []Volume{{Dev: "/dev/vdc", Path: "/data"}, {Dev: "/dev/vdd", Path: "/ref", RO: true}}
+	want.Command = []string{"redis-server", "--dir", "/data dir"}
+	want.Env = []string{"A=1,2", "B=x y", "C="}
 	if !reflect.DeepEqual(c, want) {
 		t.Fatalf("Load =\n%+v\nwant\n%+v", c, want)
 	}
-	for _, bad := range []string{"virtkit.mode=bogus", "virtkit.net=wifi", "virtkit.fs=notag", "virtkit.overlay=vdb", "virtkit.dns=x", "virtkit.linger=soon", "virtkit.net=static:1.2.3.4"} {
+	for _, bad := range []string{"virtkit.mode=bogus", "virtkit.net=wifi", "virtkit.fs=notag", "virtkit.overlay=vdb", "virtkit.dns=x", "virtkit.linger=soon", "virtkit.net=static:1.2.3.4",
+		"virtkit.volume=vdc:/data", "virtkit.volume=/dev/vdc:data", "virtkit.volume=/dev/vdc:/d:rx", "virtkit.command=b64:!!", "virtkit.command=b64:eyJhIjoxfQ==",
+		"virtkit.command=,", "virtkit.env=NOEQUALS", "virtkit.env==v"} {
 		if _, err := Load("", bad, nil); err == nil || !strings.Contains(err.Error(), strings.SplitN(strings.TrimPrefix(bad, "virtkit."), "=", 2)[0]) {
 			t.Errorf("Load(%q) = %v, want an error naming the key", bad, err)
 		}
@@ -56,9 +61,32 @@ func TestImage(t *testing.T) {
 	}
 }
 
+func TestLoadCommaCommand(t *testing.T) {
+	c, err := Load("", "virtkit.command=/bin/sh,-c,true", nil)
+	if err != nil || !reflect.DeepEqual(c.Command, []string{"/bin/sh", "-c", "true"}) {
+		t.Fatalf("virtkit.command comma list: %q %v", c.Command, err)
+	}
+}
+
+func TestImageWith(t *testing.T) {
+	im := Image{Entrypoint: []string{"/e"}, Cmd: []string{"c"}, Env: []string{"PATH=/bin", "A=1"}, User: "u"}
+	got := im.With([]string{"/x", "y"}, []string{"A=2", "B=3"})
+	want := Image{Entrypoint: []string{"/x", "y"}, Env: []string{"PATH=/bin", "A=2", "B=3"}, User: "u"}
+	if !reflect.DeepEqual(got, want) {
+		t.Fatalf("With = %+v, want %+v", got, want)
+	}
+	if !reflect.DeepEqual(im.Env, []string{"PATH=/bin", "A=1"}) {
+		t.Fatalf("With changed the receiver's env: %q", im.Env)
+	}
+	if got := im.With(nil, nil); !reflect.DeepEqual(got, im) {
+		t.Fatalf("With(nil, nil) = %+v", got)
+	}
+}
+
 func FuzzLoad(f *testing.F) {
 	f.Add("mode=agent\nfs=a:/b:ro", `virtkit.net=static:10.0.0.2/24,10.0.0.1 virtkit.ssh_key="a b" virtkit.fs=x:/y`)
 	f.Add("", `virtkit.ssh_key=b64:!!! "unterminated`)
+	f.Add("volume=/dev/vdc:/data", `virtkit.command=b64:WyJhIl0= virtkit.env=A=1 virtkit.env=b64:WyJCPTIiXQ==`)
 	f.Fuzz(func(t *testing.T, file, cmdline string) {
 		c, err := Load(file, cmdline, nil)
 		if err != nil {
@@ -68,6 +96,19 @@ func FuzzLoad(f *testing.F) {
 			if s.Tag == "" || !strings.HasPrefix(s.Path, "/") {
 				t.Fatalf("accepted bad share %+v", s)
 			}
+		}
+		for _, v := range c.Volumes {
+			if !strings.HasPrefix(v.Dev, "/dev/") || !strings.HasPrefix(v.Path, "/") {
+				t.Fatalf("accepted bad volume %+v", v)
+			}
+		}
+		for _, kv := range c.Env {
+			if k, _, ok := strings.Cut(kv, "="); !ok || k == "" {
+				t.Fatalf("accepted bad env %q", kv)
+			}
+		}
+		if c.Command != nil && (len(c.Command) == 0 || c.Command[0] == "") {
+			t.Fatalf("accepted empty command %q", c.Command)
 		}
 		if c.Net.Mode == "static" && !c.Net.Address.IsValid() {
 			t.Fatalf("static net without address")

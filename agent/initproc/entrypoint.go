@@ -1,6 +1,7 @@
 package initproc
 
 import (
+	"errors"
 	"os"
 	"time"
 
@@ -10,12 +11,19 @@ import (
 	"github.com/virtkit/virtkit/agent/proto"
 )
 
+// image is the image config with the host's overrides (virtkit.command, virtkit.env) applied:
+// what the entrypoint runs and the env exec sessions start from. With a command override the
+// image config may be missing.
 func (in *Init) image() (Image, error) {
+	var im Image
 	b, err := os.ReadFile(in.cfg.Image)
-	if err != nil {
+	if err == nil {
+		im, err = ParseImage(b)
+	}
+	if err != nil && (len(in.cfg.Command) == 0 || !errors.Is(err, os.ErrNotExist)) {
 		return Image{}, err
 	}
-	return ParseImage(b)
+	return im.With(in.cfg.Command, in.cfg.Env), nil
 }
 
 // runEntrypoint runs the image's command with its env, workdir and user, forwarding signals to
@@ -39,6 +47,10 @@ func (in *Init) runEntrypoint(sigs <-chan os.Signal) (code int, poweroff bool) {
 			}
 		}
 		return ex.Code, poweroff
+	}
+	if in.volErr != nil {
+		in.log("entrypoint not started: %v", in.volErr)
+		return finish(proto.Exit{Code: 125})
 	}
 	im, err := in.image()
 	if err != nil {

@@ -57,6 +57,9 @@ type Init struct {
 	marks []proto.Mark
 	ep    *proto.Entrypoint
 	epEnd chan struct{}
+	// volErr is set when a virtkit.volume could not be mounted: the entrypoint then does not run
+	// (it would write its data beside the volume).
+	volErr error
 
 	shutdown chan bool // a shutdown request; true: power off, false: reboot
 }
@@ -129,6 +132,12 @@ func Run(opt Options) (code int) {
 		}
 		if err := mountOne(Mount{Source: s.Tag, Target: s.Path, FSType: "virtiofs", Flags: flags, Mode: 0o755}); err != nil {
 			in.log("virtio-fs %s: %v", s.Tag, err)
+		}
+	}
+	for _, v := range in.cfg.Volumes {
+		if err := mountVolume(v); err != nil {
+			in.log("%v", err)
+			in.volErr = errors.Join(in.volErr, err)
 		}
 	}
 	in.mark("filesystems")
@@ -241,7 +250,7 @@ func (in *Init) loadConfig() error {
 	in.cfg = cfg
 	if in.cfg.Mode == "" {
 		in.cfg.Mode = ModeAgent
-		if _, err := os.Stat(in.cfg.Image); err == nil {
+		if _, err := os.Stat(in.cfg.Image); err == nil || len(in.cfg.Command) > 0 {
 			in.cfg.Mode = ModeEntrypoint
 		}
 	}

@@ -139,6 +139,21 @@ func makeDevLinks() {
 	}
 }
 
+// mountVolume mounts an ext4 data disk, waiting up to 5 s for its device.
+func mountVolume(v Volume) error {
+	if err := waitDevice(v.Dev, 500); err != nil {
+		return fmt.Errorf("volume %s: device did not appear: %w", v.Dev, err)
+	}
+	flags := uintptr(unix.MS_NOATIME)
+	if v.RO {
+		flags |= unix.MS_RDONLY
+	}
+	if err := mountOne(Mount{Source: v.Dev, Target: v.Path, FSType: "ext4", Flags: flags, Mode: 0o755}); err != nil {
+		return fmt.Errorf("volume %s: %w", v.Dev, err)
+	}
+	return nil
+}
+
 // waitDevice waits for a block device node to appear (virtio probing runs concurrently with init).
 func waitDevice(path string, tries int) error {
 	var err error
