@@ -272,6 +272,9 @@ func (s *Switch) SetPolicy(allowHostLoopback bool, allow, deny []netip.Prefix) {
 // Gateway returns the gateway's address and MAC.
 func (s *Switch) Gateway() (netip.Addr, net.HardwareAddr) { return s.cfg.Gateway, s.gwMAC.HW() }
 
+// Subnet is the LAN's subnet (Config.Subnet with its default applied).
+func (s *Switch) Subnet() netip.Prefix { return s.cfg.Subnet }
+
 // SetHost adds, changes or (with an invalid ip) removes a DNS name under the LAN domain.
 func (s *Switch) SetHost(name string, ip netip.Addr) { s.dns.SetHost(name, ip) }
 

@@ -84,8 +84,15 @@ type Request struct {
 	// Net is the guest network (virtkit.net): "" or "none" for none, "dhcp" to join LAN through the
 	// switch on vsock port 1025, or static:IP/PREFIX[,GW].
 	Net string `json:"net,omitempty"`
-	// LAN names the network to join (default "default"); VMs on one LAN see each other as <name>.lan.
+	// LAN names the network to join (default "default"); VMs on one LAN see each other as <host>.lan.
 	LAN string `json:"lan,omitempty"`
+	// Host is the VM's name on its LAN and in the guest: its DNS name (<host>.lan), DHCP host name
+	// and host name (default Name). It is unique per LAN, so VMs of different LANs may share one
+	// (two fleets each with a unit "redis").
+	Host string `json:"host,omitempty"`
+	// Subnet (CIDR) is the subnet the LAN must have (default the launcher's): the first VM makes
+	// the LAN with it; a LAN running on another subnet refuses the VM.
+	Subnet string `json:"subnet,omitempty"`
 	// Forwards are host→guest TCP port forwards: HOST:PORT listens on the host, GuestPort in the VM.
 	Forwards []PortForward `json:"forwards,omitempty"`
 	// VMM overrides the launcher's VMM choice for this VM: auto, qemu or cloud-hypervisor.
@@ -102,11 +109,23 @@ type PortForward struct {
 	GuestPort uint16 `json:"guest_port"`
 }
 
+// maxCmdline bounds our part of the kernel command line: the x86 kernel's COMMAND_LINE_SIZE is
+// 2048 bytes (NUL included), and the VMM driver adds its own words (console, reboot, …).
+const maxCmdline = 2048 - 256
+
 var nameRE = regexp.MustCompile(`^[a-z0-9][a-z0-9-]{0,62}$`)
 
 func (r *Request) validate() error {
 	if !nameRE.MatchString(r.Name) {
 		return fmt.Errorf("launcher: VM name %q: want 1-63 of a-z, 0-9 and -, starting with a letter or digit", r.Name)
+	}
+	if r.Host != "" && !nameRE.MatchString(r.Host) {
+		return fmt.Errorf("launcher: VM %s: host name %q: want 1-63 of a-z, 0-9 and -", r.Name, r.Host)
+	}
+	if r.Subnet != "" {
+		if _, err := netip.ParsePrefix(r.Subnet); err != nil {
+			return fmt.Errorf("launcher: VM %s: subnet: %w", r.Name, err)
+		}
 	}
 	if _, err := os.Stat(r.Rootfs); err != nil {
 		return fmt.Errorf("launcher: rootfs: %w", err)
@@ -275,8 +294,12 @@ func (l *Launcher) Start(ctx context.Context, req Request) (vm *VM, err error) {
 	for _, d := range req.Disks {
 		spec.Disks = append(spec.Disks, vmm.Disk{Path: d})
 	}
+	host := req.Host
+	if host == "" {
+		host = req.Name
+	}
 	cmdline := []string{"root=/dev/vda", "ro", "rootfstype=ext4", "init=/sbin/virtkit-agent",
-		"virtkit.overlay=/dev/vdb", "virtkit.mode=" + req.Mode, "virtkit.hostname=" + req.Name}
+		"virtkit.overlay=/dev/vdb", "virtkit.mode=" + req.Mode, "virtkit.hostname=" + host}
 	if req.Net == "" {
 		req.Net = "none"
 	}
@@ -287,7 +310,9 @@ func (l *Launcher) Start(ctx context.Context, req Request) (vm *VM, err error) {
 		if req.LAN == "" {
 			req.LAN = "default"
 		}
-		ip, err := l.cfg.LANs.Attach(req.LAN, req.Name, filepath.Join(vm.Dir, "vsock.sock_"+strconv.Itoa(addr.PortNet)))
+		subnet, _ := netip.ParsePrefix(req.Subnet) // validated
+		ip, err := l.cfg.LANs.Join(req.LAN, Member{VM: req.Name, Host: host, Subnet: subnet,
+			Socket: filepath.Join(vm.Dir, "vsock.sock_"+strconv.Itoa(addr.PortNet))})
 		if err != nil {
 			return nil, err
 		}
@@ -295,7 +320,7 @@ func (l *Launcher) Start(ctx context.Context, req Request) (vm *VM, err error) {
 		vm.lan = req.LAN
 		if sw, ok := l.cfg.LANs.Switch(req.LAN); ok {
 			for _, f := range req.Forwards {
-				lf := lan.Forward{Proto: "tcp", Listen: f.Listen, Name: req.Name, Port: f.GuestPort}
+				lf := lan.Forward{Proto: "tcp", Listen: f.Listen, Name: host, Port: f.GuestPort}
 				if err := sw.AddForward(lf); err != nil {
 					return nil, err
 				}
@@ -333,6 +358,10 @@ func (l *Launcher) Start(ctx context.Context, req Request) (vm *VM, err error) {
 	}
 	cmdline = append(cmdline, req.Cmdline...)
 	spec.Cmdline = strings.Join(cmdline, " ")
+	if len(spec.Cmdline) >= maxCmdline {
+		// The kernel would cut it silently, and the guest would boot with half its keys.
+		return nil, fmt.Errorf("kernel command line is %d bytes, over the %d left by the kernel's limit (long virtkit.command/env or SSH keys?)", len(spec.Cmdline), maxCmdline-1)
+	}
 	if driver.Name() == "qemu" {
 		sock := filepath.Join(vm.Dir, "vsock.vhost")
 		if _, err := vm.startHelper(ctx, "vsockd", sock, "vsockd", "--socket", sock, "--uds", spec.VsockSocket(), "--cid", strconv.Itoa(GuestCID)); err != nil {

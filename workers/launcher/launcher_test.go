@@ -48,6 +48,8 @@ func TestRequestValidation(t *testing.T) {
 		{Name: "ok", Rootfs: rootfs, Shares: []Share{{HostDir: dir, GuestDir: "relative"}}},
 		{Name: "ok", Rootfs: rootfs, Shares: []Share{{HostDir: dir, GuestDir: "/a,b"}}},
 		{Name: "ok", Rootfs: rootfs, Shares: []Share{{HostDir: rootfs, GuestDir: "/f"}}},
+		{Name: "ok", Rootfs: rootfs, Host: "Not_A_Label"},
+		{Name: "ok", Rootfs: rootfs, Subnet: "10.0.0.0/33"},
 	} {
 		if err := r.validate(); err == nil {
 			t.Errorf("%+v: accepted", r)
