@@ -17,6 +17,7 @@ import (
 	"path/filepath"
 	"regexp"
 	"strconv"
+	"sync"
 	"testing"
 	"time"
 
@@ -30,8 +31,9 @@ import (
 
 const cVirtiofsd = "/usr/lib/qemu/virtiofsd"
 
-// daemon starts a virtio-fs daemon on share and returns its socket.
-func daemon(b *testing.B, name, share string) string {
+// daemon starts a virtio-fs daemon on share and returns its socket and a function that stops it
+// and tells the CPU time it used, its sandboxed children included.
+func daemon(b *testing.B, name, share string) (string, func() time.Duration) {
 	b.Helper()
 	sock := filepath.Join(b.TempDir(), "fs.sock")
 	var cmd *exec.Cmd
@@ -54,7 +56,7 @@ func daemon(b *testing.B, name, share string) string {
 	if err := cmd.Start(); err != nil {
 		b.Fatal(err)
 	}
-	b.Cleanup(func() {
+	stop := sync.OnceFunc(func() {
 		cmd.Process.Signal(os.Interrupt)
 		done := make(chan struct{})
 		go func() { cmd.Wait(); close(done) }()
@@ -65,16 +67,20 @@ func daemon(b *testing.B, name, share string) string {
 			<-done
 		}
 	})
+	b.Cleanup(stop)
 	// Wait for the socket file: probing it with a connection would use up the C daemon, which
 	// serves exactly one frontend and exits.
 	for i := 0; i < 500; i++ {
 		if fi, err := os.Stat(sock); err == nil && fi.Mode()&os.ModeSocket != 0 {
-			return sock
+			return sock, func() time.Duration {
+				stop()
+				return cmd.ProcessState.UserTime() + cmd.ProcessState.SystemTime()
+			}
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
 	b.Fatalf("%s did not listen on %s", name, sock)
-	return ""
+	return "", nil
 }
 
 var daemons = []string{"virtkit", "c-virtiofsd"}
@@ -88,7 +94,7 @@ func BenchmarkFUSE(b *testing.B) {
 			data := make([]byte, 1<<20)
 			rand.Read(data)
 			os.WriteFile(filepath.Join(share, "file"), data, 0o644)
-			sock := daemon(b, d, share)
+			sock, _ := daemon(b, d, share)
 			f, err := vhostusertest.Dial(sock, 64<<20)
 			if err != nil {
 				b.Fatal(err)
@@ -156,7 +162,7 @@ func BenchmarkGuestFS(b *testing.B) {
 		b.Run("daemon="+d, func(b *testing.B) {
 			for i := 0; i < b.N; i++ {
 				share := b.TempDir()
-				sock := daemon(b, d, share)
+				sock, cpu := daemon(b, d, share)
 				vm := vhostusertest.Boot(b, vhostusertest.VMConfig{
 					Initramfs: initrd, InitArgs: []string{"fsbench", "share0"},
 					Devices: []string{"-chardev", "socket,id=fs0,path=" + sock, "-device", "vhost-user-fs-device,chardev=fs0,tag=share0,queue-size=1024"},
@@ -173,6 +179,7 @@ func BenchmarkGuestFS(b *testing.B) {
 					v, _ := strconv.ParseFloat(m[2], 64)
 					b.ReportMetric(v, m[1]+"-"+m[3])
 				}
+				b.ReportMetric(float64(cpu().Milliseconds()), "daemon-cpu-ms")
 			}
 		})
 	}
