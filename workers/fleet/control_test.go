@@ -2,12 +2,14 @@ package fleet
 
 import (
 	"context"
+	"encoding/base64"
 	"encoding/json"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 
+	"github.com/google/go-cmp/cmp"
 	"github.com/rs/zerolog"
 
 	"github.com/virtkit/virtkit/agent/virtctl"
@@ -52,8 +54,11 @@ units:
 	if err := c.save(a, []byte("src")); err != nil {
 		t.Fatal(err)
 	}
-	if got, unit, ok := c.Owner("redis"); !ok || got.Name != "app" || unit != "redis" {
-		t.Fatalf("Owner(redis) = %v %q %v", got, unit, ok)
+	if got, unit, ok := c.Owner("app-redis"); !ok || got.Name != "app" || unit != "redis" {
+		t.Fatalf("Owner(app-redis) = %v %q %v", got, unit, ok)
+	}
+	if _, _, ok := c.Owner("redis"); ok {
+		t.Fatal("a bare unit name owns a VM")
 	}
 	s := NewControlServer(c, nil, zerolog.Nop())
 	ctx := context.Background()
@@ -101,5 +106,78 @@ func TestLevels(t *testing.T) {
 	got, _ := json.Marshal(a.levels(a.order()))
 	if string(got) != `[["db","cache","lone"],["api"],["builder"]]` {
 		t.Errorf("levels %s", got)
+	}
+}
+
+// TestResolve: a unit becomes a VM <fleet>-<unit> called <unit> on the fleet's LAN, with the
+// fleet's subnet; its command, env and volumes become boot keys for the agent (entrypoint mode).
+func TestResolve(t *testing.T) {
+	state := t.TempDir()
+	rootfs := filepath.Join(state, "rootfs.ext4")
+	os.WriteFile(rootfs, nil, 0o600)
+	c := NewController(ControllerConfig{StateDir: state,
+		Convert: func(ctx context.Context, ref string) (Image, error) {
+			return Image{Rootfs: rootfs, Cmd: []string{"/bin/img"}}, nil
+		},
+		NewVolume: func(ctx context.Context, path string, size int64) error { return os.WriteFile(path, nil, 0o600) },
+	})
+	f, err := Parse([]byte(`name: shop
+subnet: 10.78.0.0/24
+units:
+  redis:
+    image: x
+    command: [redis-server, --dir, "/data dir"]
+    env: {B: "2", A: "x y"}
+    volumes: [{name: data, path: /data, size: 64M}, {name: logs, path: /logs, size: 16M}]
+  builder: {image: x, shares: [{host: ./src, guest: /src}], env: {CI: "1"}}
+`), filepath.Join(state, "p", "virtkit.yaml"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	a, err := c.Resolve(context.Background(), f)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := a.Units["redis"].Request
+	want := []string{
+		"virtkit.volume=/dev/vdc:/data,/dev/vdd:/logs",
+		"virtkit.command=b64:" + base64.StdEncoding.EncodeToString([]byte(`["redis-server","--dir","/data dir"]`)),
+		"virtkit.env=b64:" + base64.StdEncoding.EncodeToString([]byte(`["A=x y","B=2"]`)),
+	}
+	if d := cmp.Diff(want, r.Cmdline); d != "" {
+		t.Errorf("redis boot keys (-want +got):\n%s", d)
+	}
+	if r.Name != "shop-redis" || r.Host != "redis" || r.LAN != "fleet-shop" || r.Subnet != "10.78.0.0/24" || r.Mode != "entrypoint" || len(r.Disks) != 2 {
+		t.Errorf("redis request %+v", r)
+	}
+	b := a.Units["builder"].Request
+	if b.Mode != "agent" || len(b.Cmdline) != 1 || !strings.HasPrefix(b.Cmdline[0], "virtkit.env=b64:") {
+		t.Errorf("builder request %+v", b)
+	}
+	if a.Subnet != "10.78.0.0/24" || a.Source != f.Path {
+		t.Errorf("applied subnet %q source %q", a.Subnet, a.Source)
+	}
+}
+
+// TestCheckSubnet: a fleet subnet may not overlap the subnet of another fleet that is up.
+func TestCheckSubnet(t *testing.T) {
+	c := NewController(ControllerConfig{StateDir: t.TempDir()})
+	if err := c.save(&Applied{Name: "one", Source: "/a/virtkit.yaml", Subnet: "10.78.0.0/24", Up: true}, nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.save(&Applied{Name: "down", Subnet: "10.79.0.0/24"}, nil); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct{ name, subnet, want string }{
+		{"two", "10.78.0.128/25", "subnet 10.78.0.128/25 overlaps subnet 10.78.0.0/24 of fleet one (from /a/virtkit.yaml)"},
+		{"two", "10.0.0.0/8", "overlaps"},
+		{"two", "10.79.0.0/24", ""}, // fleet down is not up
+		{"two", "", ""},
+		{"one", "10.78.0.0/24", ""}, // itself
+	} {
+		err := c.checkSubnet(&Applied{Name: tc.name, Subnet: tc.subnet})
+		if (tc.want == "") != (err == nil) || (err != nil && !strings.Contains(err.Error(), tc.want)) {
+			t.Errorf("%s %s: %v; want %q", tc.name, tc.subnet, err, tc.want)
+		}
 	}
 }

@@ -4,10 +4,12 @@ import (
 	"bytes"
 	"context"
 	"crypto/sha256"
+	"encoding/base64"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"sort"
@@ -52,7 +54,8 @@ type ControllerConfig struct {
 }
 
 // Controller applies fleets: it converts images, makes volumes, boots units in dependency order
-// through the broker's launcher work, starts their commands, waits for their health checks, and
+// through the broker's launcher work (each unit's command is its VM's entrypoint), waits for their
+// health checks, and
 // keeps the applied definition under the state dir. It is safe for concurrent use; operations on
 // one fleet are serialized.
 type Controller struct {
@@ -90,6 +93,8 @@ func (c *Controller) lock(fleet string) func() {
 type Applied struct {
 	Name   string `json:"name"`
 	Source string `json:"source"` // the fleet file's path
+	// Subnet is the fleet file's subnet ("" for the daemon's default).
+	Subnet string `json:"subnet,omitempty"`
 	// Up is false after `fleet down`.
 	Up    bool                    `json:"up"`
 	Units map[string]*AppliedUnit `json:"units"`
@@ -98,15 +103,17 @@ type Applied struct {
 // AppliedUnit is a unit resolved to what the host runs.
 type AppliedUnit struct {
 	Request launcher.Request `json:"request"`
-	// Mounts are the volumes: Disk is the guest device, Path the mount point.
-	Mounts []Mount `json:"mounts,omitempty"`
-	// Start is the command started (detached) after boot in agent mode; empty for entrypoint mode
-	// and for interactive units.
-	Start     *client.ExecRequest `json:"start,omitempty"`
-	Health    *AppliedHealth      `json:"health,omitempty"`
-	Autostart bool                `json:"autostart"`
-	Virtctl   VirtctlList         `json:"virtctl"`
-	DependsOn []string            `json:"depends_on,omitempty"`
+	// Mounts are the volumes: Disk is the guest device, Path the mount point (the agent mounts
+	// them at boot: virtkit.volume).
+	Mounts []Mount        `json:"mounts,omitempty"`
+	Health *AppliedHealth `json:"health,omitempty"`
+	// SSH: the unit runs the image's sshd with ssh_keys authorized for root. SSHIdentities are
+	// the private keys beside the .pub files ssh_keys named (for `fleet ssh`).
+	SSH           bool        `json:"ssh,omitempty"`
+	SSHIdentities []string    `json:"ssh_identities,omitempty"`
+	Autostart     bool        `json:"autostart"`
+	Virtctl       VirtctlList `json:"virtctl"`
+	DependsOn     []string    `json:"depends_on,omitempty"`
 	// Hash of the effective spec: a unit whose hash is unchanged is left running by `up`.
 	Hash string `json:"hash"`
 }
@@ -146,8 +153,9 @@ func (v *VirtctlList) UnmarshalJSON(b []byte) error {
 // Dir is where fleet name keeps its definition and volumes.
 func (c *Controller) Dir(name string) string { return filepath.Join(c.cfg.StateDir, "fleets", name) }
 
-// VMName is the VM of a unit: the unit's name, so that it resolves as <unit>.lan on the fleet LAN.
-func VMName(fleet, unit string) string { return unit }
+// VMName is the host's name of a unit's VM: <fleet>-<unit>, unique on the host. On the fleet's LAN
+// (and as the guest's host name) the VM is just <unit>, so units resolve as <unit>.lan.
+func VMName(fleet, unit string) string { return fleet + "-" + unit }
 
 func (c *Controller) vmDir(vm string) string { return filepath.Join(c.cfg.StateDir, "vms", vm) }
 
@@ -243,7 +251,7 @@ func writeAtomic(path string, b []byte) error {
 // Resolve converts a fleet file's images, makes missing volumes and computes each unit's
 // effective spec and hash.
 func (c *Controller) Resolve(ctx context.Context, f *File) (*Applied, error) {
-	a := &Applied{Name: f.Name, Up: true, Units: map[string]*AppliedUnit{}}
+	a := &Applied{Name: f.Name, Source: f.Path, Subnet: f.Subnet, Up: true, Units: map[string]*AppliedUnit{}}
 	images := map[string]Image{}
 	for _, name := range f.Order() {
 		u := f.Units[name]
@@ -265,7 +273,8 @@ func (c *Controller) Resolve(ctx context.Context, f *File) (*Applied, error) {
 }
 
 func (c *Controller) resolveUnit(ctx context.Context, f *File, name string, u *Unit, img Image) (*AppliedUnit, error) {
-	req := launcher.Request{Name: VMName(f.Name, name), Rootfs: img.Rootfs, CPUs: u.CPUs, MemoryMiB: u.Memory.MiB(), Net: "dhcp", LAN: "fleet-" + f.Name}
+	req := launcher.Request{Name: VMName(f.Name, name), Host: name, Rootfs: img.Rootfs, CPUs: u.CPUs, MemoryMiB: u.Memory.MiB(),
+		Net: "dhcp", LAN: "fleet-" + f.Name, Subnet: f.Subnet}
 	if req.CPUs == 0 {
 		req.CPUs = c.cfg.CPUs
 	}
@@ -285,6 +294,8 @@ func (c *Controller) resolveUnit(ctx context.Context, f *File, name string, u *U
 	for _, p := range u.Ports {
 		req.Forwards = append(req.Forwards, launcher.PortForward{Listen: fmt.Sprintf("%s:%d", p.HostIP, p.HostPort), GuestPort: uint16(p.GuestPort)})
 	}
+	au := &AppliedUnit{Virtctl: u.Virtctl, Autostart: u.Autostart == nil || *u.Autostart, DependsOn: u.DependsOn}
+	au.SSH = len(u.SSHKeys) > 0
 	for _, k := range u.SSHKeys {
 		k = strings.TrimSpace(k)
 		if strings.HasPrefix(k, "@") || strings.HasPrefix(k, "/") || strings.HasPrefix(k, "~") {
@@ -300,10 +311,14 @@ func (c *Controller) resolveUnit(ctx context.Context, f *File, name string, u *U
 				return nil, fmt.Errorf("ssh key: %w", err)
 			}
 			k = strings.TrimSpace(string(b))
+			if priv, ok := strings.CutSuffix(path, ".pub"); ok {
+				if _, err := os.Stat(priv); err == nil {
+					au.SSHIdentities = append(au.SSHIdentities, priv)
+				}
+			}
 		}
-		req.Cmdline = append(req.Cmdline, "virtkit.ssh_key=b64:"+b64(k))
+		req.Cmdline = append(req.Cmdline, "virtkit.ssh_key=b64:"+base64.StdEncoding.EncodeToString([]byte(k)))
 	}
-	au := &AppliedUnit{Virtctl: u.Virtctl, Autostart: u.Autostart == nil || *u.Autostart, DependsOn: u.DependsOn}
 	for i, v := range u.Volumes {
 		file := filepath.Join(c.Dir(f.Name), "volumes", name+"-"+v.Name+".ext4")
 		if _, err := os.Stat(file); errors.Is(err, os.ErrNotExist) {
@@ -319,9 +334,11 @@ func (c *Controller) resolveUnit(ctx context.Context, f *File, name string, u *U
 		req.Disks = append(req.Disks, file)
 		au.Mounts = append(au.Mounts, Mount{Volume: v.Name, File: file, Disk: "/dev/vd" + string(rune('c'+i)), Path: v.Path})
 	}
-	// Entrypoint mode runs the image's own command at boot, with the image's env; a unit with a
-	// command, env or volumes (which must be mounted first) runs in agent mode and its command is
-	// started once the volumes are mounted.
+	// Entrypoint mode: the unit's command (or the image's) is the VM's main process, its exit the
+	// unit's exit, its output on the console (`fleet logs`). The agent mounts the volumes and
+	// applies command and env before it starts it (boot keys, b64 JSON: no quoting survives the
+	// kernel command line). Agent mode (a builder) runs nothing of its own; env and volumes apply
+	// to its exec sessions.
 	mode := u.Mode
 	if mode == "" {
 		mode = "entrypoint"
@@ -329,25 +346,32 @@ func (c *Controller) resolveUnit(ctx context.Context, f *File, name string, u *U
 			mode = "agent" // a builder: a machine to work in
 		}
 	}
-	argv := append(append([]string{}, img.Entrypoint...), img.Cmd...)
-	if len(u.Command) > 0 {
-		argv = u.Command
+	if mode == "entrypoint" && len(u.Command) == 0 && len(img.Entrypoint)+len(img.Cmd) == 0 {
+		return nil, errors.New("the image has no entrypoint or cmd: give the unit a command")
 	}
-	if mode == "entrypoint" && (len(u.Command) > 0 || len(u.Env) > 0 || len(u.Volumes) > 0) {
-		mode = "agent"
-		if len(argv) == 0 {
-			return nil, errors.New("the image has no entrypoint or cmd: give the unit a command")
+	if len(au.Mounts) > 0 {
+		keys := make([]string, len(au.Mounts))
+		for i, m := range au.Mounts {
+			keys[i] = m.Disk + ":" + m.Path
 		}
-		env := append([]string{}, img.Env...)
+		req.Cmdline = append(req.Cmdline, "virtkit.volume="+strings.Join(keys, ","))
+	}
+	if len(u.Command) > 0 {
+		b, _ := json.Marshal(u.Command)
+		req.Cmdline = append(req.Cmdline, "virtkit.command=b64:"+base64.StdEncoding.EncodeToString(b))
+	}
+	if len(u.Env) > 0 {
 		keys := make([]string, 0, len(u.Env))
 		for k := range u.Env {
 			keys = append(keys, k)
 		}
 		sort.Strings(keys)
-		for _, k := range keys {
-			env = append(env, k+"="+u.Env[k])
+		env := make([]string, len(keys))
+		for i, k := range keys {
+			env[i] = k + "=" + u.Env[k]
 		}
-		au.Start = &client.ExecRequest{Argv: argv, Env: env, Dir: img.WorkingDir, User: img.User}
+		b, _ := json.Marshal(env)
+		req.Cmdline = append(req.Cmdline, "virtkit.env=b64:"+base64.StdEncoding.EncodeToString(b))
 	}
 	req.Mode = mode
 	if h := u.Health; h != nil {
@@ -366,10 +390,9 @@ func (c *Controller) resolveUnit(ctx context.Context, f *File, name string, u *U
 	b, _ := json.Marshal(struct {
 		R launcher.Request
 		M []Mount
-		S *client.ExecRequest
 		H *AppliedHealth
 		V VirtctlList
-	}{req, au.Mounts, au.Start, au.Health, au.Virtctl})
+	}{req, au.Mounts, au.Health, au.Virtctl})
 	sum := sha256.Sum256(b)
 	au.Hash = hex.EncodeToString(sum[:8])
 	au.Request = req
@@ -387,6 +410,9 @@ func (c *Controller) Up(ctx context.Context, f *File, source []byte, p Progress)
 	if err != nil {
 		return err
 	}
+	if err := c.checkSubnet(a); err != nil {
+		return err
+	}
 	unlock := c.lock(a.Name)
 	defer unlock()
 	prev, _ := c.Load(a.Name)
@@ -394,6 +420,28 @@ func (c *Controller) Up(ctx context.Context, f *File, source []byte, p Progress)
 		return err
 	}
 	return c.converge(ctx, a, prev, f.Order(), p)
+}
+
+// checkSubnet refuses a fleet subnet that overlaps the subnet of another fleet that is up.
+func (c *Controller) checkSubnet(a *Applied) error {
+	if a.Subnet == "" {
+		return nil
+	}
+	mine, err := netip.ParsePrefix(a.Subnet)
+	if err != nil {
+		return fmt.Errorf("fleet %s: subnet: %w", a.Name, err)
+	}
+	for _, name := range c.List() {
+		o, err := c.Load(name)
+		if err != nil || name == a.Name || !o.Up || o.Subnet == "" {
+			continue
+		}
+		if p, err := netip.ParsePrefix(o.Subnet); err == nil && p.Overlaps(mine) {
+			return fmt.Errorf("fleet %s: subnet %s overlaps subnet %s of fleet %s (from %s); give one of them another subnet, or `virtkit fleet down --name %s` first",
+				a.Name, a.Subnet, o.Subnet, name, o.Source, name)
+		}
+	}
+	return nil
 }
 
 // Resume brings fleet name back after a daemon or host restart: the stored definition's
@@ -580,9 +628,10 @@ func (c *Controller) startUnit(ctx context.Context, a *Applied, name string, p P
 	return nil
 }
 
-// postStart mounts the unit's volumes, links virtctl and starts its command.
+// postStart links virtctl in units that may use it (through the agent's exec server, which
+// serves in every mode).
 func (c *Controller) postStart(ctx context.Context, u *AppliedUnit) error {
-	if len(u.Mounts) == 0 && u.Start == nil && !u.Virtctl.Enabled() {
+	if !u.Virtctl.Enabled() {
 		return nil
 	}
 	ag, err := c.dial(ctx, u.Request.Name)
@@ -590,42 +639,17 @@ func (c *Controller) postStart(ctx context.Context, u *AppliedUnit) error {
 		return err
 	}
 	defer ag.Close()
-	var script strings.Builder
-	script.WriteString("set -e\n")
-	for _, m := range u.Mounts {
-		fmt.Fprintf(&script, "mkdir -p %s\nmountpoint -q %s || mount -t ext4 %s %s\n", shq(m.Path), shq(m.Path), m.Disk, shq(m.Path))
-	}
-	if u.Virtctl.Enabled() {
-		script.WriteString("mkdir -p /usr/local/bin && ln -sf /sbin/virtkit-agent /usr/local/bin/virtctl\n")
-	}
-	script.WriteString(": > /run/virtkit-unit.log && chmod 0666 /run/virtkit-unit.log\n")
 	var out bytes.Buffer
-	st, err := ag.Exec(ctx, client.ExecRequest{Argv: []string{"/bin/sh", "-c", script.String()}}, nil, &out, &out)
+	link := "mkdir -p /usr/local/bin && ln -sf /sbin/virtkit-agent /usr/local/bin/virtctl"
+	st, err := ag.Exec(ctx, client.ExecRequest{Argv: []string{"/bin/sh", "-c", link}}, nil, &out, &out)
 	if err != nil {
-		return fmt.Errorf("prepare: %w", err)
+		return fmt.Errorf("link virtctl: %w", err)
 	}
 	if st.Code != 0 {
-		return fmt.Errorf("prepare (volumes) exited %d: %s", st.Code, strings.TrimSpace(out.String()))
-	}
-	if u.Start == nil {
-		return nil
-	}
-	// setsid -f: the command outlives this exec session, in a session of its own; PID 1 reaps it
-	// and SIGTERMs it at power-off. Its output goes to a log `fleet logs` shows.
-	start := *u.Start
-	start.Argv = append([]string{"setsid", "-f", "/bin/sh", "-c", `exec "$@" </dev/null >>/run/virtkit-unit.log 2>&1`, "virtkit-unit"}, u.Start.Argv...)
-	out.Reset()
-	st, err = ag.Exec(ctx, start, nil, &out, &out)
-	if err != nil {
-		return fmt.Errorf("start %v: %w", u.Start.Argv, err)
-	}
-	if st.Code != 0 {
-		return fmt.Errorf("start %v exited %d: %s", u.Start.Argv, st.Code, strings.TrimSpace(out.String()))
+		return fmt.Errorf("link virtctl exited %d: %s", st.Code, strings.TrimSpace(out.String()))
 	}
 	return nil
 }
-
-func shq(s string) string { return "'" + strings.ReplaceAll(s, "'", `'\''`) + "'" }
 
 // dial reaches a VM's agent, retrying attempts that stall (each gets 15 s) until ctx ends.
 func (c *Controller) dial(ctx context.Context, vm string) (*client.Client, error) {

@@ -9,6 +9,7 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -24,16 +25,19 @@ import (
 
 // File is a parsed, validated fleet file.
 type File struct {
-	// Name of the fleet (default: the folder holding the file). Its LAN is fleet-<name>; VM names
-	// are the unit names, so that units resolve as <unit>.lan (one unit of a name per host).
+	// Name of the fleet (default: the folder holding the file). Its LAN is fleet-<name>; its VMs
+	// are <name>-<unit> on the host and <unit> on the LAN (units resolve as <unit>.lan), so two
+	// fleets may each have a unit of the same name.
 	Name string `yaml:"name" json:"name,omitempty"`
-	// Subnet of the fleet LAN (default 10.77.0.0/24).
+	// Subnet of the fleet LAN, an IPv4 network of /30 or larger (default: the daemon's net.subnet,
+	// 10.77.0.0/24). Subnets given here may not overlap those of other fleets on the host.
 	Subnet string `yaml:"subnet" json:"subnet,omitempty"`
 	// Units by name; each resolves as <unit>.lan on the fleet LAN.
 	Units map[string]*Unit `yaml:"units" json:"units"`
 
-	// Dir is the folder of the file: relative share paths start there.
-	Dir string `yaml:"-" json:"-"`
+	// Path is the file's path (as given to Parse); Dir its folder: relative share paths start there.
+	Path string `yaml:"-" json:"-"`
+	Dir  string `yaml:"-" json:"-"`
 }
 
 // Unit is one microVM of the fleet.
@@ -232,7 +236,7 @@ func Parse(b []byte, path string) (*File, error) {
 		}
 		return nil, fmt.Errorf("fleet %s: %s", path, msg)
 	}
-	f.Dir = filepath.Dir(path)
+	f.Path, f.Dir = path, filepath.Dir(path)
 	if f.Name == "" {
 		f.Name = sanitize(filepath.Base(f.Dir))
 	}
@@ -266,8 +270,20 @@ func (f *File) validate(at func(string) string) error {
 	if len(f.Units) == 0 {
 		return fmt.Errorf("%s: no units", at("$.units"))
 	}
+	// Fleet and unit names are at most 31 characters, so VM names (<fleet>-<unit>) stay DNS labels.
 	if !unitNameRE.MatchString(f.Name) {
 		return fmt.Errorf("%s: fleet name %q: want 1-31 of a-z, 0-9 and -", at("$.name"), f.Name)
+	}
+	if f.Subnet != "" {
+		p, err := netip.ParsePrefix(f.Subnet)
+		switch {
+		case err != nil:
+			return fmt.Errorf("%s: subnet %q: want an IPv4 network such as 10.78.0.0/24", at("$.subnet"), f.Subnet)
+		case !p.Addr().Is4() || p.Bits() > 30 || p.Bits() < 8:
+			return fmt.Errorf("%s: subnet %s: want an IPv4 network between /8 and /30", at("$.subnet"), f.Subnet)
+		case p != p.Masked():
+			return fmt.Errorf("%s: subnet %s has host bits set: did you mean %s?", at("$.subnet"), f.Subnet, p.Masked())
+		}
 	}
 	names := f.UnitNames()
 	for _, name := range names {
@@ -310,6 +326,17 @@ func (f *File) validate(at func(string) string) error {
 		case "", "agent", "entrypoint":
 		default:
 			return fmt.Errorf("%s: mode %q: want agent or entrypoint", at(p+".mode"), u.Mode)
+		}
+		if u.Mode == "agent" && len(u.Command) > 0 {
+			return fmt.Errorf("%s: a command runs only in entrypoint mode (an agent-mode unit runs no command of its own)", at(p+".command"))
+		}
+		if len(u.Command) > 0 && u.Command[0] == "" {
+			return fmt.Errorf("%s: command: the program is empty", at(p+".command"))
+		}
+		for k := range u.Env {
+			if k == "" || strings.ContainsAny(k, "=\x00") {
+				return fmt.Errorf("%s: env name %q: want a name without '='", at(p+".env"), k)
+			}
 		}
 		for i, s := range u.Shares {
 			sp := fmt.Sprintf("%s.shares[%d]", p, i)

@@ -8,6 +8,7 @@ import (
 )
 
 const good = `name: demo
+subnet: 10.78.0.0/24
 units:
   builder:
     image: tar:./debian.tar
@@ -52,7 +53,7 @@ func TestParseGood(t *testing.T) {
 	if d := cmp.Diff([]string{"builder", "redis", "web"}, f.Order()); d != "" {
 		t.Errorf("order: %s", d)
 	}
-	if f.Dir != "/p" {
+	if f.Dir != "/p" || f.Subnet != "10.78.0.0/24" {
 		t.Errorf("dir %q", f.Dir)
 	}
 }
@@ -74,6 +75,14 @@ func TestParseBad(t *testing.T) {
 		{"bad port", "units:\n  a:\n    image: x\n    ports: [\"99999:1\"]\n", "virtkit.yaml:4: port"},
 		{"no units", "name: x\n", "no units"},
 		{"bad name", "units:\n  Bad_Name:\n    image: x\n", "unit name"},
+		{"bad subnet", "name: x\nsubnet: 10.78.0.0/33\nunits:\n  a:\n    image: x\n", `virtkit.yaml:2: subnet "10.78.0.0/33"`},
+		{"not a subnet", "name: x\nsubnet: redis\nunits:\n  a:\n    image: x\n", "virtkit.yaml:2: subnet"},
+		{"ipv6 subnet", "subnet: fd00::/64\nunits:\n  a:\n    image: x\n", "virtkit.yaml:1: subnet fd00::/64: want an IPv4"},
+		{"tiny subnet", "subnet: 10.0.0.0/31\nunits:\n  a:\n    image: x\n", "virtkit.yaml:1: subnet"},
+		{"host bits", "subnet: 10.78.0.1/24\nunits:\n  a:\n    image: x\n", "virtkit.yaml:1: subnet 10.78.0.1/24 has host bits set: did you mean 10.78.0.0/24?"},
+		{"agent command", "units:\n  a:\n    image: x\n    mode: agent\n    command: [sh]\n", "virtkit.yaml:5: a command runs only in entrypoint mode"},
+		{"empty program", "units:\n  a:\n    image: x\n    command: [\"\", x]\n", "virtkit.yaml:4: command"},
+		{"bad env", "units:\n  a:\n    image: x\n    env: {\"A=B\": c}\n", "virtkit.yaml:4: env name"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			_, err := Parse([]byte(tc.yaml), "/p/virtkit.yaml")

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	osexec "os/exec"
 	"path/filepath"
 	"strings"
 	"text/tabwriter"
@@ -209,21 +210,89 @@ Without a file, --builder IMAGE and --service NAME:IMAGE describe a quick fleet.
 	xf.StringVarP(&ef.user, "user", "u", "", "user: name, uid or uid:gid")
 	xf.SetInterspersed(false)
 
+	var sshID []string
 	ssh := &cobra.Command{
-		Use: "ssh [UNIT]", Short: "Open a login shell in a unit (default: builder) over the agent's vsock channel", Args: cobra.MaximumNArgs(1),
+		Use:   "ssh [UNIT] [-- SSH-ARGS...]",
+		Short: "Log in to a unit (default: builder): with ssh where the unit has ssh_keys, else a shell through the agent",
+		Long: `A unit with ssh_keys runs the image's sshd with those keys authorized for root; fleet ssh runs the
+host's ssh client against it, tunnelled through the agent's vsock channel (ProxyCommand
+"virtkit fleet connect UNIT"), so no port needs forwarding. The private key is your ssh's own
+(agent, ~/.ssh) or -i, plus the private half of every ssh_keys entry that names a .pub file.
+Words after -- go to ssh (e.g. a remote command). A unit without ssh_keys gets a login shell
+through the agent's exec channel instead.`,
+		Args: cobra.ArbitraryArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			unit := "builder"
+			var extra []string
+			if at := cmd.ArgsLenAtDash(); at >= 0 {
+				args, extra = args[:at], args[at:]
+			}
+			if len(args) > 1 {
+				return fmt.Errorf("fleet ssh: one unit at most (ssh arguments go after --)")
+			}
 			if len(args) == 1 {
 				unit = args[0]
 			}
-			tty := isTerminal(os.Stdin)
-			return attach(cmd, unit, client.ExecRequest{Argv: []string{"/bin/sh", "-c", `exec "$(command -v bash || echo /bin/sh)" -l`}, TTY: tty}, true)
+			name, err := fleetName(e, &f)
+			if err != nil {
+				return err
+			}
+			a, err := fleetController(e.cfg, nil, e.log, f.img.options(e)).Load(name)
+			if err != nil {
+				return err
+			}
+			u := a.Units[unit]
+			if u == nil {
+				return fmt.Errorf("fleet %s: no unit %q", name, unit)
+			}
+			if !u.SSH {
+				if len(extra) > 0 {
+					return fmt.Errorf("fleet %s: unit %s has no ssh_keys: no sshd to pass ssh arguments to (use fleet exec)", name, unit)
+				}
+				tty := isTerminal(os.Stdin)
+				return attach(cmd, unit, client.ExecRequest{Argv: []string{"/bin/sh", "-c", `exec "$(command -v bash || echo /bin/sh)" -l`}, TTY: tty}, true)
+			}
+			return runSSH(cmd.Context(), e, name, unit, append(sshID, u.SSHIdentities...), extra)
 		},
 	}
+	ssh.Flags().StringArrayVarP(&sshID, "identity", "i", nil, "private key file for ssh (repeatable)")
+
+	var connectPort int
+	connectCmd := &cobra.Command{
+		Use: "connect UNIT", Short: "Relay stdin/stdout to a TCP port of a unit through its agent (ssh ProxyCommand)", Args: cobra.ExactArgs(1),
+		Hidden: true,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			name, err := fleetName(e, &f)
+			if err != nil {
+				return err
+			}
+			ctl := fleetController(e.cfg, nil, e.log, f.img.options(e))
+			a, err := ctl.Load(name)
+			if err != nil {
+				return err
+			}
+			u := a.Units[args[0]]
+			if u == nil {
+				return fmt.Errorf("fleet %s: no unit %q", name, args[0])
+			}
+			ag, err := client.Dial(cmd.Context(), ctl.ExecURL(u.Request.Name))
+			if err != nil {
+				return fmt.Errorf("fleet %s: unit %s: %w (is it running?)", name, args[0], err)
+			}
+			defer ag.Close()
+			conn, err := ag.Forward(cmd.Context(), connectPort)
+			if err != nil {
+				return fmt.Errorf("fleet %s: unit %s port %d: %w", name, args[0], connectPort, err)
+			}
+			client.Splice(stdio{}, conn)
+			return nil
+		},
+	}
+	connectCmd.Flags().IntVar(&connectPort, "port", 22, "guest TCP port")
 
 	var follow bool
 	logs := &cobra.Command{
-		Use: "logs UNIT", Short: "Print (-f: follow) a unit's console and its command's output", Args: cobra.ExactArgs(1),
+		Use: "logs UNIT", Short: "Print (-f: follow) a unit's console: its command's output, the kernel's and the agent's lines", Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			name, err := fleetName(e, &f)
 			if err != nil {
@@ -255,32 +324,64 @@ Without a file, --builder IMAGE and --service NAME:IMAGE describe a quick fleet.
 			} else {
 				close(gone)
 			}
-			done := make(chan struct{})
-			go func() { defer close(done); followFile(ctx, console, prefixWriter("console | ", os.Stdout), gone) }()
-			if u.Start != nil {
-				argv := []string{"cat", "/run/virtkit-unit.log"}
-				if follow {
-					argv = []string{"tail", "-n", "+1", "-f", "/run/virtkit-unit.log"}
-				}
-				if ag, err := client.Dial(ctx, ctl.ExecURL(u.Request.Name)); err == nil {
-					w := prefixWriter(args[0]+" | ", os.Stdout)
-					ag.Exec(ctx, client.ExecRequest{Argv: argv}, nil, w, w)
-					ag.Close()
-				}
-			}
-			<-done
+			// The unit's command is its VM's entrypoint: its output is on the console, with the
+			// kernel's and the agent's lines.
+			followFile(ctx, console, prefixWriter(args[0]+" | ", os.Stdout), gone)
 			return nil
 		},
 	}
 	logs.Flags().BoolVarP(&follow, "follow", "f", false, "keep printing until the unit stops")
 
-	for _, c := range []*cobra.Command{up, down, ps, exec, ssh, start, stop, restart} {
+	for _, c := range []*cobra.Command{up, down, ps, exec, ssh, connectCmd, start, stop, restart} {
 		fileFlags(c, "f")
 	}
 	fileFlags(logs, "")
-	root.AddCommand(up, down, ps, logs, exec, ssh, start, stop, restart)
+	root.AddCommand(up, down, ps, logs, exec, ssh, connectCmd, start, stop, restart)
 	return root
 }
+
+// runSSH runs the host's ssh against a unit's sshd, through `virtkit fleet connect` (the agent's
+// vsock channel). Host keys are not checked: the channel is this host's own VM socket, which only
+// its owner can open, and a unit's host keys change whenever its image does.
+func runSSH(ctx context.Context, e *env, fleetName, unit string, ids, extra []string) error {
+	sshBin, err := osexec.LookPath("ssh")
+	if err != nil {
+		return fmt.Errorf("fleet ssh: %w (install an ssh client, or use fleet exec)", err)
+	}
+	self, err := os.Executable()
+	if err != nil {
+		return err
+	}
+	proxy := fmt.Sprintf("%s fleet connect --name %s %s", shellQuote(self), shellQuote(fleetName), shellQuote(unit))
+	args := []string{"-o", "ProxyCommand=" + proxy, "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+		"-o", "LogLevel=ERROR", "-o", "HostKeyAlias=" + fleetName + "-" + unit}
+	for _, id := range ids {
+		args = append(args, "-i", id)
+	}
+	args = append(args, "root@"+unit)
+	args = append(args, extra...)
+	c := osexec.CommandContext(ctx, sshBin, args...)
+	c.Stdin, c.Stdout, c.Stderr = os.Stdin, os.Stdout, os.Stderr
+	c.Env = append(os.Environ(), "VIRTKIT_STATE_DIR="+e.cfg.StateDir)
+	if err := c.Run(); err != nil {
+		var ee *osexec.ExitError
+		if errors.As(err, &ee) {
+			return &ExitError{Code: ee.ExitCode()}
+		}
+		return fmt.Errorf("fleet ssh: %w", err)
+	}
+	return nil
+}
+
+func shellQuote(s string) string { return "'" + strings.ReplaceAll(s, "'", `'\''`) + "'" }
+
+// stdio is stdin+stdout as one half-closable stream.
+type stdio struct{}
+
+func (stdio) Read(p []byte) (int, error)  { return os.Stdin.Read(p) }
+func (stdio) Write(p []byte) (int, error) { return os.Stdout.Write(p) }
+func (stdio) CloseWrite() error           { return os.Stdout.Close() }
+func (stdio) Close() error                { os.Stdin.Close(); return os.Stdout.Close() }
 
 // loadFleet reads the fleet file, or builds one from --builder/--service.
 func loadFleet(f *fleetFlags) (*fleet.File, []byte, error) {
