@@ -142,46 +142,43 @@ func BuildUDP4(dstMAC, srcMAC MAC, src, dst netip.AddrPort, payload []byte) []by
 	return f
 }
 
-// checksum folds the ones' complement sum of b into initial. It adds 64-bit big-endian words
-// with carries (2^16 ≡ 1 mod 0xffff, so wide words fold to the same sum): bulk offload traffic
-// runs every byte through here.
+// checksum folds the ones' complement sum of b into initial. Bulk offload traffic runs every byte
+// through here, so it adds little-endian 32-bit words into four independent 64-bit accumulators
+// (no carries to track: 2^32 words would be needed to overflow one) and swaps the folded result
+// into network order at the end; the ones' complement sum is byte-order independent (RFC 1071).
 func checksum(b []byte, initial uint16) uint16 {
-	var sum, carry, c uint64
-	sum = uint64(initial)
-	for len(b) >= 32 {
-		sum, c = bits.Add64(sum, binary.BigEndian.Uint64(b[0:8]), 0)
-		carry += c
-		sum, c = bits.Add64(sum, binary.BigEndian.Uint64(b[8:16]), 0)
-		carry += c
-		sum, c = bits.Add64(sum, binary.BigEndian.Uint64(b[16:24]), 0)
-		carry += c
-		sum, c = bits.Add64(sum, binary.BigEndian.Uint64(b[24:32]), 0)
-		carry += c
-		b = b[32:]
+	le := binary.LittleEndian
+	var a0, a1, a2, a3 uint64
+	for len(b) >= 64 {
+		a0 += uint64(le.Uint32(b[0:])) + uint64(le.Uint32(b[16:])) + uint64(le.Uint32(b[32:])) + uint64(le.Uint32(b[48:]))
+		a1 += uint64(le.Uint32(b[4:])) + uint64(le.Uint32(b[20:])) + uint64(le.Uint32(b[36:])) + uint64(le.Uint32(b[52:]))
+		a2 += uint64(le.Uint32(b[8:])) + uint64(le.Uint32(b[24:])) + uint64(le.Uint32(b[40:])) + uint64(le.Uint32(b[56:]))
+		a3 += uint64(le.Uint32(b[12:])) + uint64(le.Uint32(b[28:])) + uint64(le.Uint32(b[44:])) + uint64(le.Uint32(b[60:]))
+		b = b[64:]
 	}
-	for len(b) >= 8 {
-		sum, c = bits.Add64(sum, binary.BigEndian.Uint64(b), 0)
-		carry += c
-		b = b[8:]
+	for len(b) >= 4 {
+		a0 += uint64(le.Uint32(b))
+		b = b[4:]
 	}
-	for len(b) >= 2 {
-		sum, c = bits.Add64(sum, uint64(binary.BigEndian.Uint16(b)), 0)
-		carry += c
+	if len(b) >= 2 {
+		a1 += uint64(le.Uint16(b))
 		b = b[2:]
 	}
 	if len(b) == 1 {
-		sum, c = bits.Add64(sum, uint64(b[0])<<8, 0)
-		carry += c
+		a2 += uint64(b[0]) // the low byte in little-endian order is the high byte on the wire
 	}
-	// Each carry out of bit 64 is worth 2^64 ≡ 1.
-	sum, c = bits.Add64(sum, carry, 0)
-	sum += c
-	s32 := (sum >> 32) + (sum & 0xffffffff)
-	s32 = (s32 >> 32) + (s32 & 0xffffffff)
-	s16 := (s32 >> 16) + (s32 & 0xffff)
-	s16 = (s16 >> 16) + (s16 & 0xffff)
-	s16 = (s16 >> 16) + (s16 & 0xffff)
-	return uint16(s16)
+	sum, c0 := bits.Add64(a0, a1, 0)
+	sum, c1 := bits.Add64(sum, a2, 0)
+	sum, c2 := bits.Add64(sum, a3, 0)
+	sum, c3 := bits.Add64(sum, c0+c1+c2, 0) // each carry out of bit 64 is worth 2^64 ≡ 1
+	sum += c3
+	s := (sum >> 32) + (sum & 0xffffffff)
+	s = (s >> 32) + (s & 0xffffffff)
+	s = (s >> 16) + (s & 0xffff)
+	s = (s >> 16) + (s & 0xffff)
+	s = (s >> 16) + (s & 0xffff)
+	t := uint32(bits.ReverseBytes16(uint16(s))) + uint32(initial)
+	return uint16((t >> 16) + (t & 0xffff))
 }
 
 // Checksum returns the Internet checksum of b (0 when b carries a valid checksum).
