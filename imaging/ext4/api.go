@@ -93,9 +93,6 @@ func WriteTar(ctx context.Context, r io.Reader, out string, opts Options) (Resul
 // the modification times: reading the tree would otherwise change the image.
 func WriteDir(ctx context.Context, dir, out string, opts Options) (Result, error) {
 	return write(ctx, out, opts, func(b *builder) error {
-		a := newAsyncHash(b.sum)
-		defer a.Close()
-		b.sum = a
 		return b.readDir(dir)
 	})
 }
@@ -106,14 +103,18 @@ func WriteEmpty(ctx context.Context, out string, opts Options) (Result, error) {
 	return write(ctx, out, opts, func(b *builder) error { return nil })
 }
 
-// Fingerprint returns the UUID WriteTar would give r with opts, without writing anything.
+// Fingerprint returns the UUID WriteTar would give r with opts, without writing anything. With
+// opts.UUID set that is the answer, and r is not read.
 func Fingerprint(ctx context.Context, r io.Reader, opts Options) (string, error) {
 	if err := opts.check(); err != nil {
 		return "", fmt.Errorf("mkext: %w", err)
 	}
-	b := &builder{ctx: ctx, opts: opts}
-	b.sum = newIdentity(opts)
-	if _, err := copyCtx(ctx, b.sum, r); err != nil {
+	if opts.UUID != "" {
+		u, _ := parseUUID(opts.UUID)
+		return formatUUID(u), nil
+	}
+	b := &builder{ctx: ctx, opts: opts, sum: newIdentity(opts), in: newTreeHash(true)}
+	if _, err := copyCtx(ctx, b.in, r); err != nil {
 		return "", fmt.Errorf("mkext: fingerprint: read input: %w", err)
 	}
 	for _, in := range opts.Inject {
@@ -134,13 +135,14 @@ func FingerprintDir(ctx context.Context, dir string, opts Options) (string, erro
 	if err := opts.check(); err != nil {
 		return "", fmt.Errorf("mkext: %w", err)
 	}
+	if opts.UUID != "" {
+		u, _ := parseUUID(opts.UUID)
+		return formatUUID(u), nil
+	}
 	b, err := newBuilder(ctx, nil, opts)
 	if err != nil {
 		return "", fmt.Errorf("mkext: %w", err)
 	}
-	a := newAsyncHash(b.sum)
-	defer a.Close()
-	b.sum = a
 	if err := b.readDir(dir); err != nil {
 		return "", fmt.Errorf("mkext: fingerprint: %w", err)
 	}

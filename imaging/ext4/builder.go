@@ -11,6 +11,9 @@ import (
 	"os"
 )
 
+// writeChunk is how much file data writeData reads and writes at a time (see leafSize).
+const writeChunk = 128 << 10
+
 const maxFileSize = (1<<32 - 1) * blockSize // extents address 2^32 logical blocks
 
 // builder accumulates one image: file data is written as it arrives, metadata at finish.
@@ -22,7 +25,8 @@ type builder struct {
 	dry   bool // hash only (FingerprintDir): no file, nothing written
 	a     *allocator
 	t     *tree
-	sum   hash.Hash // identity hash of input and options
+	sum   hash.Hash // identity hash of the options and injected files
+	in    *treeHash // content hash of the input (disabled when Options.UUID is given)
 	data  []*node   // nodes that own data blocks
 	buf   []byte
 	zero  []byte
@@ -37,7 +41,8 @@ func newBuilder(ctx context.Context, f *os.File, opts Options) (*builder, error)
 		w:    newCombiner(f),
 		t:    newTree(),
 		sum:  newIdentity(opts),
-		buf:  make([]byte, 1<<20),
+		in:   newTreeHash(opts.UUID == ""),
+		buf:  make([]byte, writeChunk),
 		zero: make([]byte, blockSize),
 		a:    &allocator{gdtRes: autoGDTBlocks},
 		dry:  f == nil,
@@ -54,7 +59,7 @@ func newBuilder(ctx context.Context, f *os.File, opts Options) (*builder, error)
 }
 
 // newIdentity starts the hash the UUID derives from: format version and options first, then the
-// input bytes and injected files.
+// injected files; identity adds the input's content hash (or the given UUID) last.
 func newIdentity(opts Options) hash.Hash {
 	h := sha256.New()
 	fmt.Fprintf(h, "virtkit-ext4 format %d\n", FormatVersion)

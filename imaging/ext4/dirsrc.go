@@ -13,7 +13,7 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// readDir adds the tree at root. Its identity hash covers every entry's path, metadata and
+// readDir adds the tree at root. Its content hash covers every entry's path, metadata and
 // content in walk order.
 func (b *builder) readDir(root string) error {
 	st, err := os.Lstat(root)
@@ -63,17 +63,17 @@ func (b *builder) dirEntry(path, p string, links map[[2]uint64]string) error {
 	if err != nil {
 		return err
 	}
-	fmt.Fprintf(b.sum, "entry %q %o %d %d %d.%d %d.%d %d\n", p, st.Mode, st.Uid, st.Gid,
+	fmt.Fprintf(b.in, "entry %q %o %d %d %d.%d %d.%d %d\n", p, st.Mode, st.Uid, st.Gid,
 		n.mtime.sec, n.mtime.nsec, n.ctime.sec, n.ctime.nsec, st.Rdev)
 	for _, x := range xs {
-		fmt.Fprintf(b.sum, "xattr %d %q %q\n", x.index, x.name, x.value)
+		fmt.Fprintf(b.in, "xattr %d %q %q\n", x.index, x.name, x.value)
 	}
 	n.xattrs = xs
 	mode := st.Mode & unix.S_IFMT
 	if mode != unix.S_IFDIR && st.Nlink > 1 {
 		key := [2]uint64{st.Dev, st.Ino}
 		if first, ok := links[key]; ok {
-			fmt.Fprintf(b.sum, "link %q\n", first)
+			fmt.Fprintf(b.in, "link %q\n", first)
 			return b.t.link(p, first)
 		}
 		links[key] = p
@@ -86,7 +86,7 @@ func (b *builder) dirEntry(path, p string, links map[[2]uint64]string) error {
 			return err
 		}
 		defer f.Close()
-		if err := b.writeData(n, io.TeeReader(f, b.sum), st.Size); err != nil {
+		if err := b.writeData(n, io.TeeReader(f, b.in), st.Size); err != nil {
 			return err
 		}
 	case unix.S_IFDIR:
@@ -101,7 +101,7 @@ func (b *builder) dirEntry(path, p string, links map[[2]uint64]string) error {
 		if t == "" || len(t) >= blockSize {
 			return errors.New("bad symlink target")
 		}
-		fmt.Fprintf(b.sum, "target %q\n", t)
+		fmt.Fprintf(b.in, "target %q\n", t)
 		n.target = t
 		n.mode |= 0o777
 	case unix.S_IFCHR, unix.S_IFBLK:

@@ -1,7 +1,6 @@
 package ext4
 
 import (
-	"crypto/sha256"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -65,21 +64,26 @@ func journalSize(blocks uint64) uint64 {
 	return 262144
 }
 
-// identity returns the filesystem UUID and the htree hash seed.
+// identity returns the filesystem UUID and the htree hash seed: both from SHA-256 over the
+// format version, the options, the injected files and the input's content hash, or, when a UUID
+// is given, that UUID instead of the content (which is then never hashed).
 func (b *builder) identity() ([16]byte, [4]uint32, error) {
-	d := b.sum.Sum(nil)
 	var u [16]byte
-	copy(u[:], d[:16])
-	u[6] = u[6]&0x0f | 0x80 // RFC 9562 version 8: custom
-	u[8] = u[8]&0x3f | 0x80
 	if b.opts.UUID != "" {
 		p, err := parseUUID(b.opts.UUID)
 		if err != nil {
 			return u, [4]uint32{}, err
 		}
 		u = p
-		d2 := sha256.Sum256(append(d, u[:]...))
-		d = d2[:]
+		fmt.Fprintf(b.sum, "uuid %x\n", u)
+	} else {
+		fmt.Fprintf(b.sum, "content %x\n", b.in.Sum(nil))
+	}
+	d := b.sum.Sum(nil)
+	if b.opts.UUID == "" {
+		copy(u[:], d[:16])
+		u[6] = u[6]&0x0f | 0x80 // RFC 9562 version 8: custom
+		u[8] = u[8]&0x3f | 0x80
 	}
 	var seed [4]uint32
 	for i := range seed {

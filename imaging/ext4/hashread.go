@@ -2,51 +2,45 @@ package ext4
 
 import (
 	"context"
-	"hash"
 	"io"
 	"sync"
 )
 
-// hashReader reads its source on one goroutine and hashes every byte on another, so neither the
-// read syscalls nor SHA-256 sit on the writer's path. At most hashBuffers chunks are in flight,
-// which bounds its memory.
+// hashReader reads its source on its own goroutine and hands each chunk to the content hash
+// (whose leaves are hashed on further goroutines) without copying it, so neither the read
+// syscalls nor SHA-256 sit on the writer's path. At most hashBuffers chunks are in flight,
+// which bounds its memory. With a disabled hash it is a read-ahead buffer.
 type hashReader struct {
-	out    chan *hchunk
-	toHash chan *hchunk
-	free   chan []byte
-	stop   chan struct{}
-	wg     sync.WaitGroup
-	cur    *hchunk
-	off    int
-	err    error
+	out  chan *hchunk
+	free chan []byte
+	stop chan struct{}
+	wg   sync.WaitGroup
+	cur  *hchunk
+	off  int
+	err  error
 }
 
 type hchunk struct {
 	buf    []byte
 	err    error
-	hashed chan struct{}
+	hashed <-chan struct{}
 }
 
-const (
-	hashBuffers = 4
-	hashChunk   = 1 << 20
-)
+const hashBuffers = 8
 
-func newHashReader(ctx context.Context, r io.Reader, h hash.Hash) *hashReader {
+func newHashReader(ctx context.Context, r io.Reader, h *treeHash) *hashReader {
 	hr := &hashReader{
-		out:    make(chan *hchunk, hashBuffers),
-		toHash: make(chan *hchunk, hashBuffers),
-		free:   make(chan []byte, hashBuffers),
-		stop:   make(chan struct{}),
+		out:  make(chan *hchunk, hashBuffers),
+		free: make(chan []byte, hashBuffers),
+		stop: make(chan struct{}),
 	}
 	for i := 0; i < hashBuffers; i++ {
-		hr.free <- make([]byte, hashChunk)
+		hr.free <- make([]byte, leafSize)
 	}
-	hr.wg.Add(2)
-	go func() { // reader: ends at EOF, on a read error, on Close or when ctx ends
+	hr.wg.Add(1)
+	go func() { // ends at EOF, on a read error, on Close or when ctx ends
 		defer hr.wg.Done()
 		defer close(hr.out)
-		defer close(hr.toHash)
 		for {
 			var buf []byte
 			select {
@@ -60,8 +54,13 @@ func newHashReader(ctx context.Context, r io.Reader, h hash.Hash) *hashReader {
 			if err == io.ErrUnexpectedEOF {
 				err = io.EOF
 			}
-			c := &hchunk{buf: buf[:n], err: err, hashed: make(chan struct{})}
-			hr.toHash <- c // buffered as deep as the pool: never blocks
+			c := &hchunk{buf: buf[:n], err: err}
+			if n == leafSize && h.aligned() {
+				c.hashed = h.submit(buf)
+			} else {
+				h.Write(buf[:n]) // the last, partial chunk: copied
+				c.hashed = closedDone
+			}
 			select {
 			case hr.out <- c:
 			case <-hr.stop:
@@ -70,13 +69,6 @@ func newHashReader(ctx context.Context, r io.Reader, h hash.Hash) *hashReader {
 			if err != nil {
 				return
 			}
-		}
-	}()
-	go func() { // hasher: ends when the reader has ended and everything read is hashed
-		defer hr.wg.Done()
-		for c := range hr.toHash {
-			h.Write(c.buf)
-			close(c.hashed)
 		}
 	}()
 	return hr
@@ -111,8 +103,8 @@ func (hr *hashReader) release() {
 	hr.cur = nil
 }
 
-// Close stops the goroutines and waits for them; the hash covers every byte read, complete once
-// Read has returned io.EOF.
+// Close stops the reading goroutine and waits for it. The hash covers every byte read, and is
+// complete once Read has returned io.EOF.
 func (hr *hashReader) Close() {
 	close(hr.stop)
 	hr.wg.Wait()

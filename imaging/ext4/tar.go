@@ -42,9 +42,9 @@ func decompress(br *bufio.Reader) (io.Reader, func(), error) {
 }
 
 // readTar adds every entry of a (possibly compressed) tar stream. All input bytes, including
-// any after the end-of-archive marker, go into the identity hash.
+// any after the end-of-archive marker, go into the content hash.
 func (b *builder) readTar(r io.Reader) error {
-	hr := newHashReader(b.ctx, r, b.sum)
+	hr := newHashReader(b.ctx, r, b.in)
 	defer hr.Close()
 	br := bufio.NewReaderSize(hr, blockSize) // large reads bypass it and copy straight from hr
 	tr, done, err := decompress(br)

@@ -21,7 +21,7 @@ func (c *combiner) WriteAt(p []byte, off int64) (int, error) {
 	if err := c.Flush(); err != nil {
 		return 0, err
 	}
-	if len(p) >= cap(c.buf)/2 {
+	if len(p) >= 64<<10 { // file data: already large, copying it again costs more than a syscall
 		return c.f.WriteAt(p, off)
 	}
 	c.off = off

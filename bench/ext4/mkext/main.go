@@ -17,6 +17,7 @@ func main() {
 	dir := flag.String("dir", "", "input directory")
 	out := flag.String("o", "", "output image")
 	noJournal := flag.Bool("no-journal", false, "no journal")
+	uuid := flag.String("uuid", "", "filesystem UUID (skips the content hash)")
 	cpuprofile := flag.String("cpuprofile", "", "write a CPU profile here")
 	flag.Parse()
 	if *cpuprofile != "" {
@@ -28,7 +29,7 @@ func main() {
 		pprof.StartCPUProfile(pf)
 		defer pprof.StopCPUProfile()
 	}
-	opts := ext4.Options{NoJournal: *noJournal}
+	opts := ext4.Options{NoJournal: *noJournal, UUID: *uuid}
 	var res ext4.Result
 	var err error
 	switch {
