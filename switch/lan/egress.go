@@ -7,10 +7,13 @@ import (
 	"net"
 	"net/netip"
 	"sync"
+	"syscall"
 	"time"
 
 	"golang.org/x/net/icmp"
 	"golang.org/x/net/ipv4"
+	"golang.org/x/sys/unix"
+	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/adapters/gonet"
 	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
 	"gvisor.dev/gvisor/pkg/tcpip/transport/udp"
@@ -53,8 +56,96 @@ func (s *Switch) egressTCP(r *tcp.ForwarderRequest) {
 		return
 	}
 	r.Complete(false)
-	gc := gonet.NewTCPConn(&wq, ep)
+	gc := &guestConn{TCPConn: gonet.NewTCPConn(&wq, ep), ep: ep, wq: &wq}
 	s.splice(gc, hc.(*net.TCPConn))
+}
+
+// guestConn is a guest's TCP connection at the gateway with its endpoint at hand, so that what
+// the guest sends can go to the host socket without an intermediate copy (see toHost).
+type guestConn struct {
+	*gonet.TCPConn
+	ep tcpip.Endpoint
+	wq *waiter.Queue
+}
+
+// errHostBusy stops an endpoint read when the host socket is full.
+var errHostBusy = errors.New("host socket full")
+
+// hostWriter writes the netstack's views straight to a host socket, never blocking: when the
+// socket is full, the rest of the current view is kept in pending (at most one view, up to
+// 64 KiB) and the read stops there; the unread segments stay in the netstack, whose receive
+// window then closes on the guest as a real peer's would.
+type hostWriter struct {
+	rc      syscall.RawConn
+	pending []byte
+	err     error
+}
+
+func (w *hostWriter) Write(p []byte) (int, error) {
+	done := 0
+	for len(p) > 0 {
+		var n int
+		var err error
+		if rerr := w.rc.Write(func(fd uintptr) bool {
+			n, err = unix.Write(int(fd), p)
+			return true
+		}); rerr != nil {
+			err = rerr
+		}
+		switch {
+		case err == unix.EINTR:
+			continue
+		case err == unix.EAGAIN:
+			w.pending = append(w.pending[:0], p...)
+			return done + len(p), errHostBusy
+		case err != nil:
+			w.err = err
+			return done, err
+		}
+		done += n
+		p = p[n:]
+	}
+	return done, nil
+}
+
+// toHost copies what the guest sends on c to the host socket hc until the guest's side ends
+// (io.EOF-like nil) or either side fails. gonet's Read would copy every byte into a buffer
+// first; here the netstack's views are written to the socket as they are.
+func (c *guestConn) toHost(hc *net.TCPConn) error {
+	rc, err := hc.SyscallConn()
+	if err != nil {
+		return err
+	}
+	we, notify := waiter.NewChannelEntry(waiter.ReadableEvents)
+	c.wq.EventRegister(&we)
+	defer c.wq.EventUnregister(&we)
+	w := &hostWriter{rc: rc}
+	for {
+		res, terr := c.ep.Read(w, tcpip.ReadOptions{})
+		if res.Count > 0 {
+			c.ep.ModerateRecvBuf(res.Count)
+		}
+		if w.err != nil {
+			return w.err
+		}
+		if len(w.pending) > 0 {
+			// The socket was full: block on it the ordinary way with the one view kept.
+			if _, err := hc.Write(w.pending); err != nil {
+				return err
+			}
+			w.pending = w.pending[:0]
+			continue
+		}
+		switch terr.(type) {
+		case nil:
+		case *tcpip.ErrWouldBlock:
+			<-notify
+		case *tcpip.ErrClosedForReceive:
+			return nil
+		default:
+			return errors.New(terr.String())
+		}
+	}
 }
 
 // takeFlow reserves one of Config.MaxFlows; the caller releases it with s.flows.Add(-1).
@@ -103,9 +194,16 @@ func (s *Switch) splice(a, b halfCloser) {
 	wg.Add(2)
 	cp := func(dst, src halfCloser) {
 		defer wg.Done()
-		bp := copyPool.Get().(*[]byte)
-		defer copyPool.Put(bp)
-		_, err := io.CopyBuffer(struct{ io.Writer }{dst}, struct{ io.Reader }{src}, *bp)
+		var err error
+		g, fromGuest := src.(*guestConn)
+		h, toHostTCP := dst.(*net.TCPConn)
+		if fromGuest && toHostTCP {
+			err = g.toHost(h)
+		} else {
+			bp := copyPool.Get().(*[]byte)
+			defer copyPool.Put(bp)
+			_, err = io.CopyBuffer(struct{ io.Writer }{dst}, struct{ io.Reader }{src}, *bp)
+		}
 		if err != nil && !errors.Is(err, net.ErrClosed) {
 			// A reset on one side resets the other.
 			a.Close()
