@@ -10,6 +10,7 @@ package launcher
 
 import (
 	"context"
+	"crypto/sha256"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -93,6 +94,11 @@ type Request struct {
 	// Subnet (CIDR) is the subnet the LAN must have (default the launcher's): the first VM makes
 	// the LAN with it; a LAN running on another subnet refuses the VM.
 	Subnet string `json:"subnet,omitempty"`
+	// Tap, when set, replaces the LAN: the VM's network is this pre-created tap device (an
+	// operator's pool tap on their bridge), seen by the guest as its kernel NIC eth0 and configured
+	// by the agent per Net (dhcp: a lease from the operator's network). The launcher neither makes
+	// nor configures the tap; the caller leases it to one VM at a time.
+	Tap string `json:"tap,omitempty"`
 	// Forwards are host→guest TCP port forwards: HOST:PORT listens on the host, GuestPort in the VM.
 	Forwards []PortForward `json:"forwards,omitempty"`
 	// VMM overrides the launcher's VMM choice for this VM: auto, qemu or cloud-hypervisor.
@@ -101,6 +107,13 @@ type Request struct {
 	Kernel string `json:"kernel,omitempty"`
 	// Cmdline carries extra kernel command line words (virtkit.* keys).
 	Cmdline []string `json:"cmdline,omitempty"`
+}
+
+// MAC is the guest NIC address of a tap-attached VM called name: locally administered, unicast,
+// derived from the name so that it is stable across the VM's restarts and distinct between VMs.
+func MAC(name string) string {
+	h := sha256.Sum256([]byte("virtkit-mac:" + name))
+	return fmt.Sprintf("02:%02x:%02x:%02x:%02x:%02x", h[0], h[1], h[2], h[3], h[4])
 }
 
 // PortForward carries connections to Listen (host address:port) to GuestPort in the VM.
@@ -303,7 +316,16 @@ func (l *Launcher) Start(ctx context.Context, req Request) (vm *VM, err error) {
 	if req.Net == "" {
 		req.Net = "none"
 	}
-	if req.Net != "none" {
+	if req.Tap != "" {
+		if _, err := os.Stat(filepath.Join("/sys/class/net", filepath.Base(req.Tap))); err != nil || filepath.Base(req.Tap) != req.Tap {
+			return nil, fmt.Errorf("tap %q: no such network interface (create it first: ip tuntap add %s mode tap user USER)", req.Tap, req.Tap)
+		}
+		if req.Net == "none" {
+			return nil, errors.New("a tap without a network mode: want Net dhcp or static")
+		}
+		spec.NICs = []vmm.NIC{{Tap: req.Tap, MAC: MAC(req.Name)}}
+		cmdline = append(cmdline, "virtkit.nic=eth0")
+	} else if req.Net != "none" {
 		if l.cfg.LANs == nil {
 			return nil, errors.New("networking asked for, but this launcher has no LANs")
 		}

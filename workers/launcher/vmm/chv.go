@@ -49,6 +49,7 @@ type (
 		Disks   []chDisk  `json:"disks,omitempty"`
 		FS      []chFS    `json:"fs,omitempty"`
 		Vsock   *chVsock  `json:"vsock,omitempty"`
+		Net     []chNet   `json:"net,omitempty"`
 		Serial  chConsole `json:"serial"`
 		Console chConsole `json:"console"`
 		RNG     chRNG     `json:"rng"`
@@ -84,6 +85,11 @@ type (
 		Socket string `json:"socket"`
 		ID     string `json:"id"`
 	}
+	chNet struct {
+		Tap string `json:"tap"`
+		MAC string `json:"mac"`
+		ID  string `json:"id"`
+	}
 	chConsole struct {
 		Mode string `json:"mode"`
 		File string `json:"file,omitempty"`
@@ -112,6 +118,9 @@ func (c *CloudHypervisor) VMConfig(s Spec) ([]byte, error) {
 	}
 	for i, sh := range s.Shares {
 		cfg.FS = append(cfg.FS, chFS{Tag: sh.Tag, Socket: sh.Socket, NumQueues: 1, QueueSize: 1024, ID: fmt.Sprintf("fs%d", i)})
+	}
+	for i, n := range s.NICs {
+		cfg.Net = append(cfg.Net, chNet{Tap: n.Tap, MAC: n.MAC, ID: fmt.Sprintf("net%d", i)})
 	}
 	if s.VsockCID != 0 {
 		cfg.Vsock = &chVsock{CID: int64(s.VsockCID), Socket: s.VsockSocket(), ID: "vsock0"}

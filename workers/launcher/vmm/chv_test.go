@@ -178,7 +178,8 @@ func TestCloudHypervisorBodiesMatchSpec(t *testing.T) {
 		{Name: "min", Dir: "/run/vk/min", Kernel: "/k", CPUs: 1, MemoryMiB: 128},
 		{Name: "full", Dir: "/run/vk/full", Kernel: "/k", Initramfs: "/i", Cmdline: "root=/dev/vda", CPUs: 8, MemoryMiB: 16384, VsockCID: 1234,
 			Disks:  []Disk{{Path: "/a", ReadOnly: true}, {Path: "/b"}},
-			Shares: []Share{{Tag: "a", Socket: "/s1"}, {Tag: "b", Socket: "/s2"}}},
+			Shares: []Share{{Tag: "a", Socket: "/s1"}, {Tag: "b", Socket: "/s2"}},
+			NICs:   []NIC{{Tap: "vkpool0", MAC: "52:54:00:12:34:56"}}},
 	} {
 		body, err := ch.VMConfig(s)
 		if err != nil {

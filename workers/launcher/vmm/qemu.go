@@ -107,6 +107,11 @@ func (q *QEMU) Args(s Spec) []string {
 		a = append(a, "-chardev", "socket,id=vsock,path="+escapeComma(s.VsockBackend),
 			"-device", dev("vhost-user-vsock")+",chardev=vsock")
 	}
+	for i, n := range s.NICs {
+		id := "n" + strconv.Itoa(i)
+		a = append(a, "-netdev", "tap,id="+id+",ifname="+n.Tap+",script=no,downscript=no",
+			"-device", dev("virtio-net")+",netdev="+id+",mac="+n.MAC)
+	}
 	a = append(a, "-device", dev("virtio-rng"))
 	return a
 }

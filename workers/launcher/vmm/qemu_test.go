@@ -124,7 +124,8 @@ func TestQEMUArgs(t *testing.T) {
 		Disks:        []Disk{{Path: "/img,with,commas", ReadOnly: true}},
 		Shares:       []Share{{Tag: "s", Socket: "/fs.sock"}},
 		VsockCID:     3,
-		VsockBackend: "/vsock.vhost"}
+		VsockBackend: "/vsock.vhost",
+		NICs:         []NIC{{Tap: "vkpool0", MAC: "52:54:00:12:34:56"}}}
 	args := strings.Join(q.Args(s), " ")
 	for _, want := range []string{
 		"-M microvm,memory-backend=mem",
@@ -135,6 +136,7 @@ func TestQEMUArgs(t *testing.T) {
 		"vhost-user-vsock-device,chardev=vsock",
 		"tsc_early_khz=",
 		"-accel tcg",
+		"-netdev tap,id=n0,ifname=vkpool0,script=no,downscript=no -device virtio-net-device,netdev=n0,mac=52:54:00:12:34:56",
 	} {
 		if !strings.Contains(args, want) {
 			t.Errorf("qemu args lack %q:\n%s", want, args)

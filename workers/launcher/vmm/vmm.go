@@ -13,6 +13,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"os"
 	"path/filepath"
 	"strings"
@@ -31,6 +32,14 @@ type Share struct {
 	Socket string
 }
 
+// NIC is a virtio-net device backed by a tap device that already exists (an operator's pool tap):
+// the VMM opens it by name and neither creates nor configures it (QEMU script=no).
+type NIC struct {
+	Tap string
+	// MAC is the guest's address (aa:bb:cc:dd:ee:ff); it must be unique on the tap's network.
+	MAC string
+}
+
 // Spec describes one VM.
 type Spec struct {
 	Name      string
@@ -46,6 +55,8 @@ type Spec struct {
 	VsockCID uint32
 	// VsockBackend is, for QEMU, the vhost-user socket of the hybrid-vsock backend the caller runs.
 	VsockBackend string
+	// NICs are the guest's kernel network interfaces (eth0, eth1, … in order).
+	NICs []NIC
 }
 
 // VsockSocket is the hybrid-vsock unix socket of a VM: host→guest "CONNECT <port>", and guest→host
@@ -82,6 +93,14 @@ func (s Spec) validate() error {
 	for _, sh := range s.Shares {
 		if sh.Tag == "" || strings.ContainsAny(sh.Tag, ", ") {
 			return fmt.Errorf("vmm: share tag %q: must be non-empty without commas or spaces", sh.Tag)
+		}
+	}
+	for _, n := range s.NICs {
+		if n.Tap == "" || len(n.Tap) > 15 || strings.ContainsAny(n.Tap, ",=/ \t\n") {
+			return fmt.Errorf("vmm: tap %q: not an interface name", n.Tap)
+		}
+		if hw, err := net.ParseMAC(n.MAC); err != nil || len(hw) != 6 || hw[0]&1 != 0 {
+			return fmt.Errorf("vmm: tap %s: MAC %q: want a unicast Ethernet address", n.Tap, n.MAC)
 		}
 	}
 	return nil
