@@ -55,6 +55,8 @@ type Slots struct {
 	capacity int
 	used     int
 	changed  chan struct{}
+	// reserving counts waiting Reserve calls; Acquire yields to them.
+	reserving int
 }
 
 // NewSlots returns n free slots.
@@ -79,11 +81,11 @@ func (s *Slots) Free() int { s.mu.Lock(); defer s.mu.Unlock(); return max(0, s.c
 
 func (s *Slots) signal() { close(s.changed); s.changed = make(chan struct{}) }
 
-// Acquire waits until at least one slot is free and takes up to n of them.
+// Acquire waits until at least one slot is free (and no Reserve waits) and takes up to n of them.
 func (s *Slots) Acquire(ctx context.Context, n int) (int, error) {
 	for {
 		s.mu.Lock()
-		if free := s.capacity - s.used; free > 0 {
+		if free := s.capacity - s.used; free > 0 && s.reserving == 0 {
 			k := min(free, n)
 			s.used += k
 			s.signal()
@@ -97,6 +99,40 @@ func (s *Slots) Acquire(ctx context.Context, n int) (int, error) {
 		case <-ctx.Done():
 			return 0, ctx.Err()
 		}
+	}
+}
+
+// Reserve waits until n slots are free and takes them all at once. It goes ahead of Acquire:
+// while a Reserve waits, Acquire takes nothing, so work already running can grow (a CI job's
+// service VMs) before more work is fetched. Callers bound the wait with ctx: two Reserves that
+// each wait for slots the other holds only end with it.
+func (s *Slots) Reserve(ctx context.Context, n int) error {
+	if n <= 0 {
+		return nil
+	}
+	s.mu.Lock()
+	s.reserving++
+	defer func() {
+		s.mu.Lock()
+		s.reserving--
+		s.signal()
+		s.mu.Unlock()
+	}()
+	for {
+		if s.capacity-s.used >= n {
+			s.used += n
+			s.signal()
+			s.mu.Unlock()
+			return nil
+		}
+		ch := s.changed
+		s.mu.Unlock()
+		select {
+		case <-ch:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+		s.mu.Lock()
 	}
 }
 
