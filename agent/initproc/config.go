@@ -52,6 +52,7 @@ type Config struct {
 	Listen    string        // virtkit.listen: exec server endpoint (default vsock://any:1024)
 	Relay     string        // virtkit.relay: network switch endpoint (default vsock://2:1025)
 	Tap       string        // virtkit.tap: tap device name (default vk0)
+	NIC       string        // virtkit.nic: kernel interface to configure instead of the relay (a VM on a tap)
 	Image     string        // virtkit.image: image config file (default /.virtkit/image.json)
 	Poweroff  string        // virtkit.poweroff: poweroff (default) or reboot (for machines without ACPI: kernel reboot=t, QEMU -no-reboot)
 	Linger    time.Duration // virtkit.linger: keep serving this long after the entrypoint exited
@@ -164,7 +165,7 @@ func Load(file, cmdline string, env []string) (Config, error) {
 }
 
 var keys = map[string]struct{}{"mode": {}, "hostname": {}, "overlay": {}, "overlay_fstype": {}, "fs": {},
-	"volume": {}, "command": {}, "env": {}, "net": {}, "dns": {}, "exitcode": {}, "ssh_key": {}, "listen": {}, "relay": {}, "tap": {},
+	"volume": {}, "command": {}, "env": {}, "net": {}, "dns": {}, "exitcode": {}, "ssh_key": {}, "listen": {}, "relay": {}, "tap": {}, "nic": {},
 	"image": {}, "poweroff": {}, "linger": {}, "allow": {}, "wrapper": {}, "debug": {}, "systemd": {}}
 
 func unquote(v string) string {
@@ -306,6 +307,11 @@ func (c *Config) set(k, v string) error {
 		c.Relay = v
 	case "tap":
 		c.Tap = v
+	case "nic":
+		if v != "" && (len(v) > 15 || strings.ContainsAny(v, "/ \t")) {
+			return fmt.Errorf("virtkit.nic=%q: not an interface name", v)
+		}
+		c.NIC = v
 	case "image":
 		c.Image = v
 	case "poweroff":

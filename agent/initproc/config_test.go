@@ -18,7 +18,7 @@ func TestSplitCmdline(t *testing.T) {
 
 func TestLoad(t *testing.T) {
 	file := "# comment\nmode=agent\nvirtkit.fs=a:/a\nhostname=fromfile\n"
-	cmdline := `root=/dev/vda ro virtkit.hostname=web1 virtkit.overlay=/dev/vdb virtkit.fs=share:/mnt/share:ro,cache:/cache virtkit.fs=x:/x virtkit.net=static:10.77.0.5/24,10.77.0.1 virtkit.dns=10.77.0.1,1.1.1.1 virtkit.ssh_key=b64:c3NoLWVkMjU1MTkgQUFBQSBrZXk= virtkit.linger=2s virtkit.exitcode=/dev/hvc1 virtkit.volume=/dev/vdc:/data,/dev/vdd:/ref:ro virtkit.command=b64:WyJyZWRpcy1zZXJ2ZXIiLCItLWRpciIsIi9kYXRhIGRpciJd virtkit.env=A=1,2 virtkit.env=b64:WyJCPXggeSIsIkM9Il0=`
+	cmdline := `root=/dev/vda ro virtkit.hostname=web1 virtkit.overlay=/dev/vdb virtkit.fs=share:/mnt/share:ro,cache:/cache virtkit.fs=x:/x virtkit.net=static:10.77.0.5/24,10.77.0.1 virtkit.dns=10.77.0.1,1.1.1.1 virtkit.ssh_key=b64:c3NoLWVkMjU1MTkgQUFBQSBrZXk= virtkit.linger=2s virtkit.exitcode=/dev/hvc1 virtkit.volume=/dev/vdc:/data,/dev/vdd:/ref:ro virtkit.command=b64:WyJyZWRpcy1zZXJ2ZXIiLCItLWRpciIsIi9kYXRhIGRpciJd virtkit.env=A=1,2 virtkit.env=b64:WyJCPXggeSIsIkM9Il0= virtkit.nic=eth0`
 	c, err := Load(file, cmdline, []string{"VIRTKIT_MODE=entrypoint", "VIRTKIT_AGENT=unix:///x", "HOME=/"})
 	if err != nil {
 		t.Fatal(err)
@@ -36,12 +36,13 @@ func TestLoad(t *testing.T) {
 	want.Volumes = []Volume{{Dev: "/dev/vdc", Path: "/data"}, {Dev: "/dev/vdd", Path: "/ref", RO: true}}
 	want.Command = []string{"redis-server", "--dir", "/data dir"}
 	want.Env = []string{"A=1,2", "B=x y", "C="}
+	want.NIC = "eth0"
 	if !reflect.DeepEqual(c, want) {
 		t.Fatalf("Load =\n%+v\nwant\n%+v", c, want)
 	}
 	for _, bad := range []string{"virtkit.mode=bogus", "virtkit.net=wifi", "virtkit.fs=notag", "virtkit.overlay=vdb", "virtkit.dns=x", "virtkit.linger=soon", "virtkit.net=static:1.2.3.4",
 		"virtkit.volume=vdc:/data", "virtkit.volume=/dev/vdc:data", "virtkit.volume=/dev/vdc:/d:rx", "virtkit.command=b64:!!", "virtkit.command=b64:eyJhIjoxfQ==",
-		"virtkit.command=,", "virtkit.env=NOEQUALS", "virtkit.env==v"} {
+		"virtkit.command=,", "virtkit.env=NOEQUALS", "virtkit.env==v", "virtkit.nic=a/b"} {
 		if _, err := Load("", bad, nil); err == nil || !strings.Contains(err.Error(), strings.SplitN(strings.TrimPrefix(bad, "virtkit."), "=", 2)[0]) {
 			t.Errorf("Load(%q) = %v, want an error naming the key", bad, err)
 		}

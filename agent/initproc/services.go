@@ -78,6 +78,9 @@ func (in *Init) supervise(ctx context.Context, wg *sync.WaitGroup, s *service) {
 // relayArgv is the network relay command (agent/netrelay, the "net" subcommand).
 func (in *Init) relayArgv() []string {
 	argv := []string{in.self, "net", "--connect", in.cfg.Relay, "--tap", in.cfg.Tap}
+	if in.cfg.NIC != "" {
+		argv = []string{in.self, "net", "--nic", in.cfg.NIC}
+	}
 	n := in.cfg.Net
 	switch n.Mode {
 	case "static":

@@ -43,6 +43,9 @@ type Config struct {
 	Connect string
 	// Tap is the device name; default vk0.
 	Tap string
+	// NIC, when set, names a kernel network interface to configure instead of relaying (a VM on
+	// an operator's tap: eth0 is on their network already). Connect and Tap are then unused.
+	NIC string
 	// MTU of the tap; 0 takes the MTU the switch's DHCP offers (1500 without one).
 	MTU int
 	// MAC of the tap; empty keeps the kernel's random one.
@@ -71,7 +74,8 @@ type Config struct {
 // Lease is the configuration applied to the interface.
 type Lease = dhcp.Lease
 
-// Run creates the tap and relays until ctx ends. Failures of the host side are retried forever;
+// Run creates the tap and relays until ctx ends (with Config.NIC: configures that interface until
+// ctx ends). Failures of the host side are retried forever;
 // only set-up errors (no tap, bad configuration) are returned.
 func Run(ctx context.Context, cfg Config) error {
 	if cfg.Connect == "" {
@@ -97,6 +101,9 @@ func Run(ctx context.Context, cfg Config) error {
 		}
 	default:
 		return fmt.Errorf("netrelay: mode %q: want dhcp, static or none", cfg.Mode)
+	}
+	if cfg.NIC != "" {
+		return runNIC(ctx, cfg)
 	}
 	if _, err := addr.Parse(cfg.Connect); err != nil {
 		return fmt.Errorf("netrelay: %w", err)

@@ -23,6 +23,7 @@ func runNet(ctx context.Context, args []string) int {
 	var mac, address, gateway, dns string
 	fs.StringVar(&cfg.Connect, "connect", "", "switch endpoint URL (default vsock://2:1025)")
 	fs.StringVar(&cfg.Tap, "tap", "vk0", "tap device to create")
+	fs.StringVar(&cfg.NIC, "nic", "", "configure this kernel interface (e.g. eth0 on an operator's tap) instead of relaying to the switch")
 	fs.IntVar(&cfg.MTU, "mtu", 0, "MTU of the tap, up to 65520 (default: what the switch's DHCP offers, else 1500)")
 	fs.StringVar(&mac, "mac", "", "MAC address of the tap (default: the kernel's)")
 	fs.StringVar(&cfg.Mode, "mode", "", "address configuration: dhcp (built-in client), static, or none (leave it to udhcpc); default dhcp, static when --ip is set")
