@@ -161,7 +161,10 @@ type job struct {
 	env []string
 }
 
-func (f *fixture) job(id int, vars map[string]string) *job {
+func (f *fixture) job(id int, vars map[string]string) *job { return f.jobWith(id, vars, nil) }
+
+// jobWith is job with the job response's services array.
+func (f *fixture) jobWith(id int, vars map[string]string, services []map[string]any) *job {
 	dir := f.t.TempDir()
 	resp := map[string]any{
 		"id": id, "token": "job-token",
@@ -172,6 +175,9 @@ func (f *fixture) job(id int, vars map[string]string) *job {
 		"image":       map[string]any{"name": ""},
 		"runner_info": map[string]any{"timeout": 600},
 		"job_info":    map[string]any{"name": "test", "stage": "test", "project_id": 7, "project_name": "p"},
+	}
+	if services != nil {
+		resp["services"] = services
 	}
 	b, _ := json.Marshal(resp)
 	respFile := filepath.Join(dir, "response.json")

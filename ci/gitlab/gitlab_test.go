@@ -27,6 +27,7 @@ const sampleResponse = `{
   "services": [
     {"name": "postgres:15", "alias": "db,pg", "variables": [{"key": "POSTGRES_PASSWORD", "value": "x"}]},
     {"name": "registry.example.com/team/my_cache:1", "command": ["--port", "6379"]},
+    {"name": "docker.io/library/postgres:16", "alias": "old-db"},
     {"name": ""}
   ],
   "runner_info": {"timeout": 3600},
@@ -68,8 +69,10 @@ func TestLoadEnvAndSpec(t *testing.T) {
 	}
 	want := jobs.Spec{ID: key + "-abc", Image: "debian:12", Timeout: broker.Duration(time.Hour + 5*time.Minute),
 		Services: []jobs.Service{
-			{Image: "postgres:15", Aliases: []string{"db", "pg"}, Env: []string{"POSTGRES_PASSWORD=x"}},
-			{Image: "registry.example.com/team/my_cache:1", Aliases: []string{"my-cache"}, Command: []string{"--port", "6379"}},
+			{Image: "postgres:15", Aliases: []string{"db", "pg", "postgres"}, Env: []string{"POSTGRES_PASSWORD=x"}},
+			{Image: "registry.example.com/team/my_cache:1", Aliases: []string{"registry.example.com__team__my_cache", "registry.example.com-team-my_cache", "my_cache"}, Command: []string{"--port", "6379"}},
+			// "postgres" is the first service's: the second postgres keeps its other names.
+			{Image: "docker.io/library/postgres:16", Aliases: []string{"old-db", "docker.io__library__postgres", "docker.io-library-postgres"}},
 		}}
 	if !reflect.DeepEqual(spec, want) {
 		t.Fatalf("spec\n got %+v\nwant %+v", spec, want)
@@ -134,16 +137,28 @@ func TestDriverConfigJSON(t *testing.T) {
 	}
 }
 
-func TestDefaultAliasAndMiB(t *testing.T) {
-	for in, want := range map[string]string{
-		"postgres:15":                     "postgres",
-		"registry.io/team/my_db:1":        "my-db",
-		"localhost:5000/redis@sha256:abc": "redis",
-		"Mongo":                           "mongo",
+func TestServiceAliasesAndMiB(t *testing.T) {
+	for in, want := range map[string][]string{
+		"postgres:15":                     {"postgres"},
+		"docker.io/library/redis:7":       {"docker.io__library__redis", "docker.io-library-redis", "redis"},
+		"docker://tutum/wordpress:latest": {"tutum__wordpress", "tutum-wordpress", "wordpress"},
+		"registry.io:5000/team/my_db:1":   {"registry.io__team__my_db", "registry.io-team-my_db", "my_db"},
+		"localhost:5000/redis@sha256:abc": {"localhost__redis", "localhost-redis", "redis"},
+		"Mongo":                           {"mongo"},
+		"tar:/srv/images/redis.tar":       {"redis"},
+		"oci:/srv/layouts/cache:v2":       {"cache"},
+		"docker-archive:/x/db.tar":        {"db"},
 	} {
-		if got := gitlab.DefaultAlias(in); got != want {
-			t.Errorf("DefaultAlias(%q) = %q, want %q", in, got, want)
+		if got := gitlab.ServiceAliases(in); !reflect.DeepEqual(got, want) {
+			t.Errorf("ServiceAliases(%q) = %q, want %q", in, got, want)
 		}
+	}
+	if got := gitlab.DefaultAlias("registry.io/team/my_db:1"); got != "my_db" {
+		t.Errorf("DefaultAlias = %q", got)
+	}
+	long := strings.Repeat("a", 70) + "/b"
+	if got := gitlab.ServiceAliases(long); !reflect.DeepEqual(got, []string{"b"}) {
+		t.Errorf("ServiceAliases(%q) = %q: names with labels over 63 bytes must be left out", long, got)
 	}
 	for in, want := range map[string]int{"512": 512, "512M": 512, "512MiB": 512, "2G": 2048, "2gib": 2048, " 1g ": 1024} {
 		if got, err := gitlab.ParseMiB(in); err != nil || got != want {

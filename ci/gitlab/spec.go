@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"path"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -69,42 +70,96 @@ func (e *Env) Spec(id, defaultImage string) (jobs.Spec, error) {
 			// Leave the runner time to call cleanup after its own timeout fired.
 			s.Timeout = broker.Duration(time.Duration(t)*time.Second + 5*time.Minute)
 		}
-		for _, sv := range e.Job.Services {
-			if sv.Name == "" {
-				continue
-			}
-			svc := jobs.Service{Image: sv.Name, Entrypoint: sv.Entrypoint, Command: sv.Command}
-			for _, v := range sv.Variables {
-				svc.Env = append(svc.Env, v.Key+"="+v.Value)
-			}
-			if sv.Alias != "" {
-				for _, a := range strings.FieldsFunc(sv.Alias, func(r rune) bool { return r == ',' || r == ' ' }) {
-					svc.Aliases = append(svc.Aliases, strings.ToLower(a))
-				}
-			} else if a := DefaultAlias(sv.Name); a != "" {
-				svc.Aliases = []string{a}
-			}
-			s.Services = append(s.Services, svc)
-		}
+		s.Services = services(e.Job.Services)
 	}
 	return s, s.Validate()
 }
 
-var notLabel = regexp.MustCompile(`[^a-z0-9-]+`)
+// services turns the job's services into specs. Each is reachable under its explicit aliases
+// (GitLab's alias: one name, or several separated by commas or spaces) and under the names
+// ServiceAliases derives from its image, as GitLab Runner does. A derived name that an explicit
+// alias or an earlier service already has is left to that one.
+func services(in []Image) []jobs.Service {
+	var out []jobs.Service
+	taken := map[string]bool{}
+	for _, sv := range in {
+		if sv.Name == "" {
+			continue
+		}
+		svc := jobs.Service{Image: sv.Name, Entrypoint: sv.Entrypoint, Command: sv.Command}
+		for _, v := range sv.Variables {
+			svc.Env = append(svc.Env, v.Key+"="+v.Value)
+		}
+		for _, a := range strings.FieldsFunc(sv.Alias, func(r rune) bool { return r == ',' || r == ' ' }) {
+			a = strings.ToLower(a)
+			svc.Aliases = append(svc.Aliases, a)
+			taken[a] = true
+		}
+		out = append(out, svc)
+	}
+	i := 0
+	for _, sv := range in {
+		if sv.Name == "" {
+			continue
+		}
+		for _, a := range ServiceAliases(sv.Name) {
+			if !taken[a] {
+				taken[a] = true
+				out[i].Aliases = append(out[i].Aliases, a)
+			}
+		}
+		i++
+	}
+	return out
+}
 
-// DefaultAlias is a service's host name when it sets no alias: its image's last path component
-// without tag or digest ("postgres:15" → "postgres", "reg.io/team/my_db:1" → "my-db").
+var notHostChar = regexp.MustCompile(`[^a-z0-9._-]+`)
+
+// ServiceAliases are the host names a service gets from its image name, as GitLab Runner derives
+// them: the name without tag, digest and registry port, with "/" replaced by "__" and by "-"
+// ("registry.example.com:5000/team/db:1" → "registry.example.com__team__db",
+// "registry.example.com-team-db"); virtkit adds the last path component ("db"). For the local
+// transports (tar:, oci:, docker-archive:) it is the file or folder name without extension or tag.
+// Names that cannot be host names are left out.
+func ServiceAliases(image string) []string {
+	var names []string
+	image = strings.TrimPrefix(image, "docker://")
+	if t, rest, ok := strings.Cut(image, ":"); ok && (t == "tar" || t == "oci" || t == "docker-archive") {
+		base := path.Base(rest)
+		if i := strings.Index(base, ":"); i > 0 {
+			base = base[:i]
+		}
+		base = strings.TrimSuffix(strings.TrimSuffix(base, ".tar"), ".tgz")
+		names = []string{base}
+	} else {
+		name, _, _ := strings.Cut(image, "@")
+		if i := strings.LastIndex(name, ":"); i > strings.LastIndex(name, "/") {
+			name = name[:i] // the tag
+		}
+		if first, rest, ok := strings.Cut(name, "/"); ok {
+			host, _, _ := strings.Cut(first, ":") // a registry port
+			name = host + "/" + rest
+		}
+		names = []string{strings.ReplaceAll(name, "/", "__"), strings.ReplaceAll(name, "/", "-"), path.Base(name)}
+	}
+	var out []string
+	for _, n := range names {
+		n = strings.Trim(notHostChar.ReplaceAllString(strings.ToLower(n), "-"), "-._")
+		if jobs.ValidAlias(n) && !slices.Contains(out, n) {
+			out = append(out, n)
+		}
+	}
+	return out
+}
+
+// DefaultAlias is a service's short host name: the last component of its image name
+// ("postgres:15" → "postgres"), "" when it has none usable.
 func DefaultAlias(image string) string {
-	image, _, _ = strings.Cut(image, "@")
-	base := path.Base(image)
-	if i := strings.LastIndex(base, ":"); i > 0 {
-		base = base[:i]
+	a := ServiceAliases(image)
+	if len(a) == 0 {
+		return ""
 	}
-	base = strings.Trim(notLabel.ReplaceAllString(strings.ToLower(base), "-"), "-")
-	if len(base) > 63 {
-		base = strings.Trim(base[:63], "-")
-	}
-	return base
+	return a[len(a)-1]
 }
 
 // ParseMiB reads a memory size: 2048 (MiB), 512M, 512MiB, 2G, 2GiB.

@@ -4,6 +4,7 @@ import (
 	"archive/tar"
 	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
@@ -571,5 +572,155 @@ func TestLostDeliveryRuns(t *testing.T) {
 	}
 	if got := types(jobEvents(t, p.c, "lost")); got != "job.queued,job.started,job.succeeded" {
 		t.Fatalf("events %s", got)
+	}
+}
+
+// TestServicesHoldSlots: each service VM takes a slot of the host's capacity for the job's life;
+// a job whose services do not fit now is handed back and runs once room is made; one that can
+// never fit fails as the job's fault.
+func TestServicesHoldSlots(t *testing.T) {
+	p := newPool(t, broker.SchemaOptions{})
+	p.runner("h1", 3, func(c *jobs.Config) { c.SlotWait = time.Second })
+	ctx := ctxT(t, 2*time.Minute)
+	svc := []jobs.Service{{Image: p.img, Aliases: []string{"cache"}, Entrypoint: []string{"sleep", "600"}}}
+
+	a, err := jobs.Submit(ctx, p.c, jobs.Spec{ID: "with-svc", Image: p.img, Services: svc})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if p.m.Live() != 2 {
+		t.Fatalf("%d machines live; want the job and its service", p.m.Live())
+	}
+	// The service runs its entrypoint for the job's life.
+	var out, errb bytes.Buffer
+	if ex, err := jobs.Exec(ctx, p.c, a, "check", []byte("pgrep -x sleep >/dev/null && echo service-up\n"), &out, &errb, jobs.ExecOptions{}); err != nil || ex.Code != 0 || out.String() != "service-up\n" {
+		t.Fatalf("service entrypoint: %+v %v %q %q", ex, err, out.String(), errb.String())
+	}
+	// The third slot takes a plain job.
+	c, err := jobs.Submit(ctx, p.c, jobs.Spec{ID: "plain", Image: p.img})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// A second job with a service: queued while the host is full; once the plain job is gone its
+	// item gets a slot but its service none, so it goes back to the queue until the first job
+	// is gone too.
+	started := make(chan *jobs.Placement, 1)
+	go func() {
+		pl, err := jobs.Submit(ctx, p.c, jobs.Spec{ID: "waits", Image: p.img, Services: svc})
+		if err != nil {
+			t.Error(err)
+		}
+		started <- pl
+	}()
+	if err := jobs.Cleanup(ctx, p.c, c, false, 0); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(4 * time.Second)
+	if n := p.m.Live(); n != 2 {
+		t.Fatalf("%d machines live while the first job holds 2 of 3 slots; want only its 2", n)
+	}
+	if err := jobs.Cleanup(ctx, p.c, a, false, 0); err != nil {
+		t.Fatal(err)
+	}
+	b := <-started
+	if b == nil {
+		t.FailNow()
+	}
+	if err := jobs.Cleanup(ctx, p.c, b, false, 0); err != nil {
+		t.Fatal(err)
+	}
+	if got := types(jobEvents(t, p.c, "waits")); got != "job.queued,job.started,job.succeeded" {
+		t.Fatalf("events of the handed-back job: %s", got)
+	}
+
+	// Three services and the job need 4 slots; the host has 3.
+	many := []jobs.Service{svc[0], {Image: p.img, Entrypoint: []string{"sleep", "600"}}, {Image: p.img, Entrypoint: []string{"sleep", "600"}}}
+	_, err = jobs.Submit(ctx, p.c, jobs.Spec{ID: "too-many", Image: p.img, Services: many})
+	var f *jobs.Failure
+	if !errors.As(err, &f) || f.System || !strings.Contains(f.Msg, "needs 4 VM slots") {
+		t.Fatalf("too many services: %v", err)
+	}
+	// Every slot came back: a job with two services takes all three.
+	d, err := jobs.Submit(ctx, p.c, jobs.Spec{ID: "full", Image: p.img, Services: many[:2]})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if p.m.Live() != 3 {
+		t.Fatalf("%d machines live, want 3", p.m.Live())
+	}
+	jobs.Cleanup(ctx, p.c, d, false, 0)
+	// A service whose VM cannot boot fails the job (system) and leaves nothing.
+	p.m.FailVM = "svcfail-s0"
+	_, err = jobs.Submit(ctx, p.c, jobs.Spec{ID: "svcfail", Image: p.img, Services: svc})
+	p.m.FailVM = ""
+	if !errors.As(err, &f) || !f.System {
+		t.Fatalf("service that cannot boot: %v", err)
+	}
+	waitUntil(t, "nothing live", func() bool { return p.m.Live() == 0 })
+}
+
+// TestCancelBeforeRegistration: a runner's cancel that reaches the host before the job is
+// registered there (between the fetch and the registration) drops the job when it registers.
+func TestCancelBeforeRegistration(t *testing.T) {
+	p := newPool(t, broker.SchemaOptions{})
+	p.runner("h1", 1, nil)
+	ctx := ctxT(t, time.Minute)
+	// A job first: the host is up and listening.
+	pl, err := jobs.Submit(ctx, p.c, jobs.Spec{ID: "before", Image: p.img})
+	if err != nil {
+		t.Fatal(err)
+	}
+	jobs.Cleanup(ctx, p.c, pl, false, 0)
+	b, _ := json.Marshal(jobs.CleanupRequest{Job: "early-cancel"})
+	if err := p.c.Conn().Publish(jobs.CancelSubject, b); err != nil {
+		t.Fatal(err)
+	}
+	p.c.Conn().Flush()
+	time.Sleep(200 * time.Millisecond) // the host handles it before the item arrives
+	_, err = jobs.Submit(ctx, p.c, jobs.Spec{ID: "early-cancel", Image: p.img})
+	var f *jobs.Failure
+	if !errors.As(err, &f) || !strings.Contains(f.Msg, "canceled") {
+		t.Fatalf("submit: %v, want the job canceled", err)
+	}
+	if p.m.Boots() != 1 {
+		t.Fatalf("%d VMs booted; the canceled job must not boot", p.m.Boots())
+	}
+}
+
+func TestTapPool(t *testing.T) {
+	for _, bad := range [][]string{nil, {"ok0", "ok0"}, {"much-too-long-name"}, {"a/b"}, {""}} {
+		if _, err := jobs.NewTapPool(bad); err == nil {
+			t.Errorf("NewTapPool(%q) accepted", bad)
+		}
+	}
+	p, err := jobs.NewTapPool([]string{"vkpool0", "vkpool1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	a, err1 := p.Lease("ja")
+	b, err2 := p.Lease("jb")
+	if err1 != nil || err2 != nil || a == b {
+		t.Fatalf("leases %q %q: %v %v", a, b, err1, err2)
+	}
+	if _, err := p.Lease("jc"); err == nil || !strings.Contains(err.Error(), "no free tap") || !strings.Contains(err.Error(), "vkpool0, vkpool1") {
+		t.Fatalf("exhausted pool: %v", err)
+	}
+	p.Return(a)
+	if c, err := p.Lease("jc"); err != nil || c != a {
+		t.Fatalf("after return: %q %v", c, err)
+	}
+	if got := p.Leased(); got[a] != "jc" || got[b] != "jb" || len(got) != 2 {
+		t.Fatalf("leased %v", got)
+	}
+}
+
+func waitUntil(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(50 * time.Millisecond)
 	}
 }

@@ -1,11 +1,15 @@
 package jobs
 
 import (
+	"archive/tar"
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -16,6 +20,7 @@ import (
 
 	"github.com/virtkit/virtkit/agent/client"
 	"github.com/virtkit/virtkit/broker"
+	"github.com/virtkit/virtkit/imaging/store"
 	"github.com/virtkit/virtkit/workers/launcher"
 )
 
@@ -29,8 +34,14 @@ type Config struct {
 	JobTimeout time.Duration
 	// CPUs and MemoryMiB are a job's defaults; MaxCPUs and MaxMemoryMiB cap what it may ask.
 	CPUs, MemoryMiB, MaxCPUs, MaxMemoryMiB int
-	// Net is the job VMs' network: "dhcp" (default: a LAN of the job's own) or "none".
+	// Net is the job VMs' network: "dhcp" (default: a LAN of the job's own), "none", or "pool":
+	// each job VM gets a pre-created tap of Taps and DHCP from the operator's network.
 	Net string
+	// Taps is the tap pool of Net "pool".
+	Taps *TapPool
+	// SlotWait bounds how long a job with services waits for the extra slots its service VMs
+	// need before it is handed back to the queue; default 10 s.
+	SlotWait time.Duration
 	// LeaseTimeout is how long a running stage may go without a keep-alive from its hook before
 	// the guest command is killed; default 15 s.
 	LeaseTimeout time.Duration
@@ -45,6 +56,9 @@ type Runner struct {
 
 	mu   sync.Mutex
 	jobs map[string]*job
+	// canceled holds jobs abandoned by their runner before this host registered them (the cancel
+	// came between the fetch and the registration), with when: boot then drops them at once.
+	canceled map[string]time.Time
 	// stopping is closed when Run's ctx ends: running jobs fail as system failures.
 	stopping chan struct{}
 	wg       sync.WaitGroup
@@ -74,17 +88,27 @@ func New(cfg Config) (*Runner, error) {
 	case "":
 		cfg.Net = "dhcp"
 	case "dhcp", "none":
+	case "pool":
+		if cfg.Taps == nil {
+			return nil, errors.New(`jobs: net "pool" needs a tap pool (Taps)`)
+		}
 	default:
-		return nil, fmt.Errorf("jobs: net %q: want dhcp or none", cfg.Net)
+		return nil, fmt.Errorf("jobs: net %q: want dhcp, none or pool", cfg.Net)
 	}
 	if cfg.LeaseTimeout <= 0 {
 		cfg.LeaseTimeout = 15 * time.Second
 	}
-	return &Runner{cfg: cfg, host: cfg.Client.Host(), log: cfg.Log, jobs: map[string]*job{}, stopping: make(chan struct{})}, nil
+	if cfg.SlotWait <= 0 {
+		cfg.SlotWait = 10 * time.Second
+	}
+	return &Runner{cfg: cfg, host: cfg.Client.Host(), log: cfg.Log, jobs: map[string]*job{}, canceled: map[string]time.Time{}, stopping: make(chan struct{})}, nil
 }
 
 // Name implements workers.Worker.
 func (r *Runner) Name() string { return "ci" }
+
+// Slots is the host's capacity the runner takes from (one slot per job VM and per service VM).
+func (r *Runner) Slots() *broker.Slots { return r.cfg.Slots }
 
 // Running is the number of jobs this host runs.
 func (r *Runner) Running() int { r.mu.Lock(); defer r.mu.Unlock(); return len(r.jobs) }
@@ -141,7 +165,11 @@ type job struct {
 	vm       Machine
 	agent    *client.Client
 	services []*service
-	cleanup  chan cleanupAsk
+	// slots is how many host slots the job holds besides its work item's (one per service VM);
+	// tap is the pool tap its VM leases ("" without).
+	slots   int
+	tap     string
+	cleanup chan cleanupAsk
 	// gone is closed once the job is torn down.
 	gone chan struct{}
 	// ready is set (under Runner.mu) once the job VM answers and job.started is out.
@@ -157,6 +185,7 @@ type job struct {
 }
 
 type service struct {
+	spec Service
 	m    Machine
 	sess *client.Session
 	ag   *client.Client
@@ -220,6 +249,12 @@ func (r *Runner) handle(ctx context.Context, w *broker.Work) error {
 	jctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
 	j, err := r.boot(jctx, spec, log, cancel)
+	if errors.Is(err, errNoRoom) {
+		// Not enough free slots for its service VMs right now: the item goes back to the queue
+		// (after a back-off) for this or another host, untouched.
+		log.Info().Err(err).Msg("handing the job back")
+		return err
+	}
 	if err != nil && j != nil && j.aborted.Load() {
 		log.Info().Msg("job abandoned by its runner while booting")
 		r.publish(ctx, &broker.JobCanceled{Job: spec.ID, Reason: "abandoned by the runner before its VM was ready"})
@@ -267,7 +302,10 @@ func (r *Runner) handle(ctx context.Context, w *broker.Work) error {
 	return nil
 }
 
-// boot resolves the images and boots the services and then the job VM, all on the job's LAN.
+// errNoRoom says a job needs more free slots than the host has now; it is handed back.
+var errNoRoom = errors.New("jobs: not enough free slots on this host for the job's service VMs")
+
+// boot resolves the images and boots the services and the job VM together, all on the job's LAN.
 // On error nothing is left running.
 // It returns the job even on error when the runner abandoned it meanwhile (aborted is set).
 func (r *Runner) boot(ctx context.Context, spec Spec, log zerolog.Logger, abort context.CancelFunc) (_ *job, err error) {
@@ -281,72 +319,223 @@ func (r *Runner) boot(ctx context.Context, spec Spec, log zerolog.Logger, abort 
 	if cpus > r.cfg.MaxCPUs || mem > r.cfg.MaxMemoryMiB {
 		return nil, &Failure{Msg: fmt.Sprintf("job asks for %d cpus / %d MiB; this host allows at most %d cpus / %d MiB", cpus, mem, r.cfg.MaxCPUs, r.cfg.MaxMemoryMiB)}
 	}
-	j := &job{abort: abort, spec: spec, lan: "ci-" + spec.ID, cleanup: make(chan cleanupAsk), gone: make(chan struct{}), log: log, execs: map[string]*client.Session{}}
+	// Every service VM takes a slot of the host's capacity, as the job VM does (its work item's).
+	extra := len(spec.Services)
+	if extra > 0 {
+		if r.cfg.Net == "pool" {
+			return nil, &Failure{Msg: `services: need the switch network; this host runs jobs on pool taps (net.mode = "pool")`}
+		}
+		if c := r.cfg.Slots.Capacity(); 1+extra > c {
+			return nil, &Failure{Msg: fmt.Sprintf("job with %d services needs %d VM slots; this host has %d (vm.capacity)", extra, 1+extra, c)}
+		}
+		// Running jobs may end meanwhile, and no new work is fetched while this waits; a job that
+		// still finds no room is handed back rather than waited for, so that jobs which each hold
+		// a slot the other needs cannot block each other for long.
+		wctx, cancel := context.WithTimeout(ctx, r.cfg.SlotWait)
+		err := r.cfg.Slots.Reserve(wctx, extra)
+		cancel()
+		if err != nil {
+			return nil, errNoRoom
+		}
+	}
+	j := &job{abort: abort, spec: spec, lan: "ci-" + spec.ID, slots: extra, cleanup: make(chan cleanupAsk), gone: make(chan struct{}), log: log, execs: map[string]*client.Session{}}
 	r.mu.Lock()
 	if _, dup := r.jobs[spec.ID]; dup {
 		r.mu.Unlock()
+		r.cfg.Slots.Release(extra)
 		return nil, &Failure{System: true, Msg: fmt.Sprintf("job %s already runs on this host", spec.ID)}
 	}
 	r.jobs[spec.ID] = j
+	_, canceled := r.canceled[spec.ID]
+	delete(r.canceled, spec.ID)
 	r.mu.Unlock()
 	defer func() {
 		if err != nil {
 			r.teardown(j)
 		}
 	}()
+	if canceled {
+		j.aborted.Store(true)
+		return j, errors.New("abandoned by its runner before this host registered it")
+	}
 	// The mark that a host took the job: a redelivered item finds it and is not run twice.
 	r.publish(ctx, &broker.VMStarting{VM: spec.ID, Host: r.host, Image: spec.Image, CPUs: cpus, MemoryMiB: mem, Job: spec.ID})
 	bundle, err := r.cfg.Images.Resolve(ctx, spec.Image)
 	if err != nil {
 		return j, err
 	}
+	sbs := make([]*store.Bundle, len(spec.Services))
 	for i, sv := range spec.Services {
-		sb, err := r.cfg.Images.Resolve(ctx, sv.Image)
-		if err != nil {
+		if sbs[i], err = r.cfg.Images.Resolve(ctx, sv.Image); err != nil {
 			return j, err
 		}
-		name := spec.ID + "-s" + strconv.Itoa(i)
-		m, err := r.cfg.Machines.Boot(ctx, launcher.Request{Name: name, Rootfs: sb.Rootfs, CPUs: 1, MemoryMiB: r.cfg.MemoryMiB, Net: r.cfg.Net, LAN: j.lan})
-		if err != nil {
-			return j, &Failure{System: true, Msg: fmt.Sprintf("service %s: %v", sv.Image, err)}
+		j.services = append(j.services, &service{spec: sv})
+	}
+	req := launcher.Request{Name: spec.ID, Rootfs: bundle.Rootfs, CPUs: cpus, MemoryMiB: mem, Net: r.cfg.Net, LAN: j.lan}
+	if r.cfg.Net == "pool" {
+		if j.tap, err = r.cfg.Taps.Lease(spec.ID); err != nil {
+			return j, &Failure{System: true, Msg: err.Error()}
 		}
-		s := &service{m: m}
-		j.services = append(j.services, s)
-		if s.ag, err = dialAgent(ctx, m); err != nil {
-			return j, &Failure{System: true, Msg: fmt.Sprintf("service %s: %v", sv.Image, err)}
+		req.Net, req.LAN, req.Tap = "dhcp", "", j.tap
+	}
+	// The VMs boot side by side: a job with services is ready in about one boot's time.
+	errs := make([]error, 1+len(spec.Services))
+	var wg sync.WaitGroup
+	for i, s := range j.services {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			errs[1+i] = r.bootService(ctx, j, s, sbs[i], i)
+		}()
+	}
+	var vm Machine
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		if vm, errs[0] = r.cfg.Machines.Boot(ctx, req); errs[0] != nil {
+			errs[0] = &Failure{System: true, Msg: fmt.Sprintf("boot job VM: %v", errs[0])}
+			return
 		}
-		argv := sv.Entrypoint
-		if len(argv) == 0 {
-			argv = sb.Image.Entrypoint
+		j.mu.Lock()
+		j.vm = vm
+		j.mu.Unlock()
+		if j.agent, errs[0] = dialAgent(ctx, vm); errs[0] != nil {
+			errs[0] = &Failure{System: true, Msg: fmt.Sprintf("job VM agent: %v", errs[0])}
 		}
-		cmd := sv.Command
-		if len(cmd) == 0 && len(sv.Entrypoint) == 0 {
-			cmd = sb.Image.Cmd
+	}()
+	wg.Wait()
+	for _, e := range errs {
+		if e != nil {
+			return j, e
 		}
-		argv = append(append([]string{}, argv...), cmd...)
-		if len(argv) == 0 {
-			return j, &Failure{Msg: fmt.Sprintf("service %s has no entrypoint or command", sv.Image)}
+	}
+	if err := r.linkServices(ctx, j); err != nil {
+		return j, &Failure{System: true, Msg: fmt.Sprintf("services: %v", err)}
+	}
+	return j, nil
+}
+
+// bootService boots service i of job j, starts its entrypoint and waits (briefly) for the TCP
+// ports its image exposes, as GitLab Runner's service health check does: a service that never
+// listens is the job's business, so the wait only bounds the job's start.
+func (r *Runner) bootService(ctx context.Context, j *job, s *service, b *store.Bundle, i int) error {
+	sv := s.spec
+	m, err := r.cfg.Machines.Boot(ctx, launcher.Request{Name: j.spec.ID + "-s" + strconv.Itoa(i), Rootfs: b.Rootfs, CPUs: 1, MemoryMiB: r.cfg.MemoryMiB, Net: r.cfg.Net, LAN: j.lan})
+	if err != nil {
+		return &Failure{System: true, Msg: fmt.Sprintf("service %s: %v", sv.Image, err)}
+	}
+	j.mu.Lock()
+	s.m = m
+	j.mu.Unlock()
+	if s.ag, err = dialAgent(ctx, m); err != nil {
+		return &Failure{System: true, Msg: fmt.Sprintf("service %s: %v", sv.Image, err)}
+	}
+	argv := sv.Entrypoint
+	if len(argv) == 0 {
+		argv = b.Image.Entrypoint
+	}
+	cmd := sv.Command
+	if len(cmd) == 0 && len(sv.Entrypoint) == 0 {
+		cmd = b.Image.Cmd
+	}
+	argv = append(append([]string{}, argv...), cmd...)
+	if len(argv) == 0 {
+		return &Failure{Msg: fmt.Sprintf("service %s has no entrypoint or command", sv.Image)}
+	}
+	env := append(append([]string{}, b.Image.Env...), sv.Env...)
+	// The service runs as a session for the job's life; its output is not kept.
+	sess, err := s.ag.StartIO(context.WithoutCancel(ctx), client.ExecRequest{Argv: argv, Env: env, Dir: b.Image.WorkingDir, User: b.Image.User}, nil, nil)
+	if err != nil {
+		return &Failure{System: true, Msg: fmt.Sprintf("service %s: start %v: %v", sv.Image, argv, err)}
+	}
+	j.mu.Lock()
+	s.sess = sess
+	j.mu.Unlock()
+	wctx, cancel := context.WithTimeout(ctx, ServiceWait)
+	defer cancel()
+	for _, p := range b.Image.ExposedPorts {
+		port, proto, _ := strings.Cut(p, "/")
+		n, err := strconv.Atoi(port)
+		if err != nil || proto != "tcp" && proto != "" {
+			continue
 		}
-		env := append(append([]string{}, sb.Image.Env...), sv.Env...)
-		// The service runs as a session for the job's life; its output is not kept.
-		if s.sess, err = s.ag.StartIO(context.WithoutCancel(ctx), client.ExecRequest{Argv: argv, Env: env, Dir: sb.Image.WorkingDir, User: sb.Image.User}, nil, nil); err != nil {
-			return j, &Failure{System: true, Msg: fmt.Sprintf("service %s: start %v: %v", sv.Image, argv, err)}
-		}
-		if ip := m.IP(); ip != "" {
-			for _, a := range sv.Aliases {
-				r.cfg.Machines.SetHost(j.lan, a, ip)
+		for {
+			c, err := s.ag.Forward(wctx, n)
+			if err == nil {
+				c.Close()
+				break
+			}
+			select {
+			case <-sess.Done():
+				return &Failure{Msg: fmt.Sprintf("service %s exited before it listened on port %d", sv.Image, n)}
+			case <-wctx.Done():
+				j.log.Warn().Str("service", sv.Image).Int("port", n).Msg("service does not listen on its exposed port yet; starting the job anyway")
+				return nil
+			case <-time.After(100 * time.Millisecond):
 			}
 		}
 	}
-	m, err := r.cfg.Machines.Boot(ctx, launcher.Request{Name: spec.ID, Rootfs: bundle.Rootfs, CPUs: cpus, MemoryMiB: mem, Net: r.cfg.Net, LAN: j.lan})
+	return nil
+}
+
+// ServiceWait bounds the wait for a service's exposed ports (GitLab's wait_for_services_timeout).
+const ServiceWait = 30 * time.Second
+
+// linkServices makes each service reachable from the job VM under its aliases: names in the job
+// LAN's DNS (as <alias> through the search domain, and <alias>.lan) and lines in the job VM's
+// /etc/hosts, which also carry GitLab's derived names with '_' and '.' that resolvers may not ask
+// DNS for.
+func (r *Runner) linkServices(ctx context.Context, j *job) error {
+	var hosts strings.Builder
+	for _, s := range j.services {
+		ip := s.m.IP()
+		if ip == "" {
+			continue
+		}
+		for _, a := range s.spec.Aliases {
+			r.cfg.Machines.SetHost(j.lan, a, ip)
+		}
+		if len(s.spec.Aliases) > 0 {
+			fmt.Fprintf(&hosts, "%s\t%s\n", ip, strings.Join(s.spec.Aliases, " "))
+		}
+	}
+	if hosts.Len() == 0 {
+		return nil
+	}
+	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	var cur bytes.Buffer
+	if err := j.agent.CopyOut(ctx, "/etc/hosts", &cur); err != nil {
+		return fmt.Errorf("read the job VM's /etc/hosts: %w", err)
+	}
+	old, err := tarFile(&cur)
 	if err != nil {
-		return j, &Failure{System: true, Msg: fmt.Sprintf("boot job VM: %v", err)}
+		return fmt.Errorf("read the job VM's /etc/hosts: %w", err)
 	}
-	j.vm = m
-	if j.agent, err = dialAgent(ctx, m); err != nil {
-		return j, &Failure{System: true, Msg: fmt.Sprintf("job VM agent: %v", err)}
+	body := append(append(bytes.TrimRight(old, "\n"), "\n# virtkit: the job's services\n"...), hosts.String()...)
+	var tb bytes.Buffer
+	tw := tar.NewWriter(&tb)
+	tw.WriteHeader(&tar.Header{Name: "hosts", Mode: 0o644, Size: int64(len(body)), Typeflag: tar.TypeReg, ModTime: time.Now()})
+	tw.Write(body)
+	tw.Close()
+	if err := j.agent.CopyIn(ctx, "/etc", &tb); err != nil {
+		return fmt.Errorf("write the job VM's /etc/hosts: %w", err)
 	}
-	return j, nil
+	return nil
+}
+
+// tarFile returns the body of the first regular file of a tar stream.
+func tarFile(r io.Reader) ([]byte, error) {
+	tr := tar.NewReader(r)
+	for {
+		h, err := tr.Next()
+		if err != nil {
+			return nil, err
+		}
+		if h.Typeflag == tar.TypeReg {
+			return io.ReadAll(io.LimitReader(tr, 1<<20))
+		}
+	}
 }
 
 // teardown stops the job's VMs and forgets it. Stages still running end with a system failure.
@@ -380,10 +569,16 @@ func (r *Runner) teardown(j *job) {
 		if s.ag != nil {
 			s.ag.Close()
 		}
-		wg.Add(1)
-		go stop(s.m)
+		if s.m != nil {
+			wg.Add(1)
+			go stop(s.m)
+		}
 	}
 	wg.Wait()
+	if j.tap != "" {
+		r.cfg.Taps.Return(j.tap)
+	}
+	r.cfg.Slots.Release(j.slots)
 	r.mu.Lock()
 	if r.jobs[j.spec.ID] == j {
 		delete(r.jobs, j.spec.ID)
@@ -412,6 +607,17 @@ func (r *Runner) onCancel(m *nats.Msg) {
 	r.mu.Lock()
 	j := r.jobs[req.Job]
 	ready := j != nil && j.ready
+	if j == nil {
+		// Perhaps fetched but not registered yet: boot drops it when it registers. Any host may
+		// keep such a note, so old ones are forgotten.
+		now := time.Now()
+		for id, t := range r.canceled {
+			if now.Sub(t) > 10*time.Minute {
+				delete(r.canceled, id)
+			}
+		}
+		r.canceled[req.Job] = now
+	}
 	r.mu.Unlock()
 	switch {
 	case j == nil:

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"regexp"
+	"strings"
 	"time"
 
 	"github.com/virtkit/virtkit/broker"
@@ -42,7 +43,21 @@ type Service struct {
 // IDPattern is what a job id looks like: it is a subject token, a VM name and a LAN name.
 var IDPattern = regexp.MustCompile(`^[a-z0-9][a-z0-9-]{0,47}$`)
 
-var aliasPattern = regexp.MustCompile(`^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$`)
+var aliasPattern = regexp.MustCompile(`^[a-z0-9]([a-z0-9._-]*[a-z0-9])?$`)
+
+// ValidAlias reports whether a is usable as a service's host name: lower-case letters, digits,
+// '-', '_' and '.', dot-separated labels of 1-63, 253 at most (GitLab's derived names hold '__').
+func ValidAlias(a string) bool {
+	if len(a) > 253 || !aliasPattern.MatchString(a) {
+		return false
+	}
+	for _, l := range strings.Split(a, ".") {
+		if l == "" || len(l) > 63 {
+			return false
+		}
+	}
+	return true
+}
 
 // Validate checks a spec before it is queued or run.
 func (s *Spec) Validate() error {
@@ -64,8 +79,8 @@ func (s *Spec) Validate() error {
 			return fmt.Errorf("jobs: job %s: service %d has no image", s.ID, i)
 		}
 		for _, a := range sv.Aliases {
-			if !aliasPattern.MatchString(a) {
-				return fmt.Errorf("jobs: job %s: service alias %q: want a DNS label (a-z, 0-9, -)", s.ID, a)
+			if !ValidAlias(a) {
+				return fmt.Errorf("jobs: job %s: service alias %q: want a host name (a-z, 0-9, '-', '_', '.')", s.ID, a)
 			}
 			if seen[a] {
 				return fmt.Errorf("jobs: job %s: service alias %q used twice", s.ID, a)

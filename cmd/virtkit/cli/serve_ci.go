@@ -2,9 +2,9 @@ package cli
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"net/netip"
+	"os"
 	"path/filepath"
 	"time"
 
@@ -28,8 +28,23 @@ func (w *ciWorker) Name() string { return "ci" }
 
 func (w *ciWorker) Run(ctx context.Context) error {
 	d, c := w.d, w.d.Config
+	log := d.Log.With().Str("worker", "ci").Logger()
+	netMode := "dhcp"
+	var taps *jobs.TapPool
 	if c.Net.Mode == "pool" {
-		return workers.Fatal(errors.New(`ci: net.mode = "pool" (pre-created taps) is not supported by the CI worker; use the default "switch"`))
+		var err error
+		if taps, err = jobs.NewTapPool(c.Net.Taps); err != nil {
+			return workers.Fatal(fmt.Errorf("ci: %w", err))
+		}
+		for _, t := range c.Net.Taps {
+			if _, err := os.Stat(filepath.Join("/sys/class/net", t)); err != nil {
+				return workers.Fatal(fmt.Errorf(`ci: net.taps: %s does not exist (create the pool's taps first, see deploy/tap-pool.sh)`, t))
+			}
+		}
+		if taps.Size() < c.VM.Capacity {
+			log.Warn().Int("taps", taps.Size()).Int("capacity", c.VM.Capacity).Msg("fewer pool taps than vm.capacity: jobs beyond the taps fail as system failures")
+		}
+		netMode = "pool"
 	}
 	subnet, err := netip.ParsePrefix(c.Net.Subnet)
 	if err != nil {
@@ -52,7 +67,6 @@ func (w *ciWorker) Run(ctx context.Context) error {
 	if err != nil {
 		return workers.Fatal(fmt.Errorf("ci: %w", err))
 	}
-	log := d.Log.With().Str("worker", "ci").Logger()
 	r, err := jobs.New(jobs.Config{
 		Client:   d.Client,
 		Slots:    d.Slots,
@@ -69,6 +83,8 @@ func (w *ciWorker) Run(ctx context.Context) error {
 		MemoryMiB:    c.VM.MemoryMiB,
 		MaxCPUs:      c.VM.MaxCPUs,
 		MaxMemoryMiB: c.VM.MaxMemoryMiB,
+		Net:          netMode,
+		Taps:         taps,
 		Log:          log,
 	})
 	if err != nil {
