@@ -24,8 +24,8 @@ import (
 )
 
 // ConverterVersion changes whenever Convert would build a different bundle from the same inputs;
-// it is part of every fingerprint.
-const ConverterVersion = 1
+// it is part of every fingerprint. 2: the filesystem UUID derives from the fingerprint.
+const ConverterVersion = 2
 
 // AgentPath is where Convert injects the guest agent; ImageConfigPath where it puts image.json.
 const (
@@ -115,7 +115,7 @@ func convert(ctx context.Context, ref string, opts ConvertOptions) (*store.Bundl
 	fp := fingerprint(im.id, agentSum, &opts)
 	return st.Build(ctx, fp, func(ctx context.Context, dir string) (*store.ImageConfig, error) {
 		cfg := im.imageConfig(ref)
-		if err := build(ctx, im, cfg, dir, &opts); err != nil {
+		if err := build(ctx, im, cfg, dir, &opts, bundleUUID(fp)); err != nil {
 			return nil, err
 		}
 		return cfg, nil
@@ -123,7 +123,10 @@ func convert(ctx context.Context, ref string, opts ConvertOptions) (*store.Bundl
 }
 
 // build writes dir/rootfs.ext4: the layers flattened and streamed through a pipe into the writer.
-func build(ctx context.Context, im *image, cfg *store.ImageConfig, dir string, opts *ConvertOptions) error {
+// The filesystem gets uuid: the bundle is already named by what decides its bytes (the manifest
+// digest, verified blob by blob, and the options), so the writer need not hash the flattened
+// root filesystem a second time to name it.
+func build(ctx context.Context, im *image, cfg *store.ImageConfig, dir string, opts *ConvertOptions, uuid string) error {
 	o := &opts.Options
 	c, done, err := o.cache()
 	if err != nil {
@@ -139,7 +142,7 @@ func build(ctx context.Context, im *image, cfg *store.ImageConfig, dir string, o
 		return fmt.Errorf("oci: %w", err)
 	}
 	if len(im.layers) == 1 && !opts.TwoPass {
-		return buildStream(ctx, im, cfgJSON, dir, opts, c)
+		return buildStream(ctx, im, cfgJSON, dir, opts, c, uuid)
 	}
 	layers, err := im.prepare(ctx, o, c)
 	if err != nil {
@@ -167,7 +170,7 @@ func build(ctx context.Context, im *image, cfg *store.ImageConfig, dir string, o
 		flat <- err
 	}()
 	res, werr := ext4.WriteTar(ctx, pr, filepath.Join(dir, "rootfs.ext4"), ext4.Options{
-		Size: opts.Size, Free: opts.Free, NoJournal: opts.NoJournal,
+		Size: opts.Size, Free: opts.Free, NoJournal: opts.NoJournal, UUID: uuid,
 		Inject: []ext4.Inject{
 			{Src: opts.Agent, Dst: "/" + agentDst, Mode: 0o755},
 			{Src: cfgFile, Dst: "/" + cfgDst, Mode: 0o644},
@@ -248,6 +251,15 @@ func fingerprint(id, agentSum string, opts *ConvertOptions) string {
 	return hex.EncodeToString(h[:])
 }
 
+// bundleUUID is the filesystem UUID of the bundle named fp: its first 128 bits, marked as an
+// RFC 9562 version 8 (custom) UUID.
+func bundleUUID(fp string) string {
+	u, _ := hex.DecodeString(fp[:32])
+	u[6] = u[6]&0x0f | 0x80
+	u[8] = u[8]&0x3f | 0x80
+	return fmt.Sprintf("%x-%x-%x-%x-%x", u[0:4], u[4:6], u[6:8], u[8:10], u[10:16])
+}
+
 // agentDigest is the agent binary's digest, remembered by path, size, mtime and inode so that a
 // cache hit does not hash megabytes.
 func agentDigest(st *store.Store, path string) (string, error) {
@@ -312,7 +324,7 @@ func inode(fi os.FileInfo) uint64 {
 // with the agent and image.json appended to the stream where their paths resolve in the image.
 // The blob and its TOC are cached as in the two-pass path; a digest mismatch found at the end of
 // the stream fails the build, so nothing unverified is published.
-func buildStream(ctx context.Context, im *image, cfgJSON []byte, dir string, opts *ConvertOptions, c *blobcache.Cache) error {
+func buildStream(ctx context.Context, im *image, cfgJSON []byte, dir string, opts *ConvertOptions, c *blobcache.Cache, uuid string) error {
 	o := &opts.Options
 	ld := im.layers[0]
 	agent, err := os.ReadFile(opts.Agent)
@@ -357,7 +369,7 @@ func buildStream(ctx context.Context, im *image, cfgJSON []byte, dir string, opt
 		pw.CloseWithError(err)
 		flat <- err
 	}()
-	res, werr := ext4.WriteTar(ctx, pr, filepath.Join(dir, "rootfs.ext4"), ext4.Options{Size: opts.Size, Free: opts.Free, NoJournal: opts.NoJournal})
+	res, werr := ext4.WriteTar(ctx, pr, filepath.Join(dir, "rootfs.ext4"), ext4.Options{Size: opts.Size, Free: opts.Free, NoJournal: opts.NoJournal, UUID: uuid})
 	pr.CloseWithError(errors.New("ext4 writer stopped reading"))
 	if ferr := <-flat; ferr != nil {
 		return ferr

@@ -24,6 +24,7 @@ import (
 	"github.com/google/go-containerregistry/pkg/v1/layout"
 
 	"github.com/virtkit/virtkit/cmd/cmdtest"
+	"github.com/virtkit/virtkit/imaging/ext4/ext4test"
 	"github.com/virtkit/virtkit/imaging/imagetest"
 	"github.com/virtkit/virtkit/imaging/oci"
 	"github.com/virtkit/virtkit/imaging/store"
@@ -354,6 +355,11 @@ func TestConvertSingleLayer(t *testing.T) {
 		b, err := oci.Convert(context.Background(), ref, o)
 		if err != nil {
 			t.Fatal(err)
+		}
+		// The filesystem is named by the bundle fingerprint (no second hash of the content).
+		if u := strings.ReplaceAll(b.FSUUID, "-", ""); len(u) != 32 || u[:12] != b.Fingerprint[:12] ||
+			!strings.Contains(ext4test.Dumpe2fs(t, b.Rootfs), b.FSUUID) {
+			t.Errorf("two-pass %v: filesystem UUID %q, fingerprint %s", twoPass, b.FSUUID, b.Fingerprint)
 		}
 		got := imagetest.ReadDir(t, rdump(t, b.Rootfs))
 		if got["sbin"].Link != "usr/sbin" || got["usr/sbin/virtkit-agent"].Mode != 0o755 || got[".virtkit/image.json"].Size == 0 {
