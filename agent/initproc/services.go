@@ -75,12 +75,17 @@ func (in *Init) supervise(ctx context.Context, wg *sync.WaitGroup, s *service) {
 	}()
 }
 
+// NetReadyFile is written by the network relay (JSON: ip, router, dns) once the interface has
+// its address, so a host can wait for the guest's network and not only for the agent.
+const NetReadyFile = "/run/virtkit/net.json"
+
 // relayArgv is the network relay command (agent/netrelay, the "net" subcommand).
 func (in *Init) relayArgv() []string {
 	argv := []string{in.self, "net", "--connect", in.cfg.Relay, "--tap", in.cfg.Tap}
 	if in.cfg.NIC != "" {
 		argv = []string{in.self, "net", "--nic", in.cfg.NIC}
 	}
+	argv = append(argv, "--ready-file", NetReadyFile)
 	n := in.cfg.Net
 	switch n.Mode {
 	case "static":

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"flag"
 	"fmt"
 	"log"
@@ -35,6 +36,7 @@ func runNet(ctx context.Context, args []string) int {
 	fs.StringVar(&cfg.Hostname, "hostname", "", "host name sent in DHCP requests (default: this host's)")
 	fs.BoolVar(&cfg.NoOffload, "no-offload", false, "disable the tap's TCP segmentation/checksum offload (frames then never exceed the MTU)")
 	quiet := fs.Bool("quiet", false, "log only errors")
+	readyFile := fs.String("ready-file", "", "write the applied address (JSON) to this file once the interface is configured")
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}
@@ -87,6 +89,15 @@ func runNet(ctx context.Context, args []string) int {
 	cfg.Logf = func(format string, a ...any) {
 		if !*quiet {
 			logger.Printf(format, a...)
+		}
+	}
+	if *readyFile != "" {
+		cfg.Ready = func(l netrelay.Lease) {
+			b, _ := json.Marshal(map[string]any{"ip": l.IP.String(), "router": l.Router.String(), "dns": l.DNS})
+			tmp := *readyFile + ".tmp"
+			if os.WriteFile(tmp, append(b, '\n'), 0o644) == nil {
+				os.Rename(tmp, *readyFile)
+			}
 		}
 	}
 	if err := netrelay.Run(ctx, cfg); err != nil {
