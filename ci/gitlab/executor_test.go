@@ -46,6 +46,8 @@ type fixture struct {
 	imgDir  string
 	runner  string // the runner machine's config
 	hosts   map[string]*host
+	// wrap prefixes the hooks' command line (ip netns exec NS).
+	wrap []string
 }
 
 func newFixture(t *testing.T) *fixture {
@@ -208,7 +210,8 @@ type result struct {
 // hook runs `virtkit gitlab ARGS…` as GitLab Runner does (its own process group, so a signal
 // goes to the hook only).
 func (j *job) start(args ...string) (*exec.Cmd, *bytes.Buffer, *bytes.Buffer) {
-	cmd := exec.Command(j.f.bin, append([]string{"gitlab"}, args...)...)
+	argv := append(append(append([]string{}, j.f.wrap...), j.f.bin, "gitlab"), args...)
+	cmd := exec.Command(argv[0], argv[1:]...)
 	cmd.Env = j.env
 	var out, errb bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &syncWriter{w: &out}, &syncWriter{w: &errb}

@@ -401,6 +401,17 @@ func (r *Runner) boot(ctx context.Context, spec Spec, log zerolog.Logger, abort 
 		j.mu.Unlock()
 		if j.agent, errs[0] = dialAgent(ctx, vm); errs[0] != nil {
 			errs[0] = &Failure{System: true, Msg: fmt.Sprintf("job VM agent: %v", errs[0])}
+			return
+		}
+		if j.tap != "" {
+			// On a tap the address comes from the operator's DHCP server, which may take a while:
+			// the job's first stage expects a network.
+			addr, err := waitNetwork(ctx, j.agent, NetWait)
+			if err != nil {
+				errs[0] = &Failure{System: true, Msg: fmt.Sprintf("job VM on tap %s: %v", j.tap, err)}
+				return
+			}
+			j.log.Info().Str("tap", j.tap).RawJSON("address", addr).Msg("job VM on the operator's network")
 		}
 	}()
 	wg.Wait()
@@ -476,6 +487,32 @@ func (r *Runner) bootService(ctx context.Context, j *job, s *service, b *store.B
 		}
 	}
 	return nil
+}
+
+// NetWait bounds the wait for a tap VM's address from the operator's DHCP server.
+const NetWait = 60 * time.Second
+
+// netReadyFile is where the guest agent's network process records the address it applied
+// (agent/initproc.NetReadyFile).
+const netReadyFile = "/run/virtkit/net.json"
+
+// waitNetwork waits until the guest's network is configured and returns what it recorded.
+func waitNetwork(ctx context.Context, ag *client.Client, d time.Duration) ([]byte, error) {
+	ctx, cancel := context.WithTimeout(ctx, d)
+	defer cancel()
+	for {
+		var b bytes.Buffer
+		if err := ag.CopyOut(ctx, netReadyFile, &b); err == nil {
+			if body, err := tarFile(&b); err == nil && json.Valid(bytes.TrimSpace(body)) {
+				return bytes.TrimSpace(body), nil
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return nil, fmt.Errorf("no address from the network's DHCP server within %v", d)
+		case <-time.After(200 * time.Millisecond):
+		}
+	}
 }
 
 // ServiceWait bounds the wait for a service's exposed ports (GitLab's wait_for_services_timeout).

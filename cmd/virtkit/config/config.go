@@ -76,7 +76,8 @@ type CI struct {
 
 // Net configures guest networking.
 type Net struct {
-	// Mode is "switch" (userspace, default) or "pool" (pre-created taps).
+	// Mode is "switch" (userspace, default) or "pool": CI job VMs each lease one of Taps, taps
+	// the operator made on their bridge (deploy/tap-pool.sh), and take DHCP from that network.
 	Mode   string   `toml:"mode"`
 	Subnet string   `toml:"subnet"`
 	Taps   []string `toml:"taps"`
@@ -253,6 +254,9 @@ func (c *Config) fill() error {
 	}
 	if c.Net.Mode != "switch" && c.Net.Mode != "pool" {
 		return fmt.Errorf("net.mode %q: want switch or pool", c.Net.Mode)
+	}
+	if c.Net.Mode == "pool" && len(c.Net.Taps) == 0 {
+		return errors.New(`net.mode = "pool" needs net.taps: the pre-created taps (see deploy/tap-pool.sh)`)
 	}
 	if c.Net.Subnet == "" {
 		c.Net.Subnet = "10.77.0.0/24"

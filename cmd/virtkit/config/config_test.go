@@ -104,6 +104,7 @@ func TestBadConfig(t *testing.T) {
 		{"log level", `log_level = "loud"`, nil, []string{"log_level", "loud"}},
 		{"vmm", "[vm]\nvmm = \"firecracker\"\n", nil, []string{"vm.vmm", "firecracker"}},
 		{"net mode", "[net]\nmode = \"bridge\"\n", nil, []string{"net.mode", "bridge"}},
+		{"pool without taps", "[net]\nmode = \"pool\"\n", nil, []string{"net.taps", "deploy/tap-pool.sh"}},
 		{"env number", "", map[string]string{"VIRTKIT_VM_MEMORY_MIB": "lots"}, []string{"VIRTKIT_VM_MEMORY_MIB", "not a whole number"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
