@@ -7,7 +7,6 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/gob"
-	"encoding/hex"
 	"errors"
 	"fmt"
 	"hash"
@@ -183,20 +182,16 @@ func (d digests) check(digest, diffID string) error {
 	return nil
 }
 
-// countingHash hashes and counts what passes through it and stops at a byte limit.
-type countingHash struct {
+// counter counts what passes through it and stops at a byte limit.
+type counter struct {
 	r     io.Reader
-	h     hash.Hash
 	n     int64
 	limit int64 // 0: none
 	what  string
 }
 
-func (c *countingHash) Read(p []byte) (int, error) {
+func (c *counter) Read(p []byte) (int, error) {
 	n, err := c.r.Read(p)
-	if c.h != nil {
-		c.h.Write(p[:n])
-	}
 	c.n += int64(n)
 	if c.limit > 0 && c.n > c.limit {
 		return n, fmt.Errorf("%s exceeds %d bytes: %w", c.what, c.limit, ErrLimit)
@@ -204,15 +199,16 @@ func (c *countingHash) Read(p []byte) (int, error) {
 	return n, err
 }
 
-func (c *countingHash) sum() string { return "sha256:" + hex.EncodeToString(c.h.Sum(nil)) }
-
 // scan decompresses a layer blob and calls fn for each tar header with a reader of its data, then
 // drains the streams, computes their digests and calls done. Errors name no layer: callers do.
 //
 // diff says whether the uncompressed stream's digest is wanted (it costs a second SHA-256 over
 // the whole layer when the layer is compressed; for a plain tar it is the blob digest).
 func scan(ctx context.Context, r io.Reader, lim Limits, diff bool, fn func(*tar.Header, io.Reader) error, done func(digests) error) error {
-	raw := &countingHash{r: r, h: sha256.New()}
+	// The blob is read and its digest computed on goroutines of their own (see aheadReader).
+	rawAhead := newAheadReader(ctx, r, sha256.New())
+	defer rawAhead.Close()
+	raw := &counter{r: rawAhead}
 	br := bufio.NewReaderSize(raw, 1<<16)
 	magic, _ := br.Peek(4)
 	var dec io.Reader = br
@@ -232,11 +228,20 @@ func scan(ctx context.Context, r io.Reader, lim Limits, diff bool, fn func(*tar.
 		defer zr.Close()
 		dec = zr
 	}
-	plain := &countingHash{r: dec, limit: lim.MaxBytes, what: "uncompressed layer"}
 	compressed := dec != io.Reader(br)
-	if diff && compressed {
-		plain.h = sha256.New()
+	var ahead *aheadReader
+	if compressed {
+		// Decompression runs on its own goroutine, the diff_id on another, the tar parsing and
+		// fn on this one.
+		var h hash.Hash
+		if diff {
+			h = sha256.New()
+		}
+		ahead = newAheadReader(ctx, dec, h)
+		defer ahead.Close() // before the decompressor's Close (deferred earlier): it reads it
+		dec = ahead
 	}
+	plain := &counter{r: dec, limit: lim.MaxBytes, what: "uncompressed layer"}
 	tr := tar.NewReader(plain)
 	var declared int64
 	for i := 0; ; i++ {
@@ -271,12 +276,12 @@ func scan(ctx context.Context, r io.Reader, lim Limits, diff bool, fn func(*tar.
 	if _, err := io.Copy(io.Discard, br); err != nil {
 		return fmt.Errorf("read layer: %w", err)
 	}
-	d := digests{blob: raw.sum(), blobSize: raw.n, diffSize: plain.n}
+	d := digests{blob: rawAhead.sum(), blobSize: raw.n, diffSize: plain.n}
 	switch {
 	case !compressed:
 		d.diff = d.blob
 	case diff:
-		d.diff = plain.sum()
+		d.diff = ahead.sum()
 	}
 	return done(d)
 }
