@@ -13,6 +13,7 @@ import (
 	"github.com/rs/zerolog"
 
 	"github.com/virtkit/virtkit/agent/virtctl"
+	"github.com/virtkit/virtkit/workers/launcher"
 )
 
 func TestVirtctlListJSON(t *testing.T) {
@@ -159,8 +160,9 @@ units:
 	}
 }
 
-// TestCheckSubnet: a fleet subnet may not overlap the subnet of another fleet that is up.
-func TestCheckSubnet(t *testing.T) {
+// TestCheckOthers: a fleet subnet may not overlap the subnet of another fleet that is up, and a
+// fleet's VM names may not be another fleet's.
+func TestCheckOthers(t *testing.T) {
 	c := NewController(ControllerConfig{StateDir: t.TempDir()})
 	if err := c.save(&Applied{Name: "one", Source: "/a/virtkit.yaml", Subnet: "10.78.0.0/24", Up: true}, nil); err != nil {
 		t.Fatal(err)
@@ -175,9 +177,17 @@ func TestCheckSubnet(t *testing.T) {
 		{"two", "", ""},
 		{"one", "10.78.0.0/24", ""}, // itself
 	} {
-		err := c.checkSubnet(&Applied{Name: tc.name, Subnet: tc.subnet})
+		err := c.checkOthers(&Applied{Name: tc.name, Subnet: tc.subnet})
 		if (tc.want == "") != (err == nil) || (err != nil && !strings.Contains(err.Error(), tc.want)) {
 			t.Errorf("%s %s: %v; want %q", tc.name, tc.subnet, err, tc.want)
 		}
+	}
+	one := &Applied{Name: "a-b", Up: true, Units: map[string]*AppliedUnit{"c": {Request: launcher.Request{Name: VMName("a-b", "c")}}}}
+	if err := c.save(one, nil); err != nil {
+		t.Fatal(err)
+	}
+	two := &Applied{Name: "a", Units: map[string]*AppliedUnit{"b-c": {Request: launcher.Request{Name: VMName("a", "b-c")}}}}
+	if err := c.checkOthers(two); err == nil || !strings.Contains(err.Error(), "VM name a-b-c is fleet a-b's unit c") {
+		t.Errorf("clashing VM names: %v", err)
 	}
 }

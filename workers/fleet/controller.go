@@ -410,7 +410,7 @@ func (c *Controller) Up(ctx context.Context, f *File, source []byte, p Progress)
 	if err != nil {
 		return err
 	}
-	if err := c.checkSubnet(a); err != nil {
+	if err := c.checkOthers(a); err != nil {
 		return err
 	}
 	unlock := c.lock(a.Name)
@@ -422,18 +422,29 @@ func (c *Controller) Up(ctx context.Context, f *File, source []byte, p Progress)
 	return c.converge(ctx, a, prev, f.Order(), p)
 }
 
-// checkSubnet refuses a fleet subnet that overlaps the subnet of another fleet that is up.
-func (c *Controller) checkSubnet(a *Applied) error {
-	if a.Subnet == "" {
-		return nil
-	}
-	mine, err := netip.ParsePrefix(a.Subnet)
-	if err != nil {
-		return fmt.Errorf("fleet %s: subnet: %w", a.Name, err)
+// checkOthers refuses a fleet whose subnet overlaps the subnet of another fleet that is up, or
+// whose VM names (<fleet>-<unit>) another fleet uses ("a-b" + "c" and "a" + "b-c").
+func (c *Controller) checkOthers(a *Applied) error {
+	var mine netip.Prefix
+	if a.Subnet != "" {
+		var err error
+		if mine, err = netip.ParsePrefix(a.Subnet); err != nil {
+			return fmt.Errorf("fleet %s: subnet: %w", a.Name, err)
+		}
 	}
 	for _, name := range c.List() {
 		o, err := c.Load(name)
-		if err != nil || name == a.Name || !o.Up || o.Subnet == "" {
+		if err != nil || name == a.Name {
+			continue
+		}
+		for unit, u := range a.Units {
+			for ounit, ou := range o.Units {
+				if ou.Request.Name == u.Request.Name {
+					return fmt.Errorf("fleet %s: unit %s's VM name %s is fleet %s's unit %s (rename a unit or a fleet)", a.Name, unit, u.Request.Name, name, ounit)
+				}
+			}
+		}
+		if !mine.IsValid() || !o.Up || o.Subnet == "" {
 			continue
 		}
 		if p, err := netip.ParsePrefix(o.Subnet); err == nil && p.Overlaps(mine) {
