@@ -226,7 +226,14 @@ func Load(path string) (*File, error) {
 }
 
 // Parse parses and validates fleet YAML; path names the file in errors and anchors relative paths.
-func Parse(b []byte, path string) (*File, error) {
+func Parse(b []byte, path string) (_ *File, err error) {
+	defer func() {
+		// The YAML decoder panics on some malformed input (e.g. a tag on an empty sequence value,
+		// found by FuzzParse): report it as a bad file, not a crash.
+		if r := recover(); r != nil {
+			err = fmt.Errorf("fleet %s: malformed YAML (the decoder failed: %v)", path, r)
+		}
+	}()
 	f := &File{}
 	if err := yaml.UnmarshalWithOptions(b, f, yaml.DisallowUnknownField(), yaml.Strict()); err != nil {
 		msg := yaml.FormatError(err, false, false)
