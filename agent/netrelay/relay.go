@@ -20,6 +20,7 @@ import (
 	"os"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -156,6 +157,9 @@ type relay struct {
 	mac     frame.MAC
 	applied *dhcp.Lease
 	ready   bool
+	// partial: the switch answered frame.Hello, so TCP/UDP frames go both ways with their
+	// checksums left partial (NEEDS_CSUM on the tap) instead of being summed here. Per session.
+	partial atomic.Bool
 }
 
 func (r *relay) loop(ctx context.Context) error {
@@ -202,6 +206,16 @@ func (r *relay) session(ctx context.Context, c net.Conn) error {
 	stop := context.AfterFunc(ctx, func() { c.Close() })
 	defer stop()
 	rd := frame.NewReader(c, 0)
+	r.partial.Store(false)
+	if r.vnet {
+		// Offer partial checksums; a virtkit switch acks (see r.control), others ignore it.
+		rd.AcceptPartial()
+		c.SetWriteDeadline(time.Now().Add(5 * time.Second))
+		if _, err := c.Write(frame.Append(nil, frame.Hello(r.mac))); err != nil {
+			return fmt.Errorf("hello: %w", err)
+		}
+		c.SetWriteDeadline(time.Time{})
+	}
 	switch r.cfg.Mode {
 	case ModeDHCP:
 		l, err := r.dhcp(ctx, c, rd)
@@ -232,7 +246,10 @@ func (r *relay) session(ctx context.Context, c net.Conn) error {
 				errc <- fmt.Errorf("read from switch: %w", err)
 				return
 			}
-			if err := r.writeTap(f); err != nil {
+			if r.control(f) {
+				continue
+			}
+			if err := r.writeTap(f, rd.Partial()); err != nil {
 				if errors.Is(err, os.ErrClosed) {
 					errc <- err
 					return
@@ -291,12 +308,17 @@ func (r *relay) tapToSwitch(c net.Conn) error {
 				if n < frame.MinLen {
 					continue
 				}
-				if r.vnet && hdr[0]&vnetNeedsCsum != 0 {
-					// A super-segment or a packet with its checksum left to the "hardware": the
-					// relay is the hardware. The whole segment goes as one frame.
-					frame.FixChecksum(dst[:n])
-				}
 				frame.PutHeader(buf[off:], n)
+				if r.vnet && hdr[0]&vnetNeedsCsum != 0 {
+					// A super-segment or a packet with its checksum left to the "hardware". A
+					// switch that took partial checksums gets it as it is (flagged); otherwise
+					// the relay is the hardware. The whole segment goes as one frame.
+					if _, _, ok := frame.L4Checksum(dst[:n]); ok && r.partial.Load() {
+						frame.SetPartial(buf[off:])
+					} else {
+						frame.FixChecksum(dst[:n])
+					}
+				}
 				off += frame.HeaderLen + n
 				frames++
 			}
@@ -322,15 +344,44 @@ func (r *relay) tapToSwitch(c net.Conn) error {
 // zeroVnet is the header of frames written to the tap: no offload, checksum already complete.
 var zeroVnet [vnetHdrLen]byte
 
-// writeTap writes one frame to the tap.
-func (r *relay) writeTap(f []byte) error {
+// control consumes the switch's control frames: the answer to frame.Hello turns partial
+// checksums on for this session.
+func (r *relay) control(f []byte) bool {
+	if frame.Type(f) != frame.TypeControl {
+		return false
+	}
+	if frame.IsHelloAck(f) && r.vnet && !r.partial.Load() {
+		r.partial.Store(true)
+		r.cfg.Logf("netrelay: switch takes partial checksums")
+	}
+	return true
+}
+
+// writeTap writes one frame to the tap. A partial frame goes with NEEDS_CSUM and the checksum's
+// place, as a virtio-net device would pass it: the guest kernel neither sums nor verifies it.
+func (r *relay) writeTap(f []byte, partial bool) error {
 	if !r.vnet {
+		if partial {
+			frame.FixChecksum(f)
+		}
 		_, err := r.tap.Write(f)
 		return err
 	}
+	hdr := zeroVnet[:]
+	if partial {
+		if start, off, ok := frame.L4Checksum(f); ok {
+			var h [vnetHdrLen]byte
+			h[0] = vnetNeedsCsum
+			binary.NativeEndian.PutUint16(h[6:8], uint16(start))
+			binary.NativeEndian.PutUint16(h[8:10], uint16(off))
+			hdr = h[:]
+		} else {
+			frame.FixChecksum(f)
+		}
+	}
 	var werr error
 	err := r.rawTap.Write(func(fd uintptr) bool {
-		_, werr = unix.Writev(int(fd), [][]byte{zeroVnet[:], f})
+		_, werr = unix.Writev(int(fd), [][]byte{hdr, f})
 		return werr != unix.EAGAIN
 	})
 	if err != nil {
@@ -389,6 +440,9 @@ func (r *relay) exchange(c net.Conn, rd *frame.Reader, m *dhcp.Message, want uin
 		f, err := rd.Next()
 		if err != nil {
 			return nil, fmt.Errorf("dhcp: %w", err)
+		}
+		if r.control(f) {
+			continue
 		}
 		rep, _, ok, err := dhcp.ParseFrame(f, dhcp.ClientPort)
 		if !ok || err != nil || rep.Op != 2 || rep.XID != m.XID || rep.CHAddr != r.mac {

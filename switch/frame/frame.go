@@ -3,6 +3,15 @@
 // gvproxy's -listen-qemu speak), plus the few Ethernet header accessors the switch and the guest
 // relay need.
 //
+// Checksum offload extension: a virtkit relay opens a connection with a Hello control frame
+// (EtherType TypeControl, never forwarded); a virtkit switch answers HelloAck. From then on either
+// side may set FlagPartial in a frame's length prefix: the frame is an IPv4 TCP or UDP packet
+// whose checksum field holds only the pseudo-header sum (Linux's CHECKSUM_PARTIAL, virtio-net's
+// NEEDS_CSUM), to be completed by whoever needs a complete one. The receiving relay hands such
+// frames to its tap as NEEDS_CSUM, so no side ever sums the payload of bulk traffic; the switch
+// completes them (FixChecksum) only for ports that did not negotiate. Peers that know nothing of
+// it (QEMU, gvproxy) ignore the Hello, never see a flag and keep getting complete checksums.
+//
 // It is used by the guest agent, so it must not depend on gVisor or anything heavy. A Reader or a
 // Writer belongs to one goroutine at a time; the package has no other state.
 package frame
@@ -34,7 +43,12 @@ const (
 	TypeIPv4 = 0x0800
 	TypeARP  = 0x0806
 	TypeIPv6 = 0x86dd
+	// TypeControl carries the relay↔switch negotiation (IEEE 802 local experimental EtherType).
+	TypeControl = 0x88b5
 )
+
+// FlagPartial in a length prefix marks a frame whose L4 checksum is partial (see the package doc).
+const FlagPartial = 1 << 31
 
 // Errors that poison a stream: after one the peer is out of sync and the connection must be closed.
 var (
@@ -53,9 +67,17 @@ func (e *LengthError) Unwrap() error { return e.Err }
 
 // Reader reads length-prefixed frames from a stream.
 type Reader struct {
-	br  *bufio.Reader
-	max int
+	br      *bufio.Reader
+	max     int
+	accept  bool // FlagPartial is allowed (AcceptPartial)
+	partial bool // the last frame carried FlagPartial
 }
+
+// AcceptPartial lets frames carry FlagPartial; before it, a flagged prefix is a bad length.
+func (r *Reader) AcceptPartial() { r.accept = true }
+
+// Partial reports whether the frame Next returned last has a partial checksum.
+func (r *Reader) Partial() bool { return r.partial }
 
 // NewReader returns a Reader that refuses frames longer than max (MaxLen if max <= 0). Its buffer
 // holds at least one maximal frame, so Next returns frames without copying.
@@ -81,6 +103,10 @@ func (r *Reader) Next() ([]byte, error) {
 		return nil, err
 	}
 	n := binary.BigEndian.Uint32(h)
+	r.partial = r.accept && n&FlagPartial != 0
+	if r.partial {
+		n &^= FlagPartial
+	}
 	if n > uint32(r.max) {
 		return nil, &LengthError{Len: n, Err: ErrTooLarge}
 	}
@@ -104,12 +130,21 @@ func (r *Reader) Buffered() bool {
 		return false
 	}
 	h, _ := r.br.Peek(HeaderLen)
-	n := int(binary.BigEndian.Uint32(h))
-	return r.br.Buffered() >= HeaderLen+n
+	n := binary.BigEndian.Uint32(h)
+	if r.accept {
+		n &^= FlagPartial
+	}
+	return r.br.Buffered() >= HeaderLen+int(n)
 }
 
 // PutHeader writes the length prefix of an n-byte frame into b[:HeaderLen].
 func PutHeader(b []byte, n int) { binary.BigEndian.PutUint32(b, uint32(n)) }
+
+// PutHeaderPartial writes the length prefix of an n-byte frame with a partial checksum.
+func PutHeaderPartial(b []byte, n int) { binary.BigEndian.PutUint32(b, uint32(n)|FlagPartial) }
+
+// SetPartial marks the frame whose prefix is b[:HeaderLen] as having a partial checksum.
+func SetPartial(b []byte) { b[0] |= FlagPartial >> 24 }
 
 // Append appends f with its length prefix to b.
 func Append(b, f []byte) []byte {
@@ -174,4 +209,31 @@ func PutEth(f []byte, dst, src MAC, typ uint16) {
 	copy(f[0:6], dst[:])
 	copy(f[6:12], src[:])
 	binary.BigEndian.PutUint16(f[12:14], typ)
+}
+
+// Control messages (payload of a TypeControl frame).
+const (
+	helloMsg    = "virtkit-net/1 csum-partial"
+	helloAckMsg = "virtkit-net/1 csum-partial ok"
+)
+
+// Hello is the frame a relay sends first to offer partial checksums.
+func Hello(src MAC) []byte { return control(Broadcast, src, helloMsg) }
+
+// HelloAck is the switch's answer: from now on both sides may send FlagPartial frames.
+func HelloAck(dst, src MAC) []byte { return control(dst, src, helloAckMsg) }
+
+func control(dst, src MAC, msg string) []byte {
+	f := make([]byte, EthHeaderLen+len(msg))
+	PutEth(f, dst, src, TypeControl)
+	copy(f[EthHeaderLen:], msg)
+	return f
+}
+
+// IsHello and IsHelloAck recognise the control frames; anything else of TypeControl is ignored.
+func IsHello(f []byte) bool    { return isControl(f, helloMsg) }
+func IsHelloAck(f []byte) bool { return isControl(f, helloAckMsg) }
+
+func isControl(f []byte, msg string) bool {
+	return len(f) >= EthHeaderLen && Type(f) == TypeControl && string(f[EthHeaderLen:]) == msg
 }

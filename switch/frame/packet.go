@@ -207,28 +207,12 @@ func BuildIPv4(dstMAC, srcMAC MAC, src, dst netip.Addr, proto uint8, payload []b
 // CHECKSUM_PARTIAL, a netstack's segmentation offload), whatever partial sum the field holds. It
 // reports false, leaving f alone, for anything else.
 func FixChecksum(f []byte) bool {
-	if len(f) < EthHeaderLen+20 || Type(f) != TypeIPv4 {
+	start, off, ok := L4Checksum(f)
+	if !ok {
 		return false
 	}
 	ip := f[EthHeaderLen:]
-	hl := int(ip[0]&0xf) * 4
-	tl := int(binary.BigEndian.Uint16(ip[2:4]))
-	if ip[0]>>4 != 4 || hl < 20 || tl < hl || tl > len(ip) || binary.BigEndian.Uint16(ip[6:8])&0x3fff != 0 {
-		return false // not IPv4, inconsistent, or a fragment
-	}
-	l4 := ip[hl:tl]
-	var off int
-	switch ip[9] {
-	case ProtoTCP:
-		off = 16
-	case ProtoUDP:
-		off = 6
-	default:
-		return false
-	}
-	if len(l4) < off+2 {
-		return false
-	}
+	l4 := f[start : EthHeaderLen+int(binary.BigEndian.Uint16(ip[2:4]))]
 	l4[off], l4[off+1] = 0, 0
 	var ph [12]byte
 	copy(ph[0:8], ip[12:20])
@@ -240,4 +224,31 @@ func FixChecksum(f []byte) bool {
 	}
 	binary.BigEndian.PutUint16(l4[off:], cs)
 	return true
+}
+
+// L4Checksum locates the TCP or UDP checksum of the IPv4 packet in the Ethernet frame f: start is
+// where the L4 header begins in f and off the checksum's offset from there (virtio-net's
+// csum_start and csum_offset). ok is false for anything else, fragments and inconsistent lengths.
+func L4Checksum(f []byte) (start, off int, ok bool) {
+	if len(f) < EthHeaderLen+20 || Type(f) != TypeIPv4 {
+		return 0, 0, false
+	}
+	ip := f[EthHeaderLen:]
+	hl := int(ip[0]&0xf) * 4
+	tl := int(binary.BigEndian.Uint16(ip[2:4]))
+	if ip[0]>>4 != 4 || hl < 20 || tl < hl || tl > len(ip) || binary.BigEndian.Uint16(ip[6:8])&0x3fff != 0 {
+		return 0, 0, false // not IPv4, inconsistent, or a fragment
+	}
+	switch ip[9] {
+	case ProtoTCP:
+		off = 16
+	case ProtoUDP:
+		off = 6
+	default:
+		return 0, 0, false
+	}
+	if tl-hl < off+2 {
+		return 0, 0, false
+	}
+	return EthHeaderLen + hl, off, true
 }

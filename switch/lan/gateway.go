@@ -231,8 +231,9 @@ func (e *linkEndpoint) Wait()                                   {}
 func (e *linkEndpoint) Close()                                  {}
 func (e *linkEndpoint) SetOnCloseAction(func())                 {}
 
-// Capabilities: frames come from guests over a reliable stream whose kernels already verified
-// nothing was corrupted in flight, so the gateway skips receive checksum verification.
+// Capabilities: frames come from guests over a reliable stream, nothing can corrupt them in
+// flight, so the gateway skips receive checksum verification; relays that negotiated partial
+// checksums (frame.Hello) rely on that and leave TCP/UDP checksums unsummed.
 func (e *linkEndpoint) Capabilities() stack.LinkEndpointCapabilities {
 	return stack.CapabilityResolutionRequired | stack.CapabilityRXChecksumOffload
 }
@@ -241,7 +242,8 @@ func (e *linkEndpoint) Capabilities() stack.LinkEndpointCapabilities {
 const gsoMaxSize = 65535 - header.IPv4MaximumHeaderSize - header.TCPHeaderMaximumSize
 
 // GSOMaxSize and SupportedGSO let the gateway's TCP send super-segments of up to 64 KiB as one
-// frame (with the checksum completed by WritePackets), as a NIC's receive offload would hand them
+// frame (with a partial checksum the port's writer completes unless the relay takes it as
+// NEEDS_CSUM), as a NIC's receive offload would hand them
 // to a guest: guests behind virtkit's relay accept frames above their MTU, and bulk host→guest
 // traffic then costs one frame per 64 KiB instead of one per MSS.
 func (e *linkEndpoint) GSOMaxSize() uint32 { return gsoMaxSize }
@@ -287,9 +289,8 @@ func (e *linkEndpoint) WritePackets(pkts stack.PacketBufferList) (int, tcpip.Err
 		for _, sl := range pkt.AsSlices() {
 			off += copy(b.b[off:], sl)
 		}
-		if pkt.GSOOptions.NeedsCsum {
-			frame.FixChecksum(b.b[frame.HeaderLen:])
-		}
+		// Completed by the port's writer unless its relay takes partial checksums.
+		b.partial = pkt.GSOOptions.NeedsCsum
 		e.sw.output(b)
 		n++
 	}

@@ -9,8 +9,10 @@ import (
 )
 
 // input handles one frame a guest sent on port p: it enforces the lease, answers DHCP, hands ICMP
-// echo for the outside to the pinger, and switches the rest. f is only valid during the call.
-func (s *Switch) input(p *Port, f []byte) {
+// echo for the outside to the pinger, and switches the rest. f is only valid during the call;
+// partial says its L4 checksum is partial (the gateway does not verify checksums; other ports'
+// writers complete it for peers that need it).
+func (s *Switch) input(p *Port, f []byte, partial bool) {
 	src, dst := frame.Src(f), frame.Dst(f)
 	if src.IsMulticast() || src.IsZero() || src == s.gwMAC {
 		p.drop(dSpoofMAC)
@@ -46,7 +48,7 @@ func (s *Switch) input(p *Port, f []byte) {
 				s.link.deliver(f)
 				return // only the gateway has that address
 			}
-			s.flood(p, f)
+			s.flood(p, f, false)
 			return
 		}
 	case frame.TypeIPv4:
@@ -81,7 +83,7 @@ func (s *Switch) input(p *Port, f []byte) {
 	case toGateway:
 		s.link.deliver(f)
 	case dst.IsMulticast():
-		s.flood(p, f)
+		s.flood(p, f, partial)
 	default:
 		q := (*s.macs.Load())[dst]
 		if q == p {
@@ -89,11 +91,11 @@ func (s *Switch) input(p *Port, f []byte) {
 			return
 		}
 		if q != nil {
-			q.enqueue(copyBuf(f), false)
+			q.enqueue(copyFrame(f, partial), false)
 			return
 		}
 		// Unknown unicast: like a real switch, flood it, but only to ports whose MAC is not known yet.
-		if !s.floodUnlearned(p, f) {
+		if !s.floodUnlearned(p, f, partial) {
 			p.drop(dNoDest)
 		}
 	}
@@ -114,8 +116,15 @@ func (s *Switch) claim(p *Port, src frame.MAC) bool {
 	return true
 }
 
+// copyFrame queues a copy of f, keeping its partial-checksum mark.
+func copyFrame(f []byte, partial bool) *pbuf {
+	b := copyBuf(f)
+	b.partial = partial
+	return b
+}
+
 // flood sends f to every port but from.
-func (s *Switch) flood(from *Port, f []byte) {
+func (s *Switch) flood(from *Port, f []byte, partial bool) {
 	s.mu.Lock()
 	ports := make([]*Port, 0, len(s.ports))
 	for _, q := range s.ports {
@@ -125,11 +134,11 @@ func (s *Switch) flood(from *Port, f []byte) {
 	}
 	s.mu.Unlock()
 	for _, q := range ports {
-		q.enqueue(copyBuf(f), false)
+		q.enqueue(copyFrame(f, partial), false)
 	}
 }
 
-func (s *Switch) floodUnlearned(from *Port, f []byte) bool {
+func (s *Switch) floodUnlearned(from *Port, f []byte, partial bool) bool {
 	s.mu.Lock()
 	var ports []*Port
 	for _, q := range s.ports {
@@ -139,7 +148,7 @@ func (s *Switch) floodUnlearned(from *Port, f []byte) bool {
 	}
 	s.mu.Unlock()
 	for _, q := range ports {
-		q.enqueue(copyBuf(f), false)
+		q.enqueue(copyFrame(f, partial), false)
 	}
 	return len(ports) > 0
 }
@@ -156,7 +165,7 @@ func (s *Switch) output(b *pbuf) {
 		}
 		s.mu.Unlock()
 		for _, q := range ports {
-			q.enqueue(copyBuf(f), false)
+			q.enqueue(copyFrame(f, b.partial), false)
 		}
 		putBuf(b)
 		return

@@ -21,6 +21,9 @@ func (s *Switch) WriteMetrics(w io.Writer) error {
 		{"virtkit_switch_tx_frames_total", "Frames sent to the guest on a port.", func(c PortCounters) uint64 { return c.TxFrames }},
 		{"virtkit_switch_tx_bytes_total", "Bytes sent to the guest on a port.", func(c PortCounters) uint64 { return c.TxBytes }},
 		{"virtkit_switch_connects_total", "Guest connections accepted on a port.", func(c PortCounters) uint64 { return c.Connects }},
+		{"virtkit_switch_rx_partial_frames_total", "Frames received with a partial TCP/UDP checksum (offload negotiated).", func(c PortCounters) uint64 { return c.RxPartial }},
+		{"virtkit_switch_tx_partial_frames_total", "Frames sent with a partial TCP/UDP checksum (offload negotiated).", func(c PortCounters) uint64 { return c.TxPartial }},
+		{"virtkit_switch_tx_checksums_completed_total", "Partial-checksum frames the switch completed for a peer without offload.", func(c PortCounters) uint64 { return c.TxCompleted }},
 	}
 	for _, m := range ms {
 		fmt.Fprintf(&b, "# HELP %s %s\n# TYPE %s counter\n", m.name, m.help, m.name)

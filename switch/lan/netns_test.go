@@ -459,6 +459,7 @@ func TestJumbo(t *testing.T) {
 	t.Cleanup(func() { sw.Close() })
 	sock := t.TempDir()
 	var guests []*guest
+	var ports []*lan.Port
 	for i, offload := range []bool{true, false} {
 		name := fmt.Sprintf("j%d", i)
 		path := filepath.Join(sock, name+".sock")
@@ -466,6 +467,7 @@ func TestJumbo(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
+		ports = append(ports, p)
 		ns := lantest.NewNetns(t, name)
 		args := []string{agentBin, "net", "--connect", "unix://" + path, "--resolv-conf", ""}
 		if !offload {
@@ -512,6 +514,14 @@ func TestJumbo(t *testing.T) {
 			}
 			return nil
 		})
+	}
+	// The offloading relay negotiated partial checksums and sent its bulk that way; the switch
+	// completed them for the plain relay, which never saw a partial frame.
+	if c := ports[0].Counters(); c.RxPartial == 0 {
+		t.Errorf("offloading port counters %+v: no partial-checksum frames received", c)
+	}
+	if c := ports[1].Counters(); c.TxCompleted == 0 || c.TxPartial != 0 || c.RxPartial != 0 {
+		t.Errorf("plain port counters %+v: want completed checksums and no partial frames", c)
 	}
 }
 
@@ -663,6 +673,22 @@ func TestEgressBulk(t *testing.T) {
 		}
 	}()
 	port := l.Addr().(*net.TCPAddr).Port
+	// And a server that sends data, for the other direction.
+	dl, err := net.Listen("tcp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { dl.Close() })
+	go func() {
+		for {
+			c, err := dl.Accept()
+			if err != nil {
+				return
+			}
+			go func() { c.Write(data); c.Close() }()
+		}
+	}()
+	dlPort := dl.Addr().(*net.TCPAddr).Port
 	sw, err := lan.New(lan.Config{Subnet: netip.MustParsePrefix("10.92.0.0/24"), AllowHostLoopback: true,
 		Logger: zerolog.New(zerolog.NewTestWriter(t)).Level(zerolog.WarnLevel)})
 	if err != nil {
@@ -693,6 +719,17 @@ func TestEgressBulk(t *testing.T) {
 		out, err := ns.Run(60*time.Second, "socat", "-t", "30", "FILE:"+src+",rdonly!!STDOUT", fmt.Sprintf("TCP:10.92.0.1:%d", port))
 		if err != nil || strings.TrimSpace(out) != want {
 			t.Errorf("%s (offload %v): server saw md5 %q (%v), want %s", name, offload, out, err, want)
+		}
+		out, err = ns.Run(60*time.Second, "sh", "-c", fmt.Sprintf("socat -u TCP:10.92.0.1:%d STDOUT | md5sum", dlPort))
+		if err != nil || !strings.HasPrefix(out, want) {
+			t.Errorf("%s (offload %v): downloaded md5 %q (%v), want %s", name, offload, out, err, want)
+		}
+		c := p.Counters()
+		if offload && (c.RxPartial == 0 || c.TxPartial == 0 || c.TxCompleted != 0) {
+			t.Errorf("%s: counters %+v: want partial checksums both ways", name, c)
+		}
+		if !offload && (c.RxPartial != 0 || c.TxPartial != 0 || c.TxCompleted == 0) {
+			t.Errorf("%s: counters %+v: want checksums completed by the switch", name, c)
 		}
 	}
 }

@@ -46,6 +46,7 @@ type counters struct {
 	rxFrames, rxBytes, txFrames, txBytes atomic.Uint64
 	drops                                [numDrops]atomic.Uint64
 	connects                             atomic.Uint64
+	rxPartial, txPartial, txCompleted    atomic.Uint64
 }
 
 // PortCounters is a snapshot of one port. Rx is from the guest into the switch, Tx from the switch
@@ -61,6 +62,10 @@ type PortCounters struct {
 	TxFrames  uint64
 	TxBytes   uint64
 	Drops     map[string]uint64 // by reason; only non-zero reasons
+	// Checksum offload (frame.FlagPartial): frames received and sent with partial checksums,
+	// and partial frames whose checksum the switch completed because this port's peer did not
+	// negotiate partial checksums.
+	RxPartial, TxPartial, TxCompleted uint64
 }
 
 func (c *counters) snapshot() PortCounters {
@@ -68,6 +73,7 @@ func (c *counters) snapshot() PortCounters {
 		RxFrames: c.rxFrames.Load(), RxBytes: c.rxBytes.Load(),
 		TxFrames: c.txFrames.Load(), TxBytes: c.txBytes.Load(),
 		Connects: c.connects.Load(), Drops: map[string]uint64{},
+		RxPartial: c.rxPartial.Load(), TxPartial: c.txPartial.Load(), TxCompleted: c.txCompleted.Load(),
 	}
 	for i := range c.drops {
 		if v := c.drops[i].Load(); v != 0 {
@@ -82,7 +88,13 @@ func sortCounters(cs []PortCounters) {
 }
 
 // pbuf is a frame with room for its length prefix in b[:4].
-type pbuf struct{ b []byte }
+// pbuf is a queued frame: its length prefix and the frame in b. partial marks an IPv4 TCP/UDP
+// frame whose checksum is left partial (frame.FlagPartial); the port's writer completes it unless
+// its peer negotiated partial checksums.
+type pbuf struct {
+	b       []byte
+	partial bool
+}
 
 const smallBuf = 2048
 
@@ -100,6 +112,7 @@ func getBuf(n int) *pbuf {
 		p = bigPool.Get().(*pbuf)
 	}
 	p.b = p.b[:frame.HeaderLen+n]
+	p.partial = false
 	frame.PutHeader(p.b, n)
 	return p
 }
@@ -211,8 +224,9 @@ func (p *Port) attach(c net.Conn) {
 	p.mu.Unlock()
 	p.ctr.connects.Add(1)
 	p.sw.log.Debug().Str("port", p.name).Msg("port connected")
-	go p.writeLoop(c, stop)
-	go p.readLoop(c)
+	lk := &link{c: c}
+	go p.writeLoop(lk, stop)
+	go p.readLoop(lk)
 }
 
 // detach forgets c if it is still the port's connection.
@@ -247,7 +261,14 @@ func (p *Port) close() {
 	p.mu.Unlock()
 }
 
-func (p *Port) readLoop(c net.Conn) {
+// link is one connection of a port and what its peer negotiated.
+type link struct {
+	c       net.Conn
+	partial atomic.Bool // the peer sent frame.Hello and was answered: FlagPartial goes both ways
+}
+
+func (p *Port) readLoop(lk *link) {
+	c := lk.c
 	defer p.sw.wg.Done()
 	defer p.detach(c)
 	r := frame.NewReader(c, 0)
@@ -263,12 +284,26 @@ func (p *Port) readLoop(c net.Conn) {
 		}
 		p.ctr.rxFrames.Add(1)
 		p.ctr.rxBytes.Add(uint64(len(f)))
-		p.sw.input(p, f)
+		if frame.Type(f) == frame.TypeControl {
+			// Negotiation between relay and switch, never forwarded. A virtkit relay sends
+			// Hello first; the switch accepts partial checksums unless offload is off.
+			if frame.IsHello(f) && !p.sw.cfg.NoOffload && !lk.partial.Load() {
+				r.AcceptPartial()
+				lk.partial.Store(true)
+				p.enqueue(copyBuf(frame.HelloAck(frame.Src(f), p.sw.gwMAC)), false)
+			}
+			continue
+		}
+		if r.Partial() {
+			p.ctr.rxPartial.Add(1)
+		}
+		p.sw.input(p, f, r.Partial())
 	}
 }
 
 // writeLoop sends queued frames, batching whatever is queued into one writev.
-func (p *Port) writeLoop(c net.Conn, stop chan struct{}) {
+func (p *Port) writeLoop(lk *link, stop chan struct{}) {
+	c := lk.c
 	defer p.sw.wg.Done()
 	batch := make([]*pbuf, 0, 64)
 	var bufs net.Buffers
@@ -291,7 +326,17 @@ func (p *Port) writeLoop(c net.Conn, stop chan struct{}) {
 		}
 		bufs = bufs[:0]
 		var n uint64
+		partialOK := lk.partial.Load()
 		for _, b := range batch {
+			if b.partial {
+				if partialOK {
+					frame.SetPartial(b.b)
+					p.ctr.txPartial.Add(1)
+				} else {
+					frame.FixChecksum(b.b[frame.HeaderLen:])
+					p.ctr.txCompleted.Add(1)
+				}
+			}
 			bufs = append(bufs, b.b)
 			n += uint64(len(b.b) - frame.HeaderLen)
 		}
