@@ -332,10 +332,10 @@ func buildStream(ctx context.Context, im *image, cfgJSON []byte, dir string, opt
 		return fmt.Errorf("oci: agent: %w", err)
 	}
 	pr, pw := io.Pipe()
-	produce := func(r io.Reader) error {
+	produce := func(r io.Reader, verified bool) error {
 		tw := tar.NewWriter(pw)
 		l := rootfs.Layer{Digest: ld.digest, DiffID: ld.diffID}
-		toc, tree, err := rootfs.Stream(ctx, r, l, tw, rootfs.Options{Limits: o.Limits})
+		toc, tree, err := rootfs.Stream(ctx, r, l, tw, rootfs.Options{Limits: o.Limits, BlobVerified: verified})
 		if err != nil {
 			return fmt.Errorf("oci: %s: %w", im.src, err)
 		}
@@ -385,8 +385,9 @@ func buildStream(ctx context.Context, im *image, cfgJSON []byte, dir string, opt
 }
 
 // streamLayer gives produce the single layer's blob: straight from the download (teed into the
-// cache) when it is not cached, else from the cache or the local source.
-func streamLayer(ctx context.Context, im *image, o *Options, c *blobcache.Cache, produce func(io.Reader) error) error {
+// cache, whose digest check fails the conversion: verified is true) when it is not cached, else
+// from the cache or the local source.
+func streamLayer(ctx context.Context, im *image, o *Options, c *blobcache.Cache, produce func(r io.Reader, verified bool) error) error {
 	ld := im.layers[0]
 	progress := func(n int64) { o.progress(Event{Phase: "fetch", Layer: 0, Layers: 1, Bytes: n, Total: ld.size}) }
 	if ld.remote {
@@ -399,7 +400,7 @@ func streamLayer(ctx context.Context, im *image, o *Options, c *blobcache.Cache,
 			r, w := io.Pipe()
 			res = make(chan error, 1)
 			go func() {
-				err := produce(r)
+				err := produce(r, true)
 				r.CloseWithError(errors.New("layer consumer stopped"))
 				res <- err
 			}()
@@ -426,7 +427,7 @@ func streamLayer(ctx context.Context, im *image, o *Options, c *blobcache.Cache,
 			return fmt.Errorf("oci: %s: layer 0: %w", im.src, err)
 		}
 		defer f.Close()
-		if err := produce(&progressReader{r: f, fn: progress}); err != nil {
+		if err := produce(&progressReader{r: f, fn: progress}, false); err != nil {
 			if ctx.Err() == nil && !c.Verify(ld.digest) {
 				c.Evict(ld.digest)
 			}
@@ -439,7 +440,7 @@ func streamLayer(ctx context.Context, im *image, o *Options, c *blobcache.Cache,
 		return fmt.Errorf("oci: %s: layer 0: %w", im.src, err)
 	}
 	defer rc.Close()
-	return produce(&progressReader{r: rc, fn: progress})
+	return produce(&progressReader{r: rc, fn: progress}, false)
 }
 
 type progressReader struct {

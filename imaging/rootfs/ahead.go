@@ -6,6 +6,7 @@ import (
 	"hash"
 	"io"
 	"sync"
+	"sync/atomic"
 )
 
 // aheadReader reads its source on its own goroutine, a few chunks ahead of its consumer, and
@@ -19,6 +20,7 @@ type aheadReader struct {
 	stop chan struct{}
 	wg   sync.WaitGroup
 	h    hash.Hash
+	skip atomic.Bool // stop hashing: the digest is not wanted after all
 	ctx  context.Context
 	cur  *achunk
 	off  int
@@ -81,7 +83,7 @@ func newAheadReader(ctx context.Context, r io.Reader, h hash.Hash) *aheadReader 
 	go func() { // hasher: ends when the reader has ended and everything read is hashed
 		defer a.wg.Done()
 		for c := range toHash {
-			if a.h != nil {
+			if a.h != nil && !a.skip.Load() {
 				a.h.Write(c.buf)
 			}
 			close(c.hashed)
@@ -128,6 +130,9 @@ func (a *aheadReader) Close() {
 	}
 	a.wg.Wait()
 }
+
+// noHash stops hashing what is read from now on; sum must not be called.
+func (a *aheadReader) noHash() { a.skip.Store(true) }
 
 // sum closes a and returns its digest as "sha256:HEX".
 func (a *aheadReader) sum() string {

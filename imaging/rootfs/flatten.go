@@ -47,6 +47,10 @@ type Options struct {
 	// Progress, when set, is called from Flatten's goroutine as the second pass reads layer i
 	// (bytes of the blob read so far, cumulated).
 	Progress func(layer int, read int64)
+	// BlobVerified tells Stream that the caller checks the blob's digest itself (as a download
+	// into the layer cache does, failing the whole operation on a mismatch), so it does not hash
+	// the compressed bytes a second time. The diff_id is still checked.
+	BlobVerified bool
 }
 
 // Stats describes a flattening.

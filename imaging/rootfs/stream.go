@@ -25,7 +25,7 @@ func Stream(ctx context.Context, r io.Reader, l Layer, tw *tar.Writer, opts Opti
 	lim := opts.Limits.fill()
 	t := newTree(lim.MaxEntries)
 	toc := &TOC{Version: tocVersion}
-	err := scan(ctx, r, lim, true, func(h *tar.Header, data io.Reader) error {
+	err := scanDigests(ctx, r, lim, !opts.BlobVerified, true, func(h *tar.Header, data io.Reader) error {
 		if len(toc.Entries) >= lim.MaxEntries {
 			return fmt.Errorf("more than %d entries: %w", lim.MaxEntries, ErrLimit)
 		}
@@ -66,6 +66,9 @@ func Stream(ctx context.Context, r io.Reader, l Layer, tw *tar.Writer, opts Opti
 		}
 		return nil
 	}, func(d digests) error {
+		if d.blob == "" {
+			d.blob = l.Digest // verified by the caller
+		}
 		toc.Digest, toc.Size, toc.DiffID, toc.Uncompressed = d.blob, d.blobSize, d.diff, d.diffSize
 		return d.check(l.Digest, l.DiffID)
 	})

@@ -122,3 +122,26 @@ func TestStreamMatchesFlatten(t *testing.T) {
 		t.Error("wrong digest accepted")
 	}
 }
+
+// With BlobVerified (the caller checks the blob's digest while downloading it) Stream does not
+// hash the compressed blob again, but still checks the diff_id, and still checks a plain tar,
+// which is its own diff_id.
+func TestStreamBlobVerified(t *testing.T) {
+	plain := imagetest.Tar(t, reg("a", "1"), dir("d"))
+	gz := imagetest.Gzip(t, plain)
+	opts := rootfs.Options{BlobVerified: true}
+	stream := func(blob []byte, l rootfs.Layer) (*rootfs.TOC, error) {
+		toc, _, err := rootfs.Stream(context.Background(), bytes.NewReader(blob), l, tar.NewWriter(io.Discard), opts)
+		return toc, err
+	}
+	toc, err := stream(gz, rootfs.Layer{Digest: imagetest.Digest(gz), DiffID: imagetest.Digest(plain)})
+	if err != nil || toc.Digest != imagetest.Digest(gz) || toc.DiffID != imagetest.Digest(plain) {
+		t.Fatalf("verified gzip layer: %v, toc %+v", err, toc)
+	}
+	if _, err := stream(gz, rootfs.Layer{Digest: imagetest.Digest(gz), DiffID: imagetest.Digest(nil)}); !errors.Is(err, rootfs.ErrDigest) {
+		t.Errorf("lying diff_id: %v, want ErrDigest", err)
+	}
+	if _, err := stream(plain, rootfs.Layer{Digest: imagetest.Digest(nil)}); !errors.Is(err, rootfs.ErrDigest) {
+		t.Errorf("plain tar with a wrong digest: %v, want ErrDigest", err)
+	}
+}

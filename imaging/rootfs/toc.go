@@ -205,6 +205,12 @@ func (c *counter) Read(p []byte) (int, error) {
 // diff says whether the uncompressed stream's digest is wanted (it costs a second SHA-256 over
 // the whole layer when the layer is compressed; for a plain tar it is the blob digest).
 func scan(ctx context.Context, r io.Reader, lim Limits, diff bool, fn func(*tar.Header, io.Reader) error, done func(digests) error) error {
+	return scanDigests(ctx, r, lim, true, diff, fn, done)
+}
+
+// scanDigests is scan that may skip the blob's digest of a compressed blob (blob false:
+// digests.blob is then empty); a plain tar's is always computed, being its diff_id.
+func scanDigests(ctx context.Context, r io.Reader, lim Limits, blob, diff bool, fn func(*tar.Header, io.Reader) error, done func(digests) error) error {
 	// The blob is read and its digest computed on goroutines of their own (see aheadReader).
 	rawAhead := newAheadReader(ctx, r, sha256.New())
 	defer rawAhead.Close()
@@ -229,6 +235,9 @@ func scan(ctx context.Context, r io.Reader, lim Limits, diff bool, fn func(*tar.
 		dec = zr
 	}
 	compressed := dec != io.Reader(br)
+	if compressed && !blob {
+		rawAhead.noHash()
+	}
 	var ahead *aheadReader
 	if compressed {
 		// Decompression runs on its own goroutine, the diff_id on another, the tar parsing and
@@ -276,7 +285,11 @@ func scan(ctx context.Context, r io.Reader, lim Limits, diff bool, fn func(*tar.
 	if _, err := io.Copy(io.Discard, br); err != nil {
 		return fmt.Errorf("read layer: %w", err)
 	}
-	d := digests{blob: rawAhead.sum(), blobSize: raw.n, diffSize: plain.n}
+	d := digests{blobSize: raw.n, diffSize: plain.n}
+	if blob || !compressed {
+		// A plain tar is its own diff_id: then the blob digest is needed whatever blob says.
+		d.blob = rawAhead.sum()
+	}
 	switch {
 	case !compressed:
 		d.diff = d.blob
