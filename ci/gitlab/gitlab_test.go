@@ -203,3 +203,21 @@ func FuzzParseMiB(f *testing.F) {
 		}
 	})
 }
+
+func FuzzServiceAliases(f *testing.F) {
+	for _, s := range []string{"postgres:15", "docker.io/library/redis:7", "registry.io:5000/a/b_c:1@sha256:ab", "tar:/x/y.tar", "oci:/a/b:c", "", ":", "/", "a//b", "UPPER/Case", "x@y"} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, image string) {
+		seen := map[string]bool{}
+		for _, a := range gitlab.ServiceAliases(image) {
+			if !jobs.ValidAlias(a) {
+				t.Fatalf("ServiceAliases(%q) gave %q, not a valid alias", image, a)
+			}
+			if seen[a] {
+				t.Fatalf("ServiceAliases(%q) gave %q twice", image, a)
+			}
+			seen[a] = true
+		}
+	})
+}

@@ -36,12 +36,9 @@ func Submit(ctx context.Context, c *broker.Client, spec Spec) (*Placement, error
 		return nil, fmt.Errorf("jobs: submit %s: %w", spec.ID, err)
 	}
 	defer sub.Unsubscribe()
-	fctx, fcancel := context.WithTimeout(ctx, 30*time.Second)
-	err = c.Conn().FlushWithContext(fctx)
-	fcancel()
-	if err != nil {
-		return nil, fmt.Errorf("jobs: submit %s: %w", spec.ID, err)
-	}
+	// No flush: the server handles this connection's subscription before the publishes that
+	// follow it, so it is in place before any host can see the job (a cluster's other nodes learn
+	// of it asynchronously either way; the poll below covers that).
 	p := &Placement{Job: spec.ID, Queued: time.Now()}
 	if _, err := c.Publish(ctx, &broker.JobQueued{Job: spec.ID, Image: spec.Image, Origin: spec.Origin}); err != nil {
 		return nil, fmt.Errorf("jobs: submit %s: %w", spec.ID, err)

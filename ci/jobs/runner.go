@@ -358,8 +358,15 @@ func (r *Runner) boot(ctx context.Context, spec Spec, log zerolog.Logger, abort 
 		j.aborted.Store(true)
 		return j, errors.New("abandoned by its runner before this host registered it")
 	}
-	// The mark that a host took the job: a redelivered item finds it and is not run twice.
-	r.publish(ctx, &broker.VMStarting{VM: spec.ID, Host: r.host, Image: spec.Image, CPUs: cpus, MemoryMiB: mem, Job: spec.ID})
+	// The mark that a host took the job: a redelivered item finds it and is not run twice. It
+	// must be stored before the job can run a stage (job.started), not before its VM boots (a VM
+	// dies with its host), so it is published while the VMs boot.
+	marked := make(chan struct{})
+	go func() {
+		defer close(marked)
+		r.publish(ctx, &broker.VMStarting{VM: spec.ID, Host: r.host, Image: spec.Image, CPUs: cpus, MemoryMiB: mem, Job: spec.ID})
+	}()
+	defer func() { <-marked }()
 	bundle, err := r.cfg.Images.Resolve(ctx, spec.Image)
 	if err != nil {
 		return j, err
@@ -697,11 +704,18 @@ func (r *Runner) onCleanup(m *nats.Msg) {
 	respond(m, Reply{OK: true})
 }
 
-// dialAgent connects to a booted VM's agent, retrying briefly: the launcher saw it answer, so
-// anything slower than a minute is a fault.
+// dialAgent connects to a booted VM's agent. The launcher saw it answer, so the agent's hello is
+// proof enough; should the first dial fail it retries briefly (anything slower than a minute is a
+// fault).
 func dialAgent(ctx context.Context, m Machine) (*client.Client, error) {
 	ctx, cancel := context.WithTimeout(ctx, time.Minute)
 	defer cancel()
+	dctx, dcancel := context.WithTimeout(ctx, 5*time.Second)
+	c, err := client.Dial(dctx, m.ExecURL())
+	dcancel()
+	if err == nil {
+		return c, nil
+	}
 	return client.WaitReady(ctx, m.ExecURL())
 }
 
