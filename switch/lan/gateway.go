@@ -284,6 +284,12 @@ func (e *linkEndpoint) ParseHeader(pkt *stack.PacketBuffer) bool {
 func (e *linkEndpoint) WritePackets(pkts stack.PacketBufferList) (int, tcpip.Error) {
 	n := 0
 	for _, pkt := range pkts.AsSlice() {
+		if pkt.Size() > zeroCopyMin && len(pkt.LinkHeader().Slice()) == header.EthernetMinimumSize {
+			// Bulk: the port's writer sends the netstack's views as they are.
+			e.sw.output(pktBuf(pkt.IncRef()))
+			n++
+			continue
+		}
 		b := getBuf(pkt.Size())
 		off := frame.HeaderLen
 		for _, sl := range pkt.AsSlices() {
@@ -296,6 +302,10 @@ func (e *linkEndpoint) WritePackets(pkts stack.PacketBufferList) (int, tcpip.Err
 	}
 	return n, nil
 }
+
+// zeroCopyMin is the frame size from which the gateway queues its packets by reference rather
+// than copying them: below it a copy is cheaper than holding the netstack's buffers.
+const zeroCopyMin = 4096
 
 // addrFrom converts a netstack address.
 func addrFrom(a tcpip.Address) netip.Addr {

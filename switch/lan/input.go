@@ -155,9 +155,10 @@ func (s *Switch) floodUnlearned(from *Port, f []byte, partial bool) bool {
 
 // output sends a frame the gateway built (taking ownership of b).
 func (s *Switch) output(b *pbuf) {
-	f := b.b[frame.HeaderLen:]
-	dst := frame.Dst(f)
+	dst := frame.Dst(b.head())
 	if dst.IsMulticast() {
+		b = b.flatten()
+		f := b.b[frame.HeaderLen:]
 		s.mu.Lock()
 		ports := make([]*Port, 0, len(s.ports))
 		for _, q := range s.ports {

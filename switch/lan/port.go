@@ -9,6 +9,8 @@ import (
 	"sync/atomic"
 	"time"
 
+	"gvisor.dev/gvisor/pkg/tcpip/stack"
+
 	"github.com/virtkit/virtkit/switch/frame"
 )
 
@@ -87,13 +89,58 @@ func sortCounters(cs []PortCounters) {
 	sort.Slice(cs, func(i, j int) bool { return cs[i].Name < cs[j].Name })
 }
 
-// pbuf is a frame with room for its length prefix in b[:4].
-// pbuf is a queued frame: its length prefix and the frame in b. partial marks an IPv4 TCP/UDP
-// frame whose checksum is left partial (frame.FlagPartial); the port's writer completes it unless
-// its peer negotiated partial checksums.
+// pbuf is a queued frame: its length prefix and the frame in b, or, for the gateway's large
+// frames, only the prefix in b and the frame in iov: the netstack's own views of pkt, held by a
+// reference until written (no copy). partial marks an IPv4 TCP/UDP frame whose checksum is left
+// partial (frame.FlagPartial); the port's writer completes it unless its peer negotiated partial
+// checksums.
 type pbuf struct {
 	b       []byte
 	partial bool
+	pkt     *stack.PacketBuffer
+	iov     [][]byte
+}
+
+// head returns the start of the frame (at least its Ethernet header).
+func (p *pbuf) head() []byte {
+	if p.pkt != nil {
+		return p.iov[0]
+	}
+	return p.b[frame.HeaderLen:]
+}
+
+// size is the frame's length.
+func (p *pbuf) size() int {
+	if p.pkt != nil {
+		return p.pkt.Size()
+	}
+	return len(p.b) - frame.HeaderLen
+}
+
+// flatten returns p with the frame copied into one buffer (releasing p if it was not already).
+func (p *pbuf) flatten() *pbuf {
+	if p.pkt == nil {
+		return p
+	}
+	q := getBuf(p.size())
+	off := frame.HeaderLen
+	for _, sl := range p.iov {
+		off += copy(q.b[off:], sl)
+	}
+	q.partial = p.partial
+	putBuf(p)
+	return q
+}
+
+// pktBuf queues pkt's views as one frame without copying them; the caller must hand over a
+// reference (pkt.IncRef).
+func pktBuf(pkt *stack.PacketBuffer) *pbuf {
+	p := smallPool.Get().(*pbuf)
+	p.b = p.b[:frame.HeaderLen]
+	frame.PutHeader(p.b, pkt.Size())
+	p.partial = pkt.GSOOptions.NeedsCsum
+	p.pkt, p.iov = pkt, pkt.AsSlices()
+	return p
 }
 
 const smallBuf = 2048
@@ -124,6 +171,10 @@ func copyBuf(f []byte) *pbuf {
 }
 
 func putBuf(p *pbuf) {
+	if p.pkt != nil {
+		p.pkt.DecRef()
+		p.pkt, p.iov = nil, nil
+	}
 	if cap(p.b) <= smallBuf {
 		smallPool.Put(p)
 	} else {
@@ -327,18 +378,22 @@ func (p *Port) writeLoop(lk *link, stop chan struct{}) {
 		bufs = bufs[:0]
 		var n uint64
 		partialOK := lk.partial.Load()
-		for _, b := range batch {
+		for i, b := range batch {
 			if b.partial {
 				if partialOK {
 					frame.SetPartial(b.b)
 					p.ctr.txPartial.Add(1)
 				} else {
+					// The netstack's views are shared: complete the checksum in a copy.
+					b = b.flatten()
+					batch[i] = b
 					frame.FixChecksum(b.b[frame.HeaderLen:])
 					p.ctr.txCompleted.Add(1)
 				}
 			}
 			bufs = append(bufs, b.b)
-			n += uint64(len(b.b) - frame.HeaderLen)
+			bufs = append(bufs, b.iov...)
+			n += uint64(b.size())
 		}
 		_, err := bufs.WriteTo(c)
 		for _, b := range batch {
