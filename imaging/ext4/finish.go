@@ -28,6 +28,7 @@ const (
 	journalIno    = 8
 	firstIno      = 11
 	extraIsize    = 32
+	bgInodeUninit = 1
 	bgInodeZeroed = 4
 )
 
@@ -307,10 +308,18 @@ func (b *builder) finish() (Result, error) {
 				return Result{}, fmt.Errorf("write inode table of group %d: %w", grp, err)
 			}
 		}
-		if _, err := b.w.WriteAt(bm, int64(g.bbitmap[grp])*blockSize); err != nil {
-			return Result{}, fmt.Errorf("write block bitmap of group %d: %w", grp, err)
+		// Empty groups cost no host space: an all-zero block bitmap stays a hole, and a group with
+		// no inode in use is marked INODE_UNINIT, so its bitmap (zero but for the padding bits)
+		// is never read and need not be written (e2fsck and the kernel treat it as empty).
+		if !isZero(bm, b.zero) {
+			if _, err := b.w.WriteAt(bm, int64(g.bbitmap[grp])*blockSize); err != nil {
+				return Result{}, fmt.Errorf("write block bitmap of group %d: %w", grp, err)
+			}
 		}
-		if _, err := b.w.WriteAt(im, int64(g.ibitmap[grp])*blockSize); err != nil {
+		bgFlags := uint16(bgInodeZeroed)
+		if usedInodes == 0 {
+			bgFlags |= bgInodeUninit
+		} else if _, err := b.w.WriteAt(im, int64(g.ibitmap[grp])*blockSize); err != nil {
 			return Result{}, fmt.Errorf("write inode bitmap of group %d: %w", grp, err)
 		}
 		inGroup := min(blocksPerGroup, g.blocks-grp*blocksPerGroup)
@@ -324,7 +333,7 @@ func (b *builder) finish() (Result, error) {
 		put16x2(d, 12, 44, fb)
 		put16x2(d, 14, 46, fin)
 		put16x2(d, 16, 48, dirs)
-		binary.LittleEndian.PutUint16(d[18:], bgInodeZeroed)
+		binary.LittleEndian.PutUint16(d[18:], bgFlags)
 		put16x2(d, 28, 50, g.ipg-lastUsed)
 		bc := crc(seed, bm)
 		put16x2(d, 24, 56, uint64(bc))

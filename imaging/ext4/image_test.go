@@ -162,7 +162,7 @@ func grepLine(s, prefix string) string {
 }
 
 func TestWriteEmpty(t *testing.T) {
-	for _, size := range []int64{0, 16 << 20, 200 << 20, 10 << 30} {
+	for _, size := range []int64{0, 16 << 20, 200 << 20, 10 << 30, 1 << 40} {
 		t.Run(fmt.Sprint(size), func(t *testing.T) {
 			img := filepath.Join(t.TempDir(), "empty.ext4")
 			res, err := ext4.WriteEmpty(context.Background(), img, ext4.Options{Size: size})
@@ -181,7 +181,11 @@ func TestWriteEmpty(t *testing.T) {
 			if err := syscall.Stat(img, &st2); err != nil {
 				t.Fatal(err)
 			}
-			if used := st2.Blocks * 512; used > 8<<20 {
+			// Empty groups write nothing (their block bitmaps are holes, their inode bitmaps
+			// unused); what is left is the superblock and descriptor copies.
+			used := st2.Blocks * 512
+			t.Logf("%d-byte image allocates %d bytes on the host", size, used)
+			if used > 8<<20+size/(64<<10) {
 				t.Fatalf("empty image allocates %d bytes on the host: not sparse", used)
 			}
 		})

@@ -23,6 +23,12 @@ func TestKernelReadWrite(t *testing.T) {
 			_, err := ext4.WriteEmpty(context.Background(), img, ext4.Options{Size: 256 << 20})
 			return err
 		},
+		// Sixteen groups, fifteen of them INODE_UNINIT: the kernel initialises them as it spreads
+		// new directories over the groups.
+		"empty-groups": func(img string) error {
+			_, err := ext4.WriteEmpty(context.Background(), img, ext4.Options{Size: 2 << 30})
+			return err
+		},
 		"tree": func(img string) error {
 			tb, _ := bigDirTar(t, 5000)
 			_, err := ext4.WriteTar(context.Background(), bytesReader(tb), img, ext4.Options{Free: 64 << 20})
@@ -45,6 +51,15 @@ func TestKernelReadWrite(t *testing.T) {
 					exec.Command("umount", mnt).Run()
 				}
 			})
+			for i := 0; i < 16; i++ {
+				d := filepath.Join(mnt, fmt.Sprintf("spread-%d", i))
+				if err := os.MkdirAll(d, 0o755); err != nil {
+					t.Fatal(err)
+				}
+				if err := os.WriteFile(filepath.Join(d, "f"), []byte("x"), 0o644); err != nil {
+					t.Fatal(err)
+				}
+			}
 			big := filepath.Join(mnt, "big")
 			os.MkdirAll(big, 0o755)
 			for i := 0; i < 3000; i++ {

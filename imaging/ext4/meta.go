@@ -7,7 +7,9 @@ import (
 
 // FormatVersion is mixed into the content hash: bump it whenever the writer's output changes for
 // the same input, so a UUID never names two different images.
-const FormatVersion = 2 // 2: content hash in parallel 256 KiB leaves; an explicit UUID skips it
+// 2: content hash in parallel 256 KiB leaves; an explicit UUID skips it. 3: groups without
+// inodes in use are INODE_UNINIT.
+const FormatVersion = 3
 
 func putTime(d []byte, lo, extra int, t timespec) {
 	binary.LittleEndian.PutUint32(d[lo:], uint32(t.sec))
