@@ -135,20 +135,33 @@ func Exec(ctx context.Context, c *broker.Client, p *Placement, stage string, scr
 	sysErr := func(format string, args ...any) (Exit, error) {
 		return Exit{}, &Failure{System: true, Msg: fmt.Sprintf("stage %s of job %s on host %s: ", stage, p.Job, p.Host) + fmt.Sprintf(format, args...)}
 	}
-	// Follow the output before asking, so nothing is missed.
-	js := c.JetStream()
-	cons, err := js.OrderedConsumer(ctx, broker.ExecStream, jetstream.OrderedConsumerConfig{
-		FilterSubjects: []string{broker.ExecSubject(id, broker.ExecStdout), broker.ExecSubject(id, broker.ExecStderr), broker.ExecSubject(id, broker.ExecExit)},
-		DeliverPolicy:  jetstream.DeliverAllPolicy,
-	})
-	if err != nil {
-		return sysErr("follow output: %v", err)
+	// Follow the output while asking: the stream keeps every message of this exec from the
+	// first, so the consumer may start after the stage did (it replays what came before).
+	type follower struct {
+		msgs jetstream.MessagesContext
+		err  error
 	}
-	msgs, err := cons.Messages()
-	if err != nil {
-		return sysErr("follow output: %v", err)
-	}
-	defer msgs.Stop()
+	followed := make(chan follower, 1)
+	go func() {
+		cons, err := c.JetStream().OrderedConsumer(ctx, broker.ExecStream, jetstream.OrderedConsumerConfig{
+			FilterSubjects: []string{broker.ExecSubject(id, broker.ExecStdout), broker.ExecSubject(id, broker.ExecStderr), broker.ExecSubject(id, broker.ExecExit)},
+			DeliverPolicy:  jetstream.DeliverAllPolicy,
+		})
+		if err != nil {
+			followed <- follower{err: err}
+			return
+		}
+		msgs, err := cons.Messages()
+		followed <- follower{msgs, err}
+	}()
+	waited := false
+	defer func() {
+		if !waited { // Exec ended before it waited for the follower: stop that too
+			if f := <-followed; f.msgs != nil {
+				f.msgs.Stop()
+			}
+		}
+	}()
 
 	req, _ := json.Marshal(ExecRequest{Job: p.Job, Exec: id, Stage: stage, Script: script, Env: o.Env})
 	rctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
@@ -170,6 +183,14 @@ func Exec(ctx context.Context, c *broker.Client, p *Placement, stage string, scr
 	if o.OnStarted != nil {
 		o.OnStarted()
 	}
+	f := <-followed
+	waited = true
+	if f.err != nil {
+		// The stage runs without a follower; with no keep-alives the host kills it within its lease.
+		return sysErr("follow output: %v", f.err)
+	}
+	msgs := f.msgs
+	defer msgs.Stop()
 
 	type item struct {
 		msg jetstream.Msg
