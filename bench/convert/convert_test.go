@@ -50,6 +50,27 @@ func BenchmarkConvertCold(b *testing.B) {
 	_ = o
 }
 
+// BenchmarkConvertColdTwoLayers converts Debian plus a small second layer (the two-pass
+// flattener: a first pass for the tables of contents while downloading, a second that writes).
+func BenchmarkConvertColdTwoLayers(b *testing.B) {
+	base, err := os.ReadFile(imagetest.DebianRootfs(b))
+	if err != nil {
+		b.Fatal(err)
+	}
+	ref := imagetest.Registry(b) + "/debian:two"
+	top := imagetest.Tar(b, imagetest.Reg("etc/motd", "two layers"), imagetest.Whiteout("etc/issue"))
+	imagetest.Push(b, ref, imagetest.Image(b, v1.Config{Cmd: []string{"/bin/bash"}}, base, top))
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		b.StopTimer()
+		o := options(b, b.TempDir())
+		b.StartTimer()
+		if _, err := oci.Convert(context.Background(), ref, o); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
 // BenchmarkConvertWarm converts an image whose bundle exists: a cache hit.
 func BenchmarkConvertWarm(b *testing.B) {
 	ref := debianRef(b)

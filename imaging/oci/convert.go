@@ -144,7 +144,12 @@ func build(ctx context.Context, im *image, cfg *store.ImageConfig, dir string, o
 	if len(im.layers) == 1 && !opts.TwoPass {
 		return buildStream(ctx, im, cfgJSON, dir, opts, c, uuid)
 	}
-	layers, err := im.prepare(ctx, o, c)
+	spoolDir, err := os.MkdirTemp(dir, ".layers-") // removed before the bundle is published
+	if err != nil {
+		return fmt.Errorf("oci: %w", err)
+	}
+	defer os.RemoveAll(spoolDir)
+	layers, err := im.prepare(ctx, o, c, spoolDir)
 	if err != nil {
 		return err
 	}

@@ -14,12 +14,14 @@
 package oci
 
 import (
+	"bufio"
 	"context"
 	"errors"
 	"fmt"
 	"io"
 	"net/http"
 	"os"
+	"path/filepath"
 	"sync"
 
 	"github.com/google/go-containerregistry/pkg/authn"
@@ -102,8 +104,10 @@ func (o *Options) cache() (*blobcache.Cache, func(), error) {
 }
 
 // layers makes an image's layers ready for rootfs.Flatten: registry blobs downloaded into the
-// cache, every layer's TOC read (from the cache or by a first pass), in parallel.
-func (im *image) prepare(ctx context.Context, o *Options, c *blobcache.Cache) ([]rootfs.Layer, error) {
+// cache, every layer's TOC read (from the cache or by a first pass), in parallel. A layer
+// downloaded now is decompressed once: the first pass spools its tar into spoolDir (when not
+// empty, removed by the caller), and the second pass reads that.
+func (im *image) prepare(ctx context.Context, o *Options, c *blobcache.Cache, spoolDir string) ([]rootfs.Layer, error) {
 	out := make([]rootfs.Layer, len(im.layers))
 	g, gctx := errgroup.WithContext(ctx)
 	g.SetLimit(3)
@@ -116,6 +120,7 @@ func (im *image) prepare(ctx context.Context, o *Options, c *blobcache.Cache) ([
 				// The table of contents is read from the download as it streams in (a tee into
 				// BuildTOC), so a cold layer is decompressed once before the second pass.
 				var tocDone chan tocResult
+				var sp *spool
 				open := func(ctx context.Context) (io.ReadCloser, error) {
 					rc, err := ld.open(ctx)
 					if err != nil {
@@ -123,8 +128,14 @@ func (im *image) prepare(ctx context.Context, o *Options, c *blobcache.Cache) ([
 					}
 					pr, pw := io.Pipe()
 					tocDone = make(chan tocResult, 1)
+					var w io.Writer
+					if spoolDir != "" {
+						if sp = newSpool(spoolDir, i); sp != nil {
+							w = sp
+						}
+					}
 					go func() {
-						toc, err := rootfs.BuildTOC(ctx, pr, ld.digest, ld.diffID, o.Limits)
+						toc, err := rootfs.BuildTOCSpool(ctx, pr, ld.digest, ld.diffID, o.Limits, w)
 						io.Copy(io.Discard, pr) // keep the download flowing after an error
 						tocDone <- tocResult{toc, err}
 					}()
@@ -137,6 +148,7 @@ func (im *image) prepare(ctx context.Context, o *Options, c *blobcache.Cache) ([
 				if tocDone != nil {
 					tr = <-tocDone
 				}
+				spooled := sp.finish()
 				if err != nil {
 					return fmt.Errorf("oci: %s: layer %d: %w", im.src, i, err)
 				}
@@ -153,6 +165,13 @@ func (im *image) prepare(ctx context.Context, o *Options, c *blobcache.Cache) ([
 				}
 				digest := ld.digest
 				l.Open = func(context.Context) (io.ReadCloser, error) { return c.Open(digest) }
+				if dl && spooled && tr.toc.DiffID != "" {
+					// The second pass reads the spooled tar, checked against the diff_id the
+					// first pass verified (a plain tar's digest is its diff_id).
+					path := sp.path
+					l.Digest = tr.toc.DiffID
+					l.Open = func(context.Context) (io.ReadCloser, error) { return os.Open(path) }
+				}
 			}
 			if l.TOC != nil {
 				if ld.toc != nil {
@@ -184,6 +203,45 @@ func (im *image) prepare(ctx context.Context, o *Options, c *blobcache.Cache) ([
 		return nil, err
 	}
 	return out, nil
+}
+
+// spool is a layer's uncompressed tar written by the first pass (rootfs.BuildTOCSpool); it
+// remembers a write error, after which it is not used.
+type spool struct {
+	path string
+	f    *os.File
+	bw   *bufio.Writer
+	err  error
+}
+
+func newSpool(dir string, i int) *spool {
+	f, err := os.Create(filepath.Join(dir, fmt.Sprintf("layer-%d.tar", i)))
+	if err != nil {
+		return nil
+	}
+	return &spool{path: f.Name(), f: f, bw: bufio.NewWriterSize(f, 1<<20)}
+}
+
+func (s *spool) Write(p []byte) (int, error) {
+	if s.err == nil {
+		_, s.err = s.bw.Write(p)
+	}
+	return len(p), s.err
+}
+
+// finish closes the spool and says whether it is complete; nil is not.
+func (s *spool) finish() bool {
+	if s == nil || s.f == nil {
+		return false
+	}
+	if s.err == nil {
+		s.err = s.bw.Flush()
+	}
+	if err := s.f.Close(); s.err == nil {
+		s.err = err
+	}
+	s.f = nil
+	return s.err == nil
 }
 
 type tocResult struct {
@@ -294,7 +352,14 @@ func Pull(ctx context.Context, ref string, w io.Writer, opts Options) (*Info, er
 		return nil, err
 	}
 	defer done()
-	layers, err := im.prepare(ctx, &opts, c)
+	spoolDir := ""
+	if err := os.MkdirAll(c.Dir, 0o755); err == nil {
+		if d, err := os.MkdirTemp(c.Dir, ".spool-"); err == nil {
+			spoolDir = d
+			defer os.RemoveAll(d)
+		}
+	}
+	layers, err := im.prepare(ctx, &opts, c, spoolDir)
 	if err != nil {
 		return nil, err
 	}

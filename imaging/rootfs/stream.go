@@ -25,7 +25,7 @@ func Stream(ctx context.Context, r io.Reader, l Layer, tw *tar.Writer, opts Opti
 	lim := opts.Limits.fill()
 	t := newTree(lim.MaxEntries)
 	toc := &TOC{Version: tocVersion}
-	err := scanDigests(ctx, r, lim, !opts.BlobVerified, true, func(h *tar.Header, data io.Reader) error {
+	err := scanSpool(ctx, r, lim, !opts.BlobVerified, true, nil, func(h *tar.Header, data io.Reader) error {
 		if len(toc.Entries) >= lim.MaxEntries {
 			return fmt.Errorf("more than %d entries: %w", lim.MaxEntries, ErrLimit)
 		}

@@ -145,3 +145,18 @@ func TestStreamBlobVerified(t *testing.T) {
 		t.Errorf("plain tar with a wrong digest: %v, want ErrDigest", err)
 	}
 }
+
+// BuildTOCSpool copies the whole uncompressed tar (its diff_id) aside for a second pass.
+func TestBuildTOCSpool(t *testing.T) {
+	plain := imagetest.Tar(t, reg("a", strings.Repeat("x", 300<<10)), dir("d"), reg("d/b", "b"))
+	for name, blob := range map[string][]byte{"gzip": imagetest.Gzip(t, plain), "plain": plain} {
+		var spool bytes.Buffer
+		toc, err := rootfs.BuildTOCSpool(context.Background(), bytes.NewReader(blob), imagetest.Digest(blob), imagetest.Digest(plain), rootfs.Limits{}, &spool)
+		if err != nil {
+			t.Fatalf("%s: %v", name, err)
+		}
+		if !bytes.Equal(spool.Bytes(), plain) || toc.DiffID != imagetest.Digest(spool.Bytes()) || len(toc.Entries) != 3 {
+			t.Errorf("%s: spooled %d bytes (want %d), diff_id %s, %d entries", name, spool.Len(), len(plain), toc.DiffID, len(toc.Entries))
+		}
+	}
+}

@@ -149,9 +149,18 @@ var ErrDigest = errors.New("digest mismatch")
 // BuildTOC reads a whole layer blob (plain, gzip or zstd tar), checks it against the expected digest
 // and diffID when they are not empty, and returns its table of contents. It reads r to the end.
 func BuildTOC(ctx context.Context, r io.Reader, digest, diffID string, lim Limits) (*TOC, error) {
+	return BuildTOCSpool(ctx, r, digest, diffID, lim, nil)
+}
+
+// BuildTOCSpool is BuildTOC that also writes the whole uncompressed tar to spool (when not nil),
+// so that a second pass can read it instead of decompressing the blob again. The spool's content
+// has the layer's diff_id, checked here when diffID is given; a second pass reading it should
+// check that digest again (a plain tar is its own digest). Write errors on spool do not fail
+// BuildTOCSpool: spool must remember them, and its owner not use a spool it failed to write.
+func BuildTOCSpool(ctx context.Context, r io.Reader, digest, diffID string, lim Limits, spool io.Writer) (*TOC, error) {
 	lim = lim.fill()
 	toc := &TOC{Version: tocVersion}
-	err := scan(ctx, r, lim, true, func(h *tar.Header, _ io.Reader) error {
+	err := scanSpool(ctx, r, lim, true, true, spool, func(h *tar.Header, _ io.Reader) error {
 		if len(toc.Entries) >= lim.MaxEntries {
 			return fmt.Errorf("more than %d entries: %w", lim.MaxEntries, ErrLimit)
 		}
@@ -182,6 +191,14 @@ func (d digests) check(digest, diffID string) error {
 	return nil
 }
 
+// errorless hides a spool's write errors from the TeeReader feeding it (see BuildTOCSpool).
+type errorless struct{ w io.Writer }
+
+func (e errorless) Write(p []byte) (int, error) {
+	e.w.Write(p)
+	return len(p), nil
+}
+
 // counter counts what passes through it and stops at a byte limit.
 type counter struct {
 	r     io.Reader
@@ -205,12 +222,13 @@ func (c *counter) Read(p []byte) (int, error) {
 // diff says whether the uncompressed stream's digest is wanted (it costs a second SHA-256 over
 // the whole layer when the layer is compressed; for a plain tar it is the blob digest).
 func scan(ctx context.Context, r io.Reader, lim Limits, diff bool, fn func(*tar.Header, io.Reader) error, done func(digests) error) error {
-	return scanDigests(ctx, r, lim, true, diff, fn, done)
+	return scanSpool(ctx, r, lim, true, diff, nil, fn, done)
 }
 
-// scanDigests is scan that may skip the blob's digest of a compressed blob (blob false:
-// digests.blob is then empty); a plain tar's is always computed, being its diff_id.
-func scanDigests(ctx context.Context, r io.Reader, lim Limits, blob, diff bool, fn func(*tar.Header, io.Reader) error, done func(digests) error) error {
+// scanSpool is scan that may skip the blob's digest of a compressed blob (blob false:
+// digests.blob is then empty; a plain tar's is always computed, being its diff_id) and copies
+// the uncompressed stream to spool when it is not nil.
+func scanSpool(ctx context.Context, r io.Reader, lim Limits, blob, diff bool, spool io.Writer, fn func(*tar.Header, io.Reader) error, done func(digests) error) error {
 	// The blob is read and its digest computed on goroutines of their own (see aheadReader).
 	rawAhead := newAheadReader(ctx, r, sha256.New())
 	defer rawAhead.Close()
@@ -251,7 +269,11 @@ func scanDigests(ctx context.Context, r io.Reader, lim Limits, blob, diff bool, 
 		dec = ahead
 	}
 	plain := &counter{r: dec, limit: lim.MaxBytes, what: "uncompressed layer"}
-	tr := tar.NewReader(plain)
+	var tarIn io.Reader = plain
+	if spool != nil {
+		tarIn = io.TeeReader(plain, errorless{spool})
+	}
+	tr := tar.NewReader(tarIn)
 	var declared int64
 	for i := 0; ; i++ {
 		if i&255 == 0 {
@@ -279,7 +301,7 @@ func scanDigests(ctx context.Context, r io.Reader, lim Limits, blob, diff bool, 
 	}
 	// The diff_id covers the whole uncompressed stream, padding included; draining the decompressor
 	// to EOF also checks the gzip CRC / zstd checksum.
-	if _, err := io.Copy(io.Discard, plain); err != nil {
+	if _, err := io.Copy(io.Discard, tarIn); err != nil {
 		return fmt.Errorf("read layer: %w", err)
 	}
 	if _, err := io.Copy(io.Discard, br); err != nil {
