@@ -40,12 +40,27 @@ func Submit(ctx context.Context, c *broker.Client, spec Spec) (*Placement, error
 	// follow it, so it is in place before any host can see the job (a cluster's other nodes learn
 	// of it asynchronously either way; the poll below covers that).
 	p := &Placement{Job: spec.ID, Queued: time.Now()}
-	if _, err := c.Publish(ctx, &broker.JobQueued{Job: spec.ID, Image: spec.Image, Origin: spec.Origin}); err != nil {
+	// job.queued goes out ahead of the work item on this connection, without waiting for its ack
+	// in between (a host needs a boot's time before its job.started can follow it); its ack is
+	// checked once the item is queued, and a failed one published again (same id: stored once).
+	queued, err := broker.NewEnvelope(c.Host(), &broker.JobQueued{Job: spec.ID, Image: spec.Image, Origin: spec.Origin})
+	if err != nil {
+		return nil, fmt.Errorf("jobs: submit %s: %w", spec.ID, err)
+	}
+	batch := c.NewBatch()
+	if err := batch.Add(queued); err != nil {
 		return nil, fmt.Errorf("jobs: submit %s: %w", spec.ID, err)
 	}
 	ack, err := c.Submit(ctx, broker.WorkCIJob, spec.ID, spec)
 	if err != nil {
+		batch.Wait(ctx)
 		return nil, fmt.Errorf("jobs: submit %s: %w", spec.ID, err)
+	}
+	if _, err := batch.Wait(ctx); err != nil {
+		if _, err := c.PublishEnvelope(ctx, queued); err != nil {
+			abandon(c, spec.ID, ack.Sequence)
+			return nil, fmt.Errorf("jobs: submit %s: %w", spec.ID, err)
+		}
 	}
 	poll := time.NewTicker(2 * time.Second)
 	defer poll.Stop()
