@@ -1,6 +1,7 @@
 package ext4
 
 import (
+	"archive/tar"
 	"bytes"
 	"context"
 	"errors"
@@ -158,28 +159,80 @@ func FingerprintDir(ctx context.Context, dir string, opts Options) (string, erro
 	return formatUUID(u), nil
 }
 
-// write runs fill into a temporary file next to out and renames it into place on success.
-func write(ctx context.Context, out string, opts Options, fill func(*builder) error) (res Result, err error) {
+// Writer builds an image entry by entry, for producers that hold parsed entries already (the
+// OCI flattener): each Add has the semantics of one entry of WriteTar's stream, without a tar
+// stream encoded and parsed again in between. With no input stream to derive an identity from,
+// it needs Options.UUID. Like WriteTar it writes a temporary file next to out and renames it
+// into place on Close; Abort (or a failed Close) leaves nothing. A Writer is used by one
+// goroutine at a time.
+type Writer struct {
+	b    *builder
+	f    *os.File
+	out  string
+	done bool
+}
+
+// Create starts an image at out. opts.UUID must be set.
+func Create(ctx context.Context, out string, opts Options) (*Writer, error) {
+	if opts.UUID == "" {
+		return nil, errors.New("mkext: Create needs Options.UUID (an image built entry by entry has no content to name it)")
+	}
+	return create(ctx, out, opts)
+}
+
+func create(ctx context.Context, out string, opts Options) (*Writer, error) {
 	if err := opts.check(); err != nil {
-		return Result{}, fmt.Errorf("mkext: %w", err)
+		return nil, fmt.Errorf("mkext: %w", err)
 	}
 	f, err := os.CreateTemp(filepath.Dir(out), "."+filepath.Base(out)+".tmp-*")
 	if err != nil {
-		return Result{}, fmt.Errorf("mkext: create output: %w", err)
+		return nil, fmt.Errorf("mkext: create output: %w", err)
+	}
+	b, err := newBuilder(ctx, f, opts)
+	if err != nil {
+		f.Close()
+		os.Remove(f.Name())
+		return nil, fmt.Errorf("mkext: %w", err)
+	}
+	return &Writer{b: b, f: f, out: out}, nil
+}
+
+// Add adds one entry as a tar extractor would: a later entry replaces an earlier one of the same
+// name, missing parents are made. For a regular file data holds its h.Size bytes.
+func (w *Writer) Add(h *tar.Header, data io.Reader) error {
+	if w.done {
+		return errors.New("mkext: Add after Close or Abort")
+	}
+	if err := w.b.ctx.Err(); err != nil {
+		return fmt.Errorf("mkext: %w", err)
+	}
+	if err := w.b.tarEntry(data, h); err != nil {
+		return fmt.Errorf("mkext: entry %q: %w", h.Name, err)
+	}
+	return nil
+}
+
+// Abort removes the unfinished image; it does nothing after Close.
+func (w *Writer) Abort() {
+	if w.done {
+		return
+	}
+	w.done = true
+	w.f.Close()
+	os.Remove(w.f.Name())
+}
+
+// Close adds the injected files, writes the metadata and renames the image into place.
+func (w *Writer) Close() (res Result, err error) {
+	if w.done {
+		return Result{}, errors.New("mkext: Close after Close or Abort")
 	}
 	defer func() {
 		if err != nil {
-			f.Close()
-			os.Remove(f.Name())
+			w.Abort()
 		}
 	}()
-	b, err := newBuilder(ctx, f, opts)
-	if err != nil {
-		return Result{}, fmt.Errorf("mkext: %w", err)
-	}
-	if err := fill(b); err != nil {
-		return Result{}, fmt.Errorf("mkext: %w", err)
-	}
+	b, f, opts := w.b, w.f, w.b.opts
 	for _, in := range opts.Inject {
 		if err := b.inject(in); err != nil {
 			return Result{}, fmt.Errorf("mkext: %w", err)
@@ -199,16 +252,30 @@ func write(ctx context.Context, out string, opts Options, fill func(*builder) er
 	if err := f.Close(); err != nil {
 		return Result{}, fmt.Errorf("mkext: close output: %w", err)
 	}
-	if err := os.Rename(f.Name(), out); err != nil {
+	if err := os.Rename(f.Name(), w.out); err != nil {
 		return Result{}, fmt.Errorf("mkext: %w", err)
 	}
+	w.done = true
 	if opts.Sync {
-		if d, err := os.Open(filepath.Dir(out)); err == nil {
+		if d, err := os.Open(filepath.Dir(w.out)); err == nil {
 			d.Sync()
 			d.Close()
 		}
 	}
 	return res, nil
+}
+
+// write runs fill into a temporary file next to out and renames it into place on success.
+func write(ctx context.Context, out string, opts Options, fill func(*builder) error) (Result, error) {
+	w, err := create(ctx, out, opts)
+	if err != nil {
+		return Result{}, err
+	}
+	if err := fill(w.b); err != nil {
+		w.Abort()
+		return Result{}, fmt.Errorf("mkext: %w", err)
+	}
+	return w.Close()
 }
 
 // inject adds one host file.

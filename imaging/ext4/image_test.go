@@ -301,3 +301,39 @@ func TestCancel(t *testing.T) {
 	}
 	assertNoOutput(t, dir)
 }
+
+// Writer takes parsed entries; a bad one is a clear error, and Abort leaves nothing.
+func TestWriterEntries(t *testing.T) {
+	dir := t.TempDir()
+	img := filepath.Join(dir, "w.ext4")
+	const uuid = "0b2b6d2e-5b0c-4a39-9a57-0d6c2e9d5a10"
+	w, err := ext4.Create(context.Background(), img, ext4.Options{UUID: uuid})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := w.Add(&tar.Header{Name: "etc/hostname", Typeflag: tar.TypeReg, Mode: 0o644, Size: 3, ModTime: t0}, strings.NewReader("vm\n")); err != nil {
+		t.Fatal(err)
+	}
+	if err := w.Add(&tar.Header{Name: "short", Typeflag: tar.TypeReg, Mode: 0o644, Size: 10, ModTime: t0}, strings.NewReader("abc")); err == nil || !strings.Contains(err.Error(), "short") {
+		t.Errorf("truncated data: %v", err)
+	}
+	w.Abort()
+	assertNoOutput(t, dir)
+
+	w, err = ext4.Create(context.Background(), img, ext4.Options{UUID: uuid})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := w.Add(&tar.Header{Name: "etc/hostname", Typeflag: tar.TypeReg, Mode: 0o644, Size: 3, ModTime: t0}, strings.NewReader("vm\n")); err != nil {
+		t.Fatal(err)
+	}
+	res, err := w.Close()
+	if err != nil || res.UUID != uuid {
+		t.Fatalf("Close: %+v, %v", res, err)
+	}
+	w.Abort() // after Close: nothing
+	ext4test.Fsck(t, img)
+	if st := ext4test.Stat(t, img, "/etc/hostname"); st[0] == nil || st[0].Size != 3 {
+		t.Fatalf("entry not in the image: %+v", st[0])
+	}
+}

@@ -86,7 +86,8 @@ func (b *builder) readTar(r io.Reader) error {
 	return nil
 }
 
-func (b *builder) tarEntry(t *tar.Reader, h *tar.Header) error {
+// tarEntry adds one entry; t reads a regular file's data.
+func (b *builder) tarEntry(t io.Reader, h *tar.Header) error {
 	p, err := cleanPath(h.Name)
 	if err != nil {
 		return err

@@ -2,6 +2,7 @@ package oci
 
 import (
 	"archive/tar"
+	"bytes"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
@@ -325,10 +326,10 @@ func inode(fi os.FileInfo) uint64 {
 }
 
 // buildStream converts a single-layer image in one pass: the layer is read once (while it
-// downloads, when it is not cached yet), flattened by rootfs.Stream and piped into the ext4 writer,
-// with the agent and image.json appended to the stream where their paths resolve in the image.
-// The blob and its TOC are cached as in the two-pass path; a digest mismatch found at the end of
-// the stream fails the build, so nothing unverified is published.
+// downloads, when it is not cached yet), flattened by rootfs.StreamTo straight into an
+// ext4.Writer (no tar stream in between), with the agent and image.json added where their paths
+// resolve in the image. The blob and its TOC are cached as in the two-pass path; a digest mismatch
+// found at the end of the stream fails the build, so nothing unverified is published.
 func buildStream(ctx context.Context, im *image, cfgJSON []byte, dir string, opts *ConvertOptions, c *blobcache.Cache, uuid string) error {
 	o := &opts.Options
 	ld := im.layers[0]
@@ -336,11 +337,19 @@ func buildStream(ctx context.Context, im *image, cfgJSON []byte, dir string, opt
 	if err != nil {
 		return fmt.Errorf("oci: agent: %w", err)
 	}
-	pr, pw := io.Pipe()
+	w, err := ext4.Create(ctx, filepath.Join(dir, "rootfs.ext4"), ext4.Options{Size: opts.Size, Free: opts.Free, NoJournal: opts.NoJournal, UUID: uuid})
+	if err != nil {
+		return fmt.Errorf("oci: %s: write ext4: %w", im.src, err)
+	}
+	defer w.Abort() // after Close: nothing
 	produce := func(r io.Reader, verified bool) error {
-		tw := tar.NewWriter(pw)
 		l := rootfs.Layer{Digest: ld.digest, DiffID: ld.diffID}
-		toc, tree, err := rootfs.Stream(ctx, r, l, tw, rootfs.Options{Limits: o.Limits, BlobVerified: verified})
+		add := func(hd *tar.Header, data io.Reader) error {
+			// As a tar stream without an explicit format carries it (and the two-pass path's does).
+			hd.ModTime = hd.ModTime.Round(time.Second)
+			return w.Add(hd, data)
+		}
+		toc, tree, err := rootfs.StreamTo(ctx, r, l, add, rootfs.Options{Limits: o.Limits, BlobVerified: verified})
 		if err != nil {
 			return fmt.Errorf("oci: %s: %w", im.src, err)
 		}
@@ -359,28 +368,18 @@ func buildStream(ctx context.Context, im *image, cfgJSON []byte, dir string, opt
 				return fmt.Errorf("oci: %w", err)
 			}
 			h := &tar.Header{Name: dst, Typeflag: tar.TypeReg, Mode: f.mode, Size: int64(len(f.data)), ModTime: time.Unix(0, 0)}
-			if err := tw.WriteHeader(h); err != nil {
-				return fmt.Errorf("oci: inject %s: %w", f.path, err)
-			}
-			if _, err := tw.Write(f.data); err != nil {
+			if err := w.Add(h, bytes.NewReader(f.data)); err != nil {
 				return fmt.Errorf("oci: inject %s: %w", f.path, err)
 			}
 		}
-		return tw.Close()
+		return nil
 	}
-	flat := make(chan error, 1)
-	go func() {
-		err := streamLayer(ctx, im, o, c, produce)
-		pw.CloseWithError(err)
-		flat <- err
-	}()
-	res, werr := ext4.WriteTar(ctx, pr, filepath.Join(dir, "rootfs.ext4"), ext4.Options{Size: opts.Size, Free: opts.Free, NoJournal: opts.NoJournal, UUID: uuid})
-	pr.CloseWithError(errors.New("ext4 writer stopped reading"))
-	if ferr := <-flat; ferr != nil {
-		return ferr
+	if err := streamLayer(ctx, im, o, c, produce); err != nil {
+		return err
 	}
-	if werr != nil {
-		return fmt.Errorf("oci: %s: write ext4: %w", im.src, werr)
+	res, err := w.Close()
+	if err != nil {
+		return fmt.Errorf("oci: %s: write ext4: %w", im.src, err)
 	}
 	o.progress(Event{Phase: "done", Layers: 1})
 	if err := os.WriteFile(filepath.Join(dir, store.UUIDName), []byte(res.UUID+"\n"), 0o644); err != nil {

@@ -22,6 +22,23 @@ import (
 // the output on error), does not close tw (callers append entries), and returns the layer's TOC
 // and the merged tree, for Resolve.
 func Stream(ctx context.Context, r io.Reader, l Layer, tw *tar.Writer, opts Options) (*TOC, *Tree, error) {
+	return StreamTo(ctx, r, l, func(hd *tar.Header, data io.Reader) error {
+		if err := tw.WriteHeader(hd); err != nil {
+			return fmt.Errorf("write %s: %w", hd.Name, err)
+		}
+		if hd.Typeflag == tar.TypeReg {
+			if _, err := io.Copy(tw, data); err != nil {
+				return fmt.Errorf("write %s: %w", hd.Name, err)
+			}
+		}
+		return nil
+	}, opts)
+}
+
+// StreamTo is Stream handing each output entry to add instead of a tar writer (data reads a
+// regular file's hd.Size bytes, and only until add returns), for a consumer that takes parsed
+// entries, such as imaging/ext4.Writer.
+func StreamTo(ctx context.Context, r io.Reader, l Layer, add func(hd *tar.Header, data io.Reader) error, opts Options) (*TOC, *Tree, error) {
 	lim := opts.Limits.fill()
 	t := newTree(lim.MaxEntries)
 	toc := &TOC{Version: tocVersion}
@@ -56,15 +73,7 @@ func Stream(ctx context.Context, r io.Reader, l Layer, tw *tar.Writer, opts Opti
 		default:
 			hd = header(e, n.path())
 		}
-		if err := tw.WriteHeader(hd); err != nil {
-			return fmt.Errorf("write %s: %w", hd.Name, err)
-		}
-		if hd.Typeflag == tar.TypeReg {
-			if _, err := io.Copy(tw, data); err != nil {
-				return fmt.Errorf("write %s: %w", hd.Name, err)
-			}
-		}
-		return nil
+		return add(hd, data)
 	}, func(d digests) error {
 		if d.blob == "" {
 			d.blob = l.Digest // verified by the caller
