@@ -44,11 +44,15 @@ units:
     shares: [{host: ./project, guest: /src}]
     virtctl: true
 YAML
-dist/virtkit serve >"$tmp/serve.log" 2>&1 &
+VIRTKIT_LOG_LEVEL=info dist/virtkit serve >"$tmp/serve.log" 2>&1 &
 serve_pid=$!
 until [ -e "$tmp/state/broker/endpoint.json" ]; do sleep 0.1; done
 vk() { dist/virtkit "$@"; }
-ms() { local t0=$(date +%s%N); "$@" >"$tmp/last.log" 2>&1 || { echo "failed: $*" >&2; cat "$tmp/last.log" >&2; return 1; }; echo $(( ($(date +%s%N) - t0) / 1000000 )); }
+# On a failure the daemon's log and the VMs' consoles are kept for a look.
+keep() { local d; d=$(mktemp -d "${TMPDIR:-/tmp}/fleet-bench-fail.XXXXXX"); cp "$tmp/serve.log" "$d/"
+  for c in "$tmp"/state/vms/*/console.log; do [ -e "$c" ] && cp "$c" "$d/$(basename "$(dirname "$c")").console.log"; done
+  echo "kept the daemon log and consoles in $d" >&2; }
+ms() { local t0=$(date +%s%N); "$@" >"$tmp/last.log" 2>&1 || { echo "failed: $*" >&2; cat "$tmp/last.log" >&2; keep; return 1; }; echo $(( ($(date +%s%N) - t0) / 1000000 )); }
 
 echo "converting the image once (cached afterwards): $(ms vk fleet up -f "$tmp/virtkit.yaml") ms (first up, includes conversion)"
 vk fleet down -f "$tmp/virtkit.yaml" >/dev/null 2>&1
