@@ -226,6 +226,9 @@ type VM struct {
 	helpers  []*helper
 	stop     sync.Once
 	stopErr  error
+	// agent is the connection that saw the agent answer, until TakeAgent hands it over.
+	agentMu sync.Mutex
+	agent   *client.Client
 }
 
 // Timings splits boot-to-ready.
@@ -421,7 +424,9 @@ func (vm *VM) waitAgent(ctx context.Context) error {
 		c, err := client.Dial(dctx, vm.ExecURL)
 		dcancel()
 		if err == nil {
-			c.Close()
+			vm.agentMu.Lock()
+			vm.agent = c
+			vm.agentMu.Unlock()
 			return nil
 		}
 		var pe *proto.VersionError
@@ -444,6 +449,17 @@ func (vm *VM) waitAgent(ctx context.Context) error {
 			}
 		}
 	}
+}
+
+// TakeAgent hands over the connection on which the agent first answered (nil after the first
+// call, or when the VM booted in entrypoint mode and powered off at once): a caller that talks to
+// the agent right after Start saves a dial. The caller closes it.
+func (vm *VM) TakeAgent() *client.Client {
+	vm.agentMu.Lock()
+	defer vm.agentMu.Unlock()
+	c := vm.agent
+	vm.agent = nil
+	return c
 }
 
 // Done is closed when the VMM exits.
@@ -504,6 +520,9 @@ func (vm *VM) PowerOff(ctx context.Context) error {
 
 func (vm *VM) teardown(ctx context.Context) error {
 	vm.stop.Do(func() {
+		if c := vm.TakeAgent(); c != nil {
+			c.Close()
+		}
 		if vm.machine != nil {
 			vm.stopErr = vm.PowerOff(ctx)
 		}
