@@ -3,6 +3,8 @@ package jobs
 import (
 	"context"
 
+	"github.com/virtkit/virtkit/agent/client"
+
 	"github.com/virtkit/virtkit/workers/launcher"
 )
 
@@ -52,4 +54,5 @@ func (v launcherVM) IP() string {
 	return ""
 }
 func (v launcherVM) Done() <-chan struct{}          { return v.vm.Done() }
+func (v launcherVM) TakeAgent() *client.Client      { return v.vm.TakeAgent() }
 func (v launcherVM) Stop(ctx context.Context) error { return v.vm.Stop(ctx) }

@@ -704,10 +704,16 @@ func (r *Runner) onCleanup(m *nats.Msg) {
 	respond(m, Reply{OK: true})
 }
 
-// dialAgent connects to a booted VM's agent. The launcher saw it answer, so the agent's hello is
+// dialAgent connects to a booted VM's agent: the machine's own connection when it offers one
+// (TakeAgent), else a new one. The launcher saw it answer, so the agent's hello is
 // proof enough; should the first dial fail it retries briefly (anything slower than a minute is a
 // fault).
 func dialAgent(ctx context.Context, m Machine) (*client.Client, error) {
+	if t, ok := m.(interface{ TakeAgent() *client.Client }); ok {
+		if c := t.TakeAgent(); c != nil {
+			return c, nil // the connection that saw the agent answer at boot
+		}
+	}
 	ctx, cancel := context.WithTimeout(ctx, time.Minute)
 	defer cancel()
 	dctx, dcancel := context.WithTimeout(ctx, 5*time.Second)

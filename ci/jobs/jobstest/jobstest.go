@@ -77,7 +77,7 @@ func (m *AgentMachines) Boot(ctx context.Context, req launcher.Request) (jobs.Ma
 		a.Stop(context.Background())
 		return nil, err
 	}
-	c.Close()
+	a.agent = c
 	m.mu.Lock()
 	if _, dup := m.live[req.Name]; dup {
 		m.mu.Unlock()
@@ -114,6 +114,19 @@ type AgentMachine struct {
 	cmd  *exec.Cmd
 	done chan struct{}
 	once sync.Once
+	// agent is the boot-time connection until TakeAgent hands it over.
+	agentMu sync.Mutex
+	agent   *client.Client
+}
+
+// TakeAgent hands over the connection that saw the agent answer (nil after the first call), as
+// launcher.VM does.
+func (a *AgentMachine) TakeAgent() *client.Client {
+	a.agentMu.Lock()
+	defer a.agentMu.Unlock()
+	c := a.agent
+	a.agent = nil
+	return c
 }
 
 func (a *AgentMachine) ExecURL() string       { return a.url }
@@ -124,6 +137,9 @@ func (a *AgentMachine) Done() <-chan struct{} { return a.done }
 // groups die with their connections).
 func (a *AgentMachine) Stop(ctx context.Context) error {
 	a.once.Do(func() {
+		if c := a.TakeAgent(); c != nil {
+			c.Close()
+		}
 		syscall.Kill(-a.cmd.Process.Pid, syscall.SIGTERM)
 		select {
 		case <-a.done:
