@@ -23,16 +23,27 @@ func Launch(ctx context.Context, c *broker.Client, host string, req Request) (*b
 	if _, err := c.Submit(ctx, broker.HostWorkSubject(host, KindLaunch), "launch-"+req.Name+"-"+nonce(), req); err != nil {
 		return nil, err
 	}
+	// The end of a previous VM of the same name may still be published after the submit (the
+	// launcher waits for it before booting this one): only what follows vm.starting is ours.
+	started := false
 	for {
 		select {
 		case ev := <-evs:
 			switch e := ev.(type) {
+			case *broker.VMStarting:
+				started = true
 			case *broker.VMReady:
-				return e, nil
+				if started {
+					return e, nil
+				}
 			case *broker.VMFailed:
-				return nil, errors.New(e.Error)
+				if started {
+					return nil, errors.New(e.Error)
+				}
 			case *broker.VMStopped:
-				return nil, fmt.Errorf("vm %s stopped while booting: %s", req.Name, e.Reason)
+				if started {
+					return nil, fmt.Errorf("vm %s stopped while booting: %s", req.Name, e.Reason)
+				}
 			}
 		case <-ctx.Done():
 			return nil, fmt.Errorf("vm %s: waiting for it to boot: %w", req.Name, ctx.Err())

@@ -42,14 +42,17 @@ type Worker struct {
 	running map[string]*VM
 	// stopping marks VMs whose end was asked for, so their exit is a stop, not a failure.
 	stopping map[string]bool
-	// starting marks VMs being booted: a redelivered launch of one is already being done.
-	starting map[string]bool
-	wg       sync.WaitGroup
+	// gone holds, for every VM name taken (booting, running or ending), a channel closed once
+	// its end is published; launchedBy the id of the work that took it.
+	gone       map[string]chan struct{}
+	launchedBy map[string]string
+	wg         sync.WaitGroup
 }
 
 // NewWorker wraps a Launcher for the broker.
 func NewWorker(l *Launcher, c *broker.Client, slots *broker.Slots, log zerolog.Logger) *Worker {
-	return &Worker{l: l, c: c, slots: slots, log: log, running: map[string]*VM{}, stopping: map[string]bool{}, starting: map[string]bool{}}
+	return &Worker{l: l, c: c, slots: slots, log: log, running: map[string]*VM{}, stopping: map[string]bool{},
+		gone: map[string]chan struct{}{}, launchedBy: map[string]string{}}
 }
 
 // Name implements workers.Worker.
@@ -117,7 +120,7 @@ func (w *Worker) handle(ctx context.Context, wk *broker.Work) error {
 		if err := wk.Decode(&req); err != nil {
 			return err
 		}
-		return w.launch(ctx, req)
+		return w.launch(ctx, req, wk.ID)
 	case wk.Subject == broker.HostWorkSubject(w.c.Host(), KindStop):
 		var req StopRequest
 		if err := wk.Decode(&req); err != nil {
@@ -128,21 +131,45 @@ func (w *Worker) handle(ctx context.Context, wk *broker.Work) error {
 	return broker.Permanent(fmt.Errorf("launcher: unexpected work subject %s", wk.Subject))
 }
 
-func (w *Worker) launch(ctx context.Context, req Request) error {
-	w.mu.Lock()
-	_, dup := w.running[req.Name]
-	dup = dup || w.starting[req.Name]
-	if !dup {
-		w.starting[req.Name] = true
-	}
-	w.mu.Unlock()
-	if dup {
-		return nil // a redelivery of work we did or are doing
-	}
-	defer func() {
+func (w *Worker) launch(ctx context.Context, req Request, id string) error {
+	// A name is taken from the moment its launch starts until its end has been published. A
+	// redelivery of the work that took it is done already; a new launch of a name whose VM is
+	// ending (it powered off, or a stop is under way) waits for that end to be published, so its
+	// own vm.starting comes after the old vm.stopped; a new launch of a name whose VM runs is
+	// refused with a warning.
+	for {
 		w.mu.Lock()
-		delete(w.starting, req.Name)
+		gone, taken := w.gone[req.Name]
+		if !taken {
+			w.gone[req.Name] = make(chan struct{})
+			w.launchedBy[req.Name] = id
+			w.mu.Unlock()
+			break
+		}
+		if w.launchedBy[req.Name] == id {
+			w.mu.Unlock()
+			return nil // a redelivery of work we did or are doing
+		}
+		vm := w.running[req.Name]
+		ending := w.stopping[req.Name] || (vm != nil && isClosed(vm.Done()))
 		w.mu.Unlock()
+		if !ending {
+			w.log.Warn().Str("vm", req.Name).Msg("launch refused: a VM of that name is running or booting")
+			return nil
+		}
+		select {
+		case <-gone:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+	started := false
+	defer func() {
+		if !started {
+			w.mu.Lock()
+			w.release(req.Name)
+			w.mu.Unlock()
+		}
 	}()
 	w.publish(ctx, &broker.VMStarting{VM: req.Name, Host: w.c.Host(), Image: req.Rootfs, VMM: firstNonEmpty(req.VMM, w.l.Driver().Name()), CPUs: req.CPUs, MemoryMiB: req.MemoryMiB})
 	vm, err := w.l.Start(ctx, req)
@@ -152,6 +179,7 @@ func (w *Worker) launch(ctx context.Context, req Request) error {
 	}
 	w.mu.Lock()
 	w.running[req.Name] = vm
+	started = true
 	w.mu.Unlock()
 	ready := &broker.VMReady{VM: req.Name, BootMillis: vm.Timings.Total.Milliseconds()}
 	if vm.IP.IsValid() {
@@ -191,6 +219,27 @@ func (w *Worker) watch(vm *VM) {
 		w.publish(ctx, &broker.VMFailed{VM: vm.Name, Error: fmt.Sprintf("%v; console:\n%s", vmmErr, tail)})
 	default:
 		w.publish(ctx, &broker.VMStopped{VM: vm.Name, ExitCode: code, Reason: "powered off"})
+	}
+	w.mu.Lock()
+	w.release(vm.Name)
+	w.mu.Unlock()
+}
+
+// release frees a VM name once its end is published (or its launch failed); w.mu is held.
+func (w *Worker) release(name string) {
+	if ch, ok := w.gone[name]; ok {
+		close(ch)
+		delete(w.gone, name)
+		delete(w.launchedBy, name)
+	}
+}
+
+func isClosed(ch <-chan struct{}) bool {
+	select {
+	case <-ch:
+		return true
+	default:
+		return false
 	}
 }
 
