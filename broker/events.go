@@ -41,6 +41,13 @@ type VMFailed struct {
 	Error string `json:"error"`
 }
 
+// VMRefused: a launch was refused because a VM of that name is running or booting; the VM it
+// names is not affected (projections ignore this event).
+type VMRefused struct {
+	VM    string `json:"vm"`
+	Error string `json:"error"`
+}
+
 // ImageConverting: a converter started turning Ref into a bootable bundle.
 type ImageConverting struct {
 	Image string `json:"image"`
@@ -152,6 +159,8 @@ func (e *VMStopped) EventType() string       { return "vm.stopped" }
 func (e *VMStopped) EventSubject() string    { return e.VM }
 func (e *VMFailed) EventType() string        { return "vm.failed" }
 func (e *VMFailed) EventSubject() string     { return e.VM }
+func (e *VMRefused) EventType() string       { return "vm.refused" }
+func (e *VMRefused) EventSubject() string    { return e.VM }
 func (e *ImageConverting) EventType() string { return "image.converting" }
 func (e *ImageConverting) EventSubject() string {
 	return e.Image
@@ -177,7 +186,7 @@ func (e *HostStopped) EventSubject() string    { return e.Host }
 
 func init() {
 	for _, ev := range []Event{
-		&VMStarting{}, &VMReady{}, &VMStopped{}, &VMFailed{},
+		&VMStarting{}, &VMReady{}, &VMStopped{}, &VMFailed{}, &VMRefused{},
 		&ImageConverting{}, &ImageConverted{}, &ImageFailed{},
 		&JobQueued{}, &JobStarted{}, &JobSucceeded{}, &JobFailed{}, &JobCanceled{},
 		&HostHeartbeat{}, &HostStopped{},

@@ -331,6 +331,13 @@ func TestDaemonVMsNetworkAndFaults(t *testing.T) {
 	for e := range errs {
 		t.Fatal(e)
 	}
+	// A second VM of a running VM's name is refused at once, and the running one is untouched.
+	if out, errOut, code := v.run("run", "-d", "--name", "vm2", img, "--", "true"); code == 0 || !strings.Contains(errOut, "already running") {
+		t.Errorf("run -d --name vm2 again: exit %d, %q %q; want a refusal", code, out, errOut)
+	}
+	if out, _, code := v.run("vm", "exec", "vm2", "--", "true"); code != 0 {
+		t.Errorf("vm2 after the refused launch: exec exit %d: %s", code, out)
+	}
 	// Entrypoint mode: the image's own command runs as the VM's job; the VM powers off after it
 	// and its exit code reaches the event log.
 	if out, errOut, code := v.run("run", "-d", "--name", "ep", img); code != 0 || strings.TrimSpace(out) != "ep" {

@@ -32,6 +32,10 @@ func Launch(ctx context.Context, c *broker.Client, host string, req Request) (*b
 			switch e := ev.(type) {
 			case *broker.VMStarting:
 				started = true
+			case *broker.VMRefused:
+				if !started {
+					return nil, errors.New(e.Error)
+				}
 			case *broker.VMReady:
 				if started {
 					return e, nil

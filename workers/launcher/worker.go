@@ -136,7 +136,7 @@ func (w *Worker) launch(ctx context.Context, req Request, id string) error {
 	// redelivery of the work that took it is done already; a new launch of a name whose VM is
 	// ending (it powered off, or a stop is under way) waits for that end to be published, so its
 	// own vm.starting comes after the old vm.stopped; a new launch of a name whose VM runs is
-	// refused with a warning.
+	// refused (vm.refused, which leaves the running VM's state alone).
 	for {
 		w.mu.Lock()
 		gone, taken := w.gone[req.Name]
@@ -155,6 +155,7 @@ func (w *Worker) launch(ctx context.Context, req Request, id string) error {
 		w.mu.Unlock()
 		if !ending {
 			w.log.Warn().Str("vm", req.Name).Msg("launch refused: a VM of that name is running or booting")
+			w.publish(ctx, &broker.VMRefused{VM: req.Name, Error: fmt.Sprintf("a VM named %s is already running or booting", req.Name)})
 			return nil
 		}
 		select {
