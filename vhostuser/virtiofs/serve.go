@@ -34,6 +34,8 @@ type Config struct {
 	// SharedDir is the directory the guest sees.
 	SharedDir string
 	ReadOnly  bool
+	// Trace logs every FUSE request and reply (go-fuse's debug output) to Logger.
+	Trace bool
 	// Cache is CacheAuto (default), CacheAlways or CacheNever.
 	Cache string
 	// Xattr enables extended attributes.
@@ -103,6 +105,7 @@ func NewFileSystem(cfg Config) (*fuse.ProtocolServer, error) {
 		EnableLocks:              true,
 		ExplicitDataCacheControl: cfg.Cache == CacheNever,
 		Logger:                   log.New(cfg.Logger, "go-fuse: ", 0),
+		Debug:                    cfg.Trace,
 		// A guest can make the node bridge panic with forged node IDs; answer EINVAL without
 		// logging a stack per request.
 		PanicHandler: func(r any) fuse.Status {

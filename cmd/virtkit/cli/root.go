@@ -53,7 +53,11 @@ func (e *env) load() error {
 		// everything it needs on its command line: the host's config file is none of its business
 		// and may not even be readable to it.
 		e.cfg = &config.Config{LogLevel: "info"}
-		e.log = newLogger(zerolog.InfoLevel)
+		lvl := zerolog.InfoLevel
+		if l, err := zerolog.ParseLevel(e.logLevel); err == nil && e.logLevel != "" {
+			lvl = l // the parent's --log-level, passed on
+		}
+		e.log = newLogger(lvl)
 		return nil
 	}
 	cfg, err := config.Load(e.configPath)

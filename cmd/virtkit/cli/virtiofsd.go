@@ -1,6 +1,8 @@
 package cli
 
 import (
+	"github.com/rs/zerolog"
+
 	"fmt"
 	"os"
 	"path/filepath"
@@ -30,6 +32,7 @@ host's namespace and trusts the guest.`,
 			Args: cobra.NoArgs,
 			RunE: func(cmd *cobra.Command, args []string) error {
 				cfg.Logger = e.log
+				cfg.Trace = e.log.GetLevel() <= zerolog.TraceLevel // --log-level trace: every FUSE request
 				ctx := cmd.Context()
 				if share := os.Getenv(virtiofs.SandboxEnv); share != "" { // the sandboxed child
 					if err := virtiofs.EnterSandbox(share, cfg.ReadOnly); err != nil {
