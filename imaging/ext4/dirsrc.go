@@ -1,6 +1,7 @@
 package ext4
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
 	"io"
@@ -8,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"sort"
+	"sync"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -15,6 +17,11 @@ import (
 
 // readDir adds the tree at root. Its content hash covers every entry's path, metadata and
 // content in walk order.
+//
+// The walk and the per-entry system calls (lstat, xattrs, readlink, and reading small files)
+// run ahead of the builder on a few goroutines, in a bounded window: on a tree of many small
+// files those calls are most of the work, and the builder then only hashes, places and writes,
+// in walk order, so the image is the same as a sequential walk's.
 func (b *builder) readDir(root string) error {
 	st, err := os.Lstat(root)
 	if err != nil {
@@ -23,34 +30,143 @@ func (b *builder) readDir(root string) error {
 	if !st.IsDir() {
 		return fmt.Errorf("%s is not a directory", root)
 	}
+	w := startDirWalk(root)
+	defer w.stop()
 	links := map[[2]uint64]string{}
-	return filepath.WalkDir(root, func(path string, d fs.DirEntry, err error) error {
-		if err != nil {
-			return err
+	for it := range w.order {
+		<-it.ready
+		if it.walkErr != nil {
+			return it.walkErr
 		}
 		if err := b.ctx.Err(); err != nil {
 			return err
 		}
-		rel, err := filepath.Rel(root, path)
-		if err != nil {
-			return err
+		if it.err != nil {
+			return fmt.Errorf("%s: %w", it.path, it.err)
 		}
-		p, err := cleanPath(filepath.ToSlash(rel))
-		if err != nil {
-			return err
+		if err := b.dirEntry(it, links); err != nil {
+			return fmt.Errorf("%s: %w", it.path, err)
 		}
-		if err := b.dirEntry(path, p, links); err != nil {
-			return fmt.Errorf("%s: %w", path, err)
-		}
-		return nil
-	})
+	}
+	return nil
 }
 
-func (b *builder) dirEntry(path, p string, links map[[2]uint64]string) error {
-	var st unix.Stat_t
-	if err := unix.Lstat(path, &st); err != nil {
-		return err
+// dirItem is one walked entry with what the workers found about it.
+type dirItem struct {
+	path, p string // host path; image path
+	walkErr error  // from the walk itself (returned as is)
+	err     error  // from the entry's system calls (returned with the path)
+	st      unix.Stat_t
+	xs      []xattr
+	target  string // symlink target
+	data    []byte // a small regular file's content; nil: read it in dirEntry
+	ready   chan struct{}
+}
+
+const (
+	dirWindow   = 128      // entries in flight ahead of the builder (prefetched data: 8 MiB at most)
+	dirWorkers  = 2        // goroutines doing the per-entry system calls
+	dirPrefetch = 64 << 10 // regular files up to this size are read ahead
+)
+
+type dirWalk struct {
+	order chan *dirItem
+	quit  chan struct{}
+	wg    sync.WaitGroup
+}
+
+func startDirWalk(root string) *dirWalk {
+	w := &dirWalk{order: make(chan *dirItem, dirWindow), quit: make(chan struct{})}
+	work := make(chan *dirItem, dirWindow)
+	w.wg.Add(1 + dirWorkers)
+	go func() { // the walk: items in order to the builder, and to the workers
+		defer w.wg.Done()
+		defer close(w.order)
+		defer close(work)
+		errQuit := errors.New("quit")
+		filepath.WalkDir(root, func(path string, d fs.DirEntry, err error) error {
+			it := &dirItem{path: path, ready: make(chan struct{})}
+			if err == nil {
+				var rel string
+				if rel, err = filepath.Rel(root, path); err == nil {
+					it.p, err = cleanPath(filepath.ToSlash(rel))
+				}
+			}
+			if err != nil {
+				it.walkErr = err
+				close(it.ready)
+			}
+			select {
+			case w.order <- it:
+			case <-w.quit:
+				return errQuit
+			}
+			if err != nil {
+				return errQuit
+			}
+			select {
+			case work <- it:
+			case <-w.quit:
+				return errQuit
+			}
+			return nil
+		})
+	}()
+	for i := 0; i < dirWorkers; i++ {
+		go func() {
+			defer w.wg.Done()
+			for it := range work {
+				it.lookup()
+				close(it.ready)
+			}
+		}()
 	}
+	return w
+}
+
+// stop ends the walk early (or after its end) and waits for its goroutines.
+func (w *dirWalk) stop() {
+	close(w.quit)
+	for range w.order { // unblock the walk; the workers finish what they hold
+	}
+	w.wg.Wait()
+}
+
+// lookup makes the entry's system calls.
+func (it *dirItem) lookup() {
+	if it.err = unix.Lstat(it.path, &it.st); it.err != nil {
+		return
+	}
+	if it.xs, it.err = listXattrs(it.path); it.err != nil {
+		return
+	}
+	switch it.st.Mode & unix.S_IFMT {
+	case unix.S_IFLNK:
+		it.target, it.err = os.Readlink(it.path)
+	case unix.S_IFREG:
+		if it.st.Size > dirPrefetch || it.st.Nlink > 1 {
+			return // big files stream in dirEntry; hard links may not need their data
+		}
+		f, err := os.Open(it.path)
+		if err != nil {
+			it.err = err
+			return
+		}
+		defer f.Close()
+		buf := make([]byte, it.st.Size)
+		if _, err := io.ReadFull(f, buf); err != nil {
+			if errors.Is(err, io.EOF) {
+				err = io.ErrUnexpectedEOF
+			}
+			it.err = fmt.Errorf("read data: %w", err)
+			return
+		}
+		it.data = buf
+	}
+}
+
+func (b *builder) dirEntry(it *dirItem, links map[[2]uint64]string) error {
+	st, p := &it.st, it.p
 	n := &node{
 		mode:  uint16(st.Mode & 0o7777),
 		uid:   st.Uid,
@@ -59,10 +175,7 @@ func (b *builder) dirEntry(path, p string, links map[[2]uint64]string) error {
 		ctime: toTimespec(time.Unix(st.Ctim.Sec, st.Ctim.Nsec)),
 	}
 	n.atime = n.mtime
-	xs, err := listXattrs(path)
-	if err != nil {
-		return err
-	}
+	xs := it.xs
 	fmt.Fprintf(b.in, "entry %q %o %d %d %d.%d %d.%d %d\n", p, st.Mode, st.Uid, st.Gid,
 		n.mtime.sec, n.mtime.nsec, n.ctime.sec, n.ctime.nsec, st.Rdev)
 	for _, x := range xs {
@@ -81,12 +194,18 @@ func (b *builder) dirEntry(path, p string, links map[[2]uint64]string) error {
 	switch mode {
 	case unix.S_IFREG:
 		n.mode |= sIFREG
-		f, err := os.Open(path)
-		if err != nil {
-			return err
+		var r io.Reader
+		if it.data != nil {
+			r = bytes.NewReader(it.data)
+		} else {
+			f, err := os.Open(it.path)
+			if err != nil {
+				return err
+			}
+			defer f.Close()
+			r = f
 		}
-		defer f.Close()
-		if err := b.writeData(n, io.TeeReader(f, b.in), st.Size); err != nil {
+		if err := b.writeData(n, io.TeeReader(r, b.in), st.Size); err != nil {
 			return err
 		}
 	case unix.S_IFDIR:
@@ -94,10 +213,7 @@ func (b *builder) dirEntry(path, p string, links map[[2]uint64]string) error {
 		n.kids = map[string]*node{}
 	case unix.S_IFLNK:
 		n.mode |= sIFLNK
-		t, err := os.Readlink(path)
-		if err != nil {
-			return err
-		}
+		t := it.target
 		if t == "" || len(t) >= blockSize {
 			return errors.New("bad symlink target")
 		}

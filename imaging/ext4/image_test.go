@@ -10,10 +10,12 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"syscall"
 	"testing"
 	"testing/iotest"
+	"time"
 
 	"github.com/klauspost/compress/gzip"
 	"github.com/klauspost/compress/zstd"
@@ -335,5 +337,29 @@ func TestWriterEntries(t *testing.T) {
 	ext4test.Fsck(t, img)
 	if st := ext4test.Stat(t, img, "/etc/hostname"); st[0] == nil || st[0].Size != 3 {
 		t.Fatalf("entry not in the image: %+v", st[0])
+	}
+}
+
+// A folder walk stopped early (cancelled here) ends its walking goroutines and leaves nothing.
+func TestCancelDir(t *testing.T) {
+	tree := t.TempDir()
+	for i := 0; i < 2000; i++ {
+		if err := os.WriteFile(filepath.Join(tree, fmt.Sprintf("f%04d", i)), []byte("x"), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	before := runtime.NumGoroutine()
+	out := t.TempDir()
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	if _, err := ext4.WriteDir(ctx, tree, filepath.Join(out, "out.ext4"), ext4.Options{}); !errors.Is(err, context.Canceled) {
+		t.Fatalf("err = %v", err)
+	}
+	assertNoOutput(t, out)
+	for i := 0; runtime.NumGoroutine() > before; i++ { // leaf hashes end by themselves
+		if i == 100 {
+			t.Fatalf("%d goroutines after WriteDir returned, %d before", runtime.NumGoroutine(), before)
+		}
+		time.Sleep(10 * time.Millisecond)
 	}
 }
