@@ -85,6 +85,15 @@ func TestConvertMatchesUmoci(t *testing.T) {
 	if !built || b.Rootfs != filepath.Join(b.Dir, "rootfs.ext4") || filepath.Dir(b.Dir) != o.Store {
 		t.Fatalf("bundle %+v built=%v", b, built)
 	}
+	// The multi-layer path spools layers into the build folder: nothing of it is published.
+	ents, _ := os.ReadDir(b.Dir)
+	var names []string
+	for _, e := range ents {
+		names = append(names, e.Name())
+	}
+	if strings.Join(names, " ") != "fsuuid image.json rootfs.ext4 used" {
+		t.Errorf("bundle folder holds %v", names)
+	}
 	c := b.Image
 	if strings.Join(c.Entrypoint, " ") != "/bin/app" || strings.Join(c.Cmd, " ") != "--serve" || c.WorkingDir != "/srv" ||
 		c.User != "1000:1000" || strings.Join(c.ExposedPorts, ",") != "53/udp,8080/tcp" || c.Labels["org.example"] != "yes" ||
