@@ -165,18 +165,9 @@ Without a file, --builder IMAGE and --service NAME:IMAGE describe a quick fleet.
 
 	var ef runFlags
 	attach := func(cmd *cobra.Command, unit string, req client.ExecRequest, interactive bool) error {
-		name, err := fleetName(e, &f)
+		name, ctl, u, err := appliedUnit(e, &f, unit)
 		if err != nil {
 			return err
-		}
-		ctl := fleetController(e.cfg, nil, e.log, f.img.options(e))
-		a, err := ctl.Load(name)
-		if err != nil {
-			return err
-		}
-		u := a.Units[unit]
-		if u == nil {
-			return fmt.Errorf("fleet %s: no unit %q", name, unit)
 		}
 		ag, err := client.Dial(cmd.Context(), ctl.ExecURL(u.Request.Name))
 		if err != nil {
@@ -233,17 +224,9 @@ through the agent's exec channel instead.`,
 			if len(args) == 1 {
 				unit = args[0]
 			}
-			name, err := fleetName(e, &f)
+			name, _, u, err := appliedUnit(e, &f, unit)
 			if err != nil {
 				return err
-			}
-			a, err := fleetController(e.cfg, nil, e.log, f.img.options(e)).Load(name)
-			if err != nil {
-				return err
-			}
-			u := a.Units[unit]
-			if u == nil {
-				return fmt.Errorf("fleet %s: no unit %q", name, unit)
 			}
 			if !u.SSH {
 				if len(extra) > 0 {
@@ -262,18 +245,9 @@ through the agent's exec channel instead.`,
 		Use: "connect UNIT", Short: "Relay stdin/stdout to a TCP port of a unit through its agent (ssh ProxyCommand)", Args: cobra.ExactArgs(1),
 		Hidden: true,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			name, err := fleetName(e, &f)
+			name, ctl, u, err := appliedUnit(e, &f, args[0])
 			if err != nil {
 				return err
-			}
-			ctl := fleetController(e.cfg, nil, e.log, f.img.options(e))
-			a, err := ctl.Load(name)
-			if err != nil {
-				return err
-			}
-			u := a.Units[args[0]]
-			if u == nil {
-				return fmt.Errorf("fleet %s: no unit %q", name, args[0])
 			}
 			ag, err := client.Dial(cmd.Context(), ctl.ExecURL(u.Request.Name))
 			if err != nil {
@@ -294,18 +268,9 @@ through the agent's exec channel instead.`,
 	logs := &cobra.Command{
 		Use: "logs UNIT", Short: "Print (-f: follow) a unit's console: its command's output, the kernel's and the agent's lines", Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			name, err := fleetName(e, &f)
+			name, _, u, err := appliedUnit(e, &f, args[0])
 			if err != nil {
 				return err
-			}
-			ctl := fleetController(e.cfg, nil, e.log, f.img.options(e))
-			a, err := ctl.Load(name)
-			if err != nil {
-				return err
-			}
-			u := a.Units[args[0]]
-			if u == nil {
-				return fmt.Errorf("fleet %s: no unit %q", name, args[0])
 			}
 			vmDir := filepath.Join(e.cfg.StateDir, "vms", u.Request.Name)
 			console := filepath.Join(vmDir, "console.log")
@@ -446,6 +411,24 @@ func quickFleet(f *fleetFlags) ([]byte, error) {
 }
 
 // fleetName is --name, else the fleet file's name, else the only fleet applied on this host.
+// appliedUnit loads the applied fleet the flags name and one of its units.
+func appliedUnit(e *env, f *fleetFlags, unit string) (string, *fleet.Controller, *fleet.AppliedUnit, error) {
+	name, err := fleetName(e, f)
+	if err != nil {
+		return "", nil, nil, err
+	}
+	ctl := fleetController(e.cfg, nil, e.log, f.img.options(e))
+	a, err := ctl.Load(name)
+	if err != nil {
+		return "", nil, nil, err
+	}
+	u := a.Units[unit]
+	if u == nil {
+		return "", nil, nil, fmt.Errorf("fleet %s: no unit %q", name, unit)
+	}
+	return name, ctl, u, nil
+}
+
 func fleetName(e *env, f *fleetFlags) (string, error) {
 	if f.name != "" {
 		return f.name, nil
