@@ -1,7 +1,6 @@
 package lan_test
 
 import (
-	"bufio"
 	"context"
 	"fmt"
 	"net"
@@ -20,6 +19,7 @@ import (
 
 	"github.com/virtkit/virtkit/cmd/cmdtest"
 	"github.com/virtkit/virtkit/switch/lan"
+	"github.com/virtkit/virtkit/workers/launcher/vmm"
 )
 
 // TestQEMUStream is the interoperability proof for the framing: a real guest kernel behind QEMU's
@@ -90,7 +90,7 @@ poweroff -f
 	}
 
 	cmdline := "console=ttyS0 panic=-1 reboot=t pci=off quiet"
-	if khz := hostKHz(); khz > 0 {
+	if khz := vmm.HostKHz(); khz > 0 {
 		cmdline += " tsc_early_khz=" + strconv.Itoa(khz)
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
@@ -129,22 +129,4 @@ poweroff -f
 	if c.Drops[lan.DropSpoofIP] != 0 || c.Drops[lan.DropSpoofMAC] != 0 || c.TxBytes < 4<<20 {
 		t.Errorf("port counters %+v", c)
 	}
-}
-
-func hostKHz() int {
-	f, err := os.Open("/proc/cpuinfo")
-	if err != nil {
-		return 0
-	}
-	defer f.Close()
-	s := bufio.NewScanner(f)
-	for s.Scan() {
-		k, v, ok := strings.Cut(s.Text(), ":")
-		if ok && strings.TrimSpace(k) == "cpu MHz" {
-			if mhz, err := strconv.ParseFloat(strings.TrimSpace(v), 64); err == nil {
-				return int(mhz * 1000)
-			}
-		}
-	}
-	return 0
 }

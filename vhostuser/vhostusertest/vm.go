@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/virtkit/virtkit/cmd/cmdtest"
+	"github.com/virtkit/virtkit/workers/launcher/vmm"
 )
 
 // GuestProg builds the test guest's init (vhostuser/internal/guestprog) as a static binary.
@@ -114,7 +115,7 @@ func Boot(t testing.TB, c VMConfig) *VM {
 		machine = []string{"-M", "q35,memory-backend=mem"}
 	} else {
 		cmdline += " pci=off"
-		if khz := hostKHz(); khz > 0 {
+		if khz := vmm.HostKHz(); khz > 0 {
 			cmdline += " tsc_early_khz=" + strconv.Itoa(khz)
 		}
 	}
@@ -188,21 +189,4 @@ func (vm *VM) WaitConsole(s string, timeout time.Duration) error {
 func (vm *VM) Output() string {
 	b, _ := os.ReadFile(vm.Console)
 	return string(b)
-}
-
-// hostKHz reads the TSC frequency for tsc_early_khz (TCG microvm guests hang without it).
-func hostKHz() int {
-	b, err := os.ReadFile("/proc/cpuinfo")
-	if err != nil {
-		return 0
-	}
-	for _, l := range strings.Split(string(b), "\n") {
-		if k, v, ok := strings.Cut(l, ":"); ok && strings.TrimSpace(k) == "cpu MHz" {
-			f, err := strconv.ParseFloat(strings.TrimSpace(v), 64)
-			if err == nil {
-				return int(f * 1000)
-			}
-		}
-	}
-	return 0
 }

@@ -66,9 +66,9 @@ func cpuHasVirt() bool {
 	return false
 }
 
-// hostKHz is the host TSC frequency guess from /proc/cpuinfo: microvm under TCG needs
+// HostKHz is the host TSC frequency guess from /proc/cpuinfo: microvm under TCG needs
 // tsc_early_khz on the kernel command line, or some boots hang calibrating against the PIT.
-func hostKHz() int {
+func HostKHz() int {
 	f, err := os.Open("/proc/cpuinfo")
 	if err != nil {
 		return 0

@@ -74,7 +74,7 @@ func (q *QEMU) Args(s Spec) []string {
 		cmdline = append(cmdline, "pci=off")
 	}
 	if q.Accel.Name == "tcg" && microvm {
-		if khz := hostKHz(); khz > 0 {
+		if khz := HostKHz(); khz > 0 {
 			cmdline = append(cmdline, "tsc_early_khz="+strconv.Itoa(khz))
 		}
 	}
