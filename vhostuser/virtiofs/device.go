@@ -65,6 +65,11 @@ func (d *device) Config() []byte { return nil }
 func (d *device) session() (*fuse.ProtocolServer, error) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
+	return d.sessionLocked()
+}
+
+// sessionLocked returns the current FUSE session, making one if there is none; d.mu is held.
+func (d *device) sessionLocked() (*fuse.ProtocolServer, error) {
 	if d.ps == nil {
 		ps, err := d.newFS()
 		if err != nil {
@@ -138,14 +143,7 @@ func (d *device) sessionFor(ch *vhostuser.Chain) (*fuse.ProtocolServer, error) {
 		}
 		d.inited = true
 	}
-	if d.ps == nil {
-		ps, err := d.newFS()
-		if err != nil {
-			return nil, err
-		}
-		d.ps = ps
-	}
-	return d.ps, nil
+	return d.sessionLocked()
 }
 
 // serve answers q's requests inline on the goroutine that pops them: no hand-off, no goroutine
