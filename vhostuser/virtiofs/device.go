@@ -19,7 +19,8 @@
 // the guest EMFILE, not a crash.
 //
 // Concurrency: each started queue has one goroutine that pops requests and answers them inline;
-// a request that runs longer than a millisecond hands the popping to a new goroutine, so at most
+// a request that runs longer than about a millisecond hands the popping to a new goroutine (a
+// per-queue watchdog decides), so at most
 // Config.Workers requests per queue run at once and a blocked one never stalls the queue. Stop
 // waits for all of them.
 package virtiofs
@@ -151,12 +152,21 @@ func (d *device) sessionFor(ch *vhostuser.Chain) (*fuse.ProtocolServer, error) {
 // wait, a slow disk) hands the popping role to a fresh goroutine, so one blocked request never
 // stalls the queue; the slow one finishes on its own goroutine and ends there. At most
 // d.workers requests are in flight per queue; beyond that the queue waits.
+//
+// A watchdog goroutine decides the hand-over. It samples a counter the popper bumps around
+// each request once per takeover tick and parks after a quiet tick, so a busy queue pays about a
+// thousand watchdog wake-ups a second, not a timer per request: arming and stopping a timer
+// for every request woke the runtime's netpoller each time and cost ~10% of the daemon's CPU.
 func (d *device) serve(q *vhostuser.Queue, r *runner) {
 	defer close(r.done)
 	var (
-		wg   sync.WaitGroup // every goroutine that may touch the queue or guest memory
-		gen  atomic.Int64   // the popping role belongs to the goroutine holding this generation
-		busy = make(chan struct{}, d.workers)
+		wg sync.WaitGroup // every goroutine that may touch the queue or guest memory
+		// seq is odd while the popping goroutine answers a request; the watchdog takes the
+		// popping role from a request that runs too long by moving seq on (CAS odd → even).
+		seq    atomic.Uint64
+		parked atomic.Bool // the watchdog waits on wake for the next request
+		wake   = make(chan struct{}, 1)
+		busy   = make(chan struct{}, d.workers)
 	)
 	answer := func(ch *vhostuser.Chain) {
 		ps, err := d.sessionFor(ch)
@@ -167,11 +177,10 @@ func (d *device) serve(q *vhostuser.Queue, r *runner) {
 		}
 		q.Done(ch.Head, handle(ps, ch, d.log))
 	}
-	var loop func(me int64)
-	loop = func(me int64) {
+	loop := func() {
 		defer wg.Done()
 		debug.SetPanicOnFault(true) // a fault on unmapped guest memory fails the request
-		for gen.Load() == me {
+		for {
 			select {
 			case <-r.stop:
 				return
@@ -189,7 +198,7 @@ func (d *device) serve(q *vhostuser.Queue, r *runner) {
 				if q.EnableNotify() {
 					continue
 				}
-				if q.WaitKick() != nil {
+				if q.WaitKickThread() != nil {
 					return
 				}
 				continue
@@ -200,29 +209,58 @@ func (d *device) serve(q *vhostuser.Queue, r *runner) {
 				q.Done(ch.Head, 0)
 				return
 			}
-			fired := make(chan struct{})
-			t := time.AfterFunc(takeover, func() {
-				defer close(fired)
-				if gen.CompareAndSwap(me, me+1) {
-					wg.Add(1)
-					go loop(me + 1)
+			s := seq.Add(1)
+			if parked.Load() && parked.CompareAndSwap(true, false) {
+				select {
+				case wake <- struct{}{}:
+				default:
 				}
-			})
-			answer(ch)
-			if !t.Stop() {
-				// The hand-over has started: wait until it is settled, or this goroutine could
-				// still believe it pops and sleep on the kick next to its successor, each taking
-				// the other's wake-ups.
-				<-fired
 			}
+			answer(ch)
 			<-busy
+			if !seq.CompareAndSwap(s, s+1) {
+				return // the watchdog gave the popping role to a new goroutine meanwhile
+			}
 		}
 	}
-	wg.Add(1)
-	go loop(0)
+	wg.Add(2)
+	go loop()
+	go func() { // the watchdog
+		defer wg.Done()
+		tick := time.NewTicker(takeover)
+		defer tick.Stop()
+		for {
+			s0 := seq.Load()
+			select {
+			case <-tick.C:
+			case <-r.stop:
+				return
+			}
+			s1 := seq.Load()
+			switch {
+			case s1 != s0: // requests came and went: keep watching
+			case s1&1 == 1: // one request ran for a whole tick
+				if seq.CompareAndSwap(s1, s1+1) {
+					wg.Add(1)
+					go loop()
+				}
+			default: // quiet for a whole tick: sleep until the next request
+				tick.Stop()
+				parked.Store(true)
+				if seq.Load() == s1 {
+					select {
+					case <-wake:
+					case <-r.stop:
+						return
+					}
+				}
+				parked.Store(false)
+				tick.Reset(takeover)
+			}
+		}
+	}()
 	<-r.stop
-	gen.Add(1 << 32) // no goroutine holds the role any more; each ends after its request
-	wg.Wait()        // requests alias guest memory: finish them before the ring goes away
+	wg.Wait() // requests alias guest memory: finish them before the ring goes away
 }
 
 // takeover is how long a request may run inline before the queue gets a new popping goroutine.
