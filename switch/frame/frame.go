@@ -17,12 +17,14 @@
 package frame
 
 import (
-	"bufio"
 	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
 	"net"
+	"syscall"
+
+	"golang.org/x/sys/unix"
 )
 
 const (
@@ -66,11 +68,29 @@ func (e *LengthError) Error() string { return fmt.Sprintf("%v: %d bytes", e.Err,
 func (e *LengthError) Unwrap() error { return e.Err }
 
 // Reader reads length-prefixed frames from a stream.
+//
+// It keeps its own buffer rather than a bufio.Reader: bufio slides the unread part of a partly
+// read frame to the front on every fill, which for a stream of 64 KiB frames copied about half
+// of all bytes once more. Here the unread part moves only when a frame would not fit in the
+// space left, which with a buffer of several maximal frames is rare.
+//
+// With SetAlloc, frames of a given size or more that are not buffered yet go from the stream
+// straight into memory the owner supplies (the switch: a netstack buffer), so bulk traffic
+// crosses from the kernel into its final place with one copy.
 type Reader struct {
-	br      *bufio.Reader
+	rd      io.Reader
+	raw     syscall.RawConn // rd's, for readv; nil when rd is not a file or socket
+	buf     []byte
+	r, w    int
+	err     error // the stream's read error, returned once the buffered frames are used up
 	max     int
 	accept  bool // FlagPartial is allowed (AcceptPartial)
 	partial bool // the last frame carried FlagPartial
+
+	allocMin  int
+	alloc     func(n int) []byte
+	allocated bool
+	bulk      bool // the last frame was read into alloc'd memory
 }
 
 // AcceptPartial lets frames carry FlagPartial; before it, a flagged prefix is a bad length.
@@ -79,30 +99,82 @@ func (r *Reader) AcceptPartial() { r.accept = true }
 // Partial reports whether the frame Next returned last has a partial checksum.
 func (r *Reader) Partial() bool { return r.partial }
 
+// SetAlloc makes Next read a frame of at least min bytes that is not completely buffered into
+// alloc(n) (which returns n bytes, or nil to use the reader's buffer), mostly straight from the
+// stream. Allocated reports when it did.
+func (r *Reader) SetAlloc(min int, alloc func(n int) []byte) { r.allocMin, r.alloc = min, alloc }
+
+// Allocated reports whether the frame Next returned last is in memory from SetAlloc's alloc.
+func (r *Reader) Allocated() bool { return r.allocated }
+
 // NewReader returns a Reader that refuses frames longer than max (MaxLen if max <= 0). Its buffer
-// holds at least one maximal frame, so Next returns frames without copying.
-func NewReader(r io.Reader, max int) *Reader {
+// holds several maximal frames, so Next returns frames without copying.
+func NewReader(rd io.Reader, max int) *Reader {
 	if max <= 0 || max > MaxLen {
 		max = MaxLen
 	}
-	size := 2 * (max + HeaderLen)
+	size := 4 * (max + HeaderLen)
 	if size < 256<<10 {
 		size = 256 << 10
 	}
-	return &Reader{br: bufio.NewReaderSize(r, size), max: max}
+	r := &Reader{rd: rd, buf: make([]byte, size), max: max}
+	if sc, ok := rd.(syscall.Conn); ok {
+		if raw, err := sc.SyscallConn(); err == nil {
+			r.raw = raw
+		}
+	}
+	return r
 }
 
-// Next returns the next frame. The slice is only valid until the following call. A bad length is
-// a *LengthError; the stream cannot be resynchronised after one.
-func (r *Reader) Next() ([]byte, error) {
-	h, err := r.br.Peek(HeaderLen)
-	if err != nil {
-		if err == io.EOF && len(h) > 0 {
-			err = io.ErrUnexpectedEOF
-		}
-		return nil, err
+// fill reads once more into the buffer, first moving the unread bytes to the front when fewer
+// than need bytes fit after them.
+func (r *Reader) fill(need int) error {
+	if r.err != nil {
+		return r.err
 	}
-	n := binary.BigEndian.Uint32(h)
+	if r.r == r.w {
+		r.r, r.w = 0, 0
+	} else if len(r.buf)-r.r < need {
+		r.w = copy(r.buf, r.buf[r.r:r.w])
+		r.r = 0
+	}
+	end := len(r.buf)
+	if r.bulk && r.w+spill >= need {
+		// Large frames are coming: read little ahead, so the next one goes straight into its
+		// own memory (readInto) rather than through the buffer.
+		end = min(end, r.w+spill)
+	}
+	for i := 0; i < 100; i++ {
+		n, err := r.rd.Read(r.buf[r.w:end])
+		r.w += n
+		if err != nil {
+			r.err = err
+			if n > 0 {
+				return nil
+			}
+			return err
+		}
+		if n > 0 {
+			return nil
+		}
+	}
+	r.err = io.ErrNoProgress
+	return r.err
+}
+
+// Next returns the next frame. The slice is only valid until the following call (unless
+// Allocated). A bad length is a *LengthError; the stream cannot be resynchronised after one.
+func (r *Reader) Next() ([]byte, error) {
+	r.allocated = false
+	for r.w-r.r < HeaderLen {
+		if err := r.fill(HeaderLen); err != nil {
+			if err == io.EOF && r.w > r.r {
+				err = io.ErrUnexpectedEOF
+			}
+			return nil, err
+		}
+	}
+	n := binary.BigEndian.Uint32(r.buf[r.r:])
 	r.partial = r.accept && n&FlagPartial != 0
 	if r.partial {
 		n &^= FlagPartial
@@ -113,28 +185,98 @@ func (r *Reader) Next() ([]byte, error) {
 	if n < MinLen {
 		return nil, &LengthError{Len: n, Err: ErrTooSmall}
 	}
-	b, err := r.br.Peek(HeaderLen + int(n))
-	if err != nil {
-		if err == io.EOF {
-			err = io.ErrUnexpectedEOF
+	total := HeaderLen + int(n)
+	r.bulk = false
+	if r.alloc != nil && int(n) >= r.allocMin && r.w-r.r < total && r.err == nil {
+		if dst := r.alloc(int(n)); len(dst) == int(n) {
+			r.bulk = true
+			return r.readInto(dst)
 		}
-		return nil, err
 	}
-	r.br.Discard(HeaderLen + int(n))
-	return b[HeaderLen:], nil
+	for r.w-r.r < total {
+		if err := r.fill(total); err != nil {
+			if err == io.EOF {
+				err = io.ErrUnexpectedEOF
+			}
+			return nil, err
+		}
+	}
+	f := r.buf[r.r+HeaderLen : r.r+total]
+	r.r += total
+	return f, nil
+}
+
+// spill is how much of what follows a frame read by readInto may land in the buffer in the same
+// system call: enough for the next prefix and small frames, little enough that the next large
+// frame mostly goes straight to its own memory too.
+const spill = 4096
+
+// readInto reads the frame whose prefix is buffered into dst: the buffered part is copied, the
+// rest read from the stream, and with readv whatever follows it into the buffer in the same call.
+func (r *Reader) readInto(dst []byte) ([]byte, error) {
+	k := copy(dst, r.buf[r.r+HeaderLen:r.w])
+	r.r, r.w = 0, 0 // everything buffered belonged to this frame
+	for k < len(dst) {
+		var n int
+		var err error
+		if r.raw != nil {
+			n, err = r.readv(dst[k:], r.buf[:spill])
+		} else {
+			n, err = r.rd.Read(dst[k:])
+		}
+		if n > len(dst)-k {
+			r.w = n - (len(dst) - k)
+			n = len(dst) - k
+		}
+		k += n
+		if err != nil && k < len(dst) {
+			r.err = err
+			if err == io.EOF {
+				err = io.ErrUnexpectedEOF
+			}
+			return nil, err
+		}
+		if err != nil {
+			r.err = err // the frame is complete; the error comes with the next call
+		}
+	}
+	r.allocated = true
+	return dst, nil
+}
+
+// readv reads into a then b with one system call, waiting in the runtime's poller.
+func (r *Reader) readv(a, b []byte) (int, error) {
+	var (
+		n    int
+		rerr error
+	)
+	iov := [2][]byte{a, b}
+	err := r.raw.Read(func(fd uintptr) bool {
+		n, rerr = unix.Readv(int(fd), iov[:])
+		return rerr != unix.EAGAIN
+	})
+	if err == nil {
+		err = rerr
+	}
+	if err != nil {
+		return 0, err
+	}
+	if n == 0 {
+		return 0, io.EOF
+	}
+	return n, nil
 }
 
 // Buffered reports whether a complete frame is already buffered (so Next will not block).
 func (r *Reader) Buffered() bool {
-	if r.br.Buffered() < HeaderLen {
+	if r.w-r.r < HeaderLen {
 		return false
 	}
-	h, _ := r.br.Peek(HeaderLen)
-	n := binary.BigEndian.Uint32(h)
+	n := binary.BigEndian.Uint32(r.buf[r.r:])
 	if r.accept {
 		n &^= FlagPartial
 	}
-	return r.br.Buffered() >= HeaderLen+int(n)
+	return r.w-r.r >= HeaderLen+int(n)
 }
 
 // PutHeader writes the length prefix of an n-byte frame into b[:HeaderLen].

@@ -4,7 +4,10 @@ import (
 	"bytes"
 	"errors"
 	"io"
+	"math/rand"
+	"net"
 	"net/netip"
+	"path/filepath"
 	"testing"
 )
 
@@ -98,6 +101,9 @@ func FuzzReader(f *testing.F) {
 		r := NewReader(bytes.NewReader(b), 0)
 		if len(b) > 0 && b[len(b)-1]&1 == 1 {
 			r.AcceptPartial()
+		}
+		if len(b) > 0 && b[0]&1 == 1 {
+			r.SetAlloc(MinLen+1, func(n int) []byte { return make([]byte, n) })
 		}
 		total := 0
 		for {
@@ -217,5 +223,123 @@ func TestPartialChecksum(t *testing.T) {
 	}
 	if !IsHello(Hello(MAC{2})) || IsHelloAck(Hello(MAC{2})) || !IsHelloAck(HelloAck(MAC{2}, MAC{4})) {
 		t.Error("control frames not recognised")
+	}
+}
+
+// chunky returns at most a few bytes per Read, so frames arrive split at every possible place.
+type chunky struct {
+	b    []byte
+	next func() int
+}
+
+func (c *chunky) Read(p []byte) (int, error) {
+	if len(c.b) == 0 {
+		return 0, io.EOF
+	}
+	n := min(len(p), len(c.b), c.next())
+	copy(p, c.b[:n])
+	c.b = c.b[n:]
+	return n, nil
+}
+
+// testFrames returns frames of every interesting size: small, around the alloc threshold, large.
+func testFrames(seed int64) [][]byte {
+	rnd := rand.New(rand.NewSource(seed))
+	var frames [][]byte
+	for _, n := range []int{14, 60, 1514, 4095, 4096, 4097, 9000, 65534, MaxLen, 64, 65000, 70, 30000} {
+		f := make([]byte, n)
+		rnd.Read(f)
+		frames = append(frames, f)
+	}
+	return frames
+}
+
+// TestReaderAlloc: with SetAlloc, frames read whole or straight into allocated memory are the
+// same frames, through a plain reader split at random places and through a socket (readv).
+func TestReaderAlloc(t *testing.T) {
+	frames := testFrames(1)
+	var stream []byte
+	for _, f := range frames {
+		stream = Append(stream, f)
+	}
+	check := func(t *testing.T, r *Reader) {
+		t.Helper()
+		allocs := 0
+		r.SetAlloc(4096, func(n int) []byte {
+			allocs++
+			if n > 65536 {
+				return nil
+			}
+			return make([]byte, n)
+		})
+		direct := 0
+		for i, want := range frames {
+			got, err := r.Next()
+			if err != nil {
+				t.Fatalf("frame %d: %v", i, err)
+			}
+			if !bytes.Equal(got, want) {
+				t.Fatalf("frame %d: %d bytes differ from the %d sent", i, len(got), len(want))
+			}
+			if r.Allocated() {
+				direct++
+				if len(want) < 4096 {
+					t.Fatalf("frame %d of %d bytes was allocated", i, len(want))
+				}
+			}
+		}
+		if _, err := r.Next(); err != io.EOF {
+			t.Fatalf("after the last frame: %v, want EOF", err)
+		}
+		if direct == 0 {
+			t.Fatalf("no frame was read into allocated memory (%d allocs)", allocs)
+		}
+	}
+	t.Run("chunks", func(t *testing.T) {
+		rnd := rand.New(rand.NewSource(2))
+		check(t, NewReader(&chunky{b: stream, next: func() int { return 1 + rnd.Intn(9000) }}, 0))
+	})
+	t.Run("socket", func(t *testing.T) {
+		ln, err := net.Listen("unix", filepath.Join(t.TempDir(), "s"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer ln.Close()
+		go func() {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			defer c.Close()
+			rnd := rand.New(rand.NewSource(3))
+			for s := stream; len(s) > 0; {
+				n := min(len(s), 1+rnd.Intn(100000))
+				if _, err := c.Write(s[:n]); err != nil {
+					return
+				}
+				s = s[n:]
+			}
+		}()
+		c, err := net.Dial("unix", ln.Addr().String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		r := NewReader(c, 0)
+		if r.raw == nil {
+			t.Fatal("a unix socket should be read with readv")
+		}
+		check(t, r)
+	})
+}
+
+// TestReaderAllocTruncated: a stream that ends inside a frame being read into allocated memory
+// is an unexpected EOF.
+func TestReaderAllocTruncated(t *testing.T) {
+	s := Append(nil, make([]byte, 20000))
+	r := NewReader(&chunky{b: s[:10000], next: func() int { return 3000 }}, 0)
+	r.SetAlloc(4096, func(n int) []byte { return make([]byte, n) })
+	if _, err := r.Next(); err != io.ErrUnexpectedEOF {
+		t.Fatalf("Next = %v, want unexpected EOF", err)
 	}
 }

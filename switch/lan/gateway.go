@@ -182,11 +182,16 @@ var _ stack.LinkEndpoint = (*linkEndpoint)(nil)
 // headerSplit covers an Ethernet, an IPv4 and a TCP header with all their options.
 const headerSplit = header.EthernetMinimumSize + header.IPv4MaximumHeaderSize + header.TCPHeaderMaximumSize
 
-func (e *linkEndpoint) deliver(f []byte) {
+// deliver hands frame f to the netstack. v, when not nil, holds f and is taken over (the
+// payload is not copied).
+func (e *linkEndpoint) deliver(f []byte, v *buffer.View) {
 	e.mu.RLock()
 	d := e.dispatcher
 	e.mu.RUnlock()
 	if d == nil {
+		if v != nil {
+			v.Release()
+		}
 		return
 	}
 	// Headers and payload go in separate views: the netstack pulls headers up from a shared
@@ -195,9 +200,17 @@ func (e *linkEndpoint) deliver(f []byte) {
 	if len(f) > 4096 {
 		h := headerSplit
 		payload.Append(buffer.NewViewWithData(f[:h]))
-		payload.Append(buffer.NewViewWithData(f[h:]))
+		if v != nil {
+			v.TrimFront(h)
+			payload.Append(v)
+		} else {
+			payload.Append(buffer.NewViewWithData(f[h:]))
+		}
 	} else {
 		payload.Append(buffer.NewViewWithData(f))
+		if v != nil {
+			v.Release()
+		}
 	}
 	pkt := stack.NewPacketBuffer(stack.PacketBufferOptions{Payload: payload})
 	defer pkt.DecRef()

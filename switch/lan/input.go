@@ -4,6 +4,8 @@ import (
 	"net/netip"
 	"time"
 
+	"gvisor.dev/gvisor/pkg/buffer"
+
 	"github.com/virtkit/virtkit/switch/dhcp"
 	"github.com/virtkit/virtkit/switch/frame"
 )
@@ -11,8 +13,16 @@ import (
 // input handles one frame a guest sent on port p: it enforces the lease, answers DHCP, hands ICMP
 // echo for the outside to the pinger, and switches the rest. f is only valid during the call;
 // partial says its L4 checksum is partial (the gateway does not verify checksums; other ports'
-// writers complete it for peers that need it).
-func (s *Switch) input(p *Port, f []byte, partial bool) {
+// writers complete it for peers that need it). When v is not nil, f is v's memory and input
+// owns v: it becomes the packet if the frame goes to the gateway and is released otherwise.
+func (s *Switch) input(p *Port, f []byte, partial bool, v *buffer.View) {
+	if v != nil {
+		defer func() {
+			if v != nil {
+				v.Release()
+			}
+		}()
+	}
 	src, dst := frame.Src(f), frame.Dst(f)
 	if src.IsMulticast() || src.IsZero() || src == s.gwMAC {
 		p.drop(dSpoofMAC)
@@ -45,7 +55,7 @@ func (s *Switch) input(p *Port, f []byte, partial bool) {
 		}
 		if dst.IsMulticast() {
 			if a.Op == frame.ARPRequest && a.TargetIP == s.cfg.Gateway {
-				s.link.deliver(f)
+				s.link.deliver(f, nil)
 				return // only the gateway has that address
 			}
 			s.flood(p, f, false)
@@ -81,7 +91,8 @@ func (s *Switch) input(p *Port, f []byte, partial bool) {
 	}
 	switch {
 	case toGateway:
-		s.link.deliver(f)
+		s.link.deliver(f, v)
+		v = nil
 	case dst.IsMulticast():
 		s.flood(p, f, partial)
 	default:

@@ -9,6 +9,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"gvisor.dev/gvisor/pkg/buffer"
 	"gvisor.dev/gvisor/pkg/tcpip/stack"
 
 	"github.com/virtkit/virtkit/switch/frame"
@@ -323,8 +324,23 @@ func (p *Port) readLoop(lk *link) {
 	defer p.sw.wg.Done()
 	defer p.detach(c)
 	r := frame.NewReader(c, 0)
+	// Large frames (TCP super-segments from offloading relays) are read straight into a
+	// netstack buffer: when they go to the gateway, that buffer becomes the packet, with no
+	// copy in user space.
+	var view *buffer.View
+	r.SetAlloc(directMin, func(n int) []byte {
+		if n > buffer.MaxChunkSize {
+			return nil // would be a plain heap allocation; the copy path is as good
+		}
+		view = buffer.NewViewSize(n)
+		return view.AsSlice()
+	})
 	for {
 		f, err := r.Next()
+		var v *buffer.View
+		if r.Allocated() {
+			v, view = view, nil
+		}
 		if err != nil {
 			var le *frame.LengthError
 			if errors.As(err, &le) {
@@ -343,14 +359,20 @@ func (p *Port) readLoop(lk *link) {
 				lk.partial.Store(true)
 				p.enqueue(copyBuf(frame.HelloAck(frame.Src(f), p.sw.gwMAC)), false)
 			}
+			if v != nil {
+				v.Release()
+			}
 			continue
 		}
 		if r.Partial() {
 			p.ctr.rxPartial.Add(1)
 		}
-		p.sw.input(p, f, r.Partial())
+		p.sw.input(p, f, r.Partial(), v)
 	}
 }
+
+// directMin is the frame size from which a port reads frames into netstack buffers directly.
+const directMin = 4096
 
 // writeLoop sends queued frames, batching whatever is queued into one writev.
 func (p *Port) writeLoop(lk *link, stop chan struct{}) {
