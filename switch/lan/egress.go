@@ -148,6 +148,110 @@ func (c *guestConn) toHost(hc *net.TCPConn) error {
 	}
 }
 
+// hostReader is the netstack's source for what a host socket received (a tcpip.Payloader):
+// the endpoint reads it straight into its own buffers, n bytes that are known to be there.
+type hostReader struct {
+	rc  syscall.RawConn
+	n   int
+	err error
+}
+
+func (r *hostReader) Len() int { return r.n }
+
+func (r *hostReader) Read(p []byte) (int, error) {
+	if len(p) == 0 || r.n == 0 {
+		return 0, nil
+	}
+	var n int
+	var err error
+	if rerr := r.rc.Read(func(fd uintptr) bool {
+		for {
+			n, err = unix.Read(int(fd), p[:min(len(p), r.n)])
+			if err != unix.EINTR {
+				return true
+			}
+		}
+	}); rerr != nil {
+		err = rerr
+	}
+	switch {
+	case err == unix.EAGAIN || (err == nil && n == 0):
+		r.n = 0 // less than announced (or the end): stop this write here
+		return 0, io.EOF
+	case err != nil:
+		r.err = err
+		return 0, err
+	}
+	r.n -= n
+	return n, nil
+}
+
+// readable waits until the host socket has data and says how much; 0 means the host closed
+// its side.
+func readable(rc syscall.RawConn) (int, error) {
+	var (
+		n    int
+		rerr error
+	)
+	err := rc.Read(func(fd uintptr) bool {
+		n, rerr = unix.IoctlGetInt(int(fd), unix.SIOCINQ)
+		if rerr != nil || n > 0 {
+			return true
+		}
+		var b [1]byte
+		m, _, err := unix.Recvfrom(int(fd), b[:], unix.MSG_PEEK|unix.MSG_DONTWAIT)
+		switch {
+		case err == unix.EAGAIN:
+			return false // nothing yet: wait in the poller
+		case err != nil:
+			rerr = err
+		default:
+			n = m // 0 at the end of the stream; data that came just now otherwise
+		}
+		return true
+	})
+	if err == nil {
+		err = rerr
+	}
+	return n, err
+}
+
+// fromHost copies what the host sends on hc to the guest until the host's side ends (nil) or
+// either side fails. gonet's Write would take the bytes from a buffer the host socket was read
+// into first; here the netstack reads the socket into its own buffers.
+func (c *guestConn) fromHost(hc *net.TCPConn) error {
+	rc, err := hc.SyscallConn()
+	if err != nil {
+		return err
+	}
+	we, notify := waiter.NewChannelEntry(waiter.WritableEvents)
+	c.wq.EventRegister(&we)
+	defer c.wq.EventUnregister(&we)
+	for {
+		avail, err := readable(rc)
+		if err != nil {
+			return err
+		}
+		if avail == 0 {
+			return nil
+		}
+		r := &hostReader{rc: rc, n: avail}
+		for r.n > 0 {
+			_, terr := c.ep.Write(r, tcpip.WriteOptions{})
+			if r.err != nil {
+				return r.err
+			}
+			switch terr.(type) {
+			case nil:
+			case *tcpip.ErrWouldBlock:
+				<-notify // the guest's window or our send buffer is full
+			default:
+				return errors.New(terr.String())
+			}
+		}
+	}
+}
+
 // takeFlow reserves one of Config.MaxFlows; the caller releases it with s.flows.Add(-1).
 func (s *Switch) takeFlow() bool {
 	if s.flows.Add(1) > int64(s.cfg.MaxFlows) {
@@ -197,9 +301,14 @@ func (s *Switch) splice(a, b halfCloser) {
 		var err error
 		g, fromGuest := src.(*guestConn)
 		h, toHostTCP := dst.(*net.TCPConn)
-		if fromGuest && toHostTCP {
+		hs, fromHostTCP := src.(*net.TCPConn)
+		gd, toGuest := dst.(*guestConn)
+		switch {
+		case fromGuest && toHostTCP:
 			err = g.toHost(h)
-		} else {
+		case fromHostTCP && toGuest:
+			err = gd.fromHost(hs)
+		default:
 			bp := copyPool.Get().(*[]byte)
 			defer copyPool.Put(bp)
 			_, err = io.CopyBuffer(struct{ io.Writer }{dst}, struct{ io.Reader }{src}, *bp)

@@ -639,7 +639,9 @@ func TestFlowLimit(t *testing.T) {
 // TestEgressBulk: a guest uploads 48 MiB to a server on the host's loopback that stalls before
 // reading (the host socket fills, so the gateway must hold back the guest with its window) and
 // then reads in small pieces; every byte arrives in order, and after the guest's half-close the
-// server's answer still reaches it. Offloaded and plain relays both.
+// server's answer still reaches it. The other way, 48 MiB sent in pieces of every size reach
+// a guest that reads at once and one that stops reading for two seconds. Offloaded and plain
+// relays both.
 func TestEgressBulk(t *testing.T) {
 	cmdtest.RequireRoot(t)
 	agentBin := cmdtest.Binary(t, "virtkit-agent")
@@ -693,7 +695,21 @@ func TestEgressBulk(t *testing.T) {
 			if err != nil {
 				return
 			}
-			go func() { c.Write(data); c.Close() }()
+			go func() {
+				// Pieces of every size, some after a pause, so the switch sees the host
+				// socket with a little, a lot and nothing to read.
+				defer c.Close()
+				for s, i := data, 0; len(s) > 0; i++ {
+					n := min(len(s), 1+(i*7919)%300000)
+					if _, err := c.Write(s[:n]); err != nil {
+						return
+					}
+					s = s[n:]
+					if i%50 == 0 {
+						time.Sleep(time.Millisecond)
+					}
+				}
+			}()
 		}
 	}()
 	dlPort := dl.Addr().(*net.TCPAddr).Port
@@ -731,6 +747,11 @@ func TestEgressBulk(t *testing.T) {
 		out, err = ns.Run(60*time.Second, "sh", "-c", fmt.Sprintf("socat -u TCP:10.92.0.1:%d STDOUT | md5sum", dlPort))
 		if err != nil || !strings.HasPrefix(out, want) {
 			t.Errorf("%s (offload %v): downloaded md5 %q (%v), want %s", name, offload, out, err, want)
+		}
+		// A guest that stops reading for a while: the window closes, the switch waits for it.
+		out, err = ns.Run(60*time.Second, "sh", "-c", fmt.Sprintf("socat -u TCP:10.92.0.1:%d STDOUT | (sleep 2; md5sum)", dlPort))
+		if err != nil || !strings.HasPrefix(out, want) {
+			t.Errorf("%s (offload %v): slow download md5 %q (%v), want %s", name, offload, out, err, want)
 		}
 		c := p.Counters()
 		if offload && (c.RxPartial == 0 || c.TxPartial == 0 || c.TxCompleted != 0) {
