@@ -76,5 +76,5 @@ func (s *Switch) forwardConn(f Forward, hc *net.TCPConn) {
 		hc.Close()
 		return
 	}
-	s.splice(gc.(halfCloser), hc)
+	s.splice(gc, hc)
 }

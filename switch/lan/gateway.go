@@ -3,9 +3,9 @@ package lan
 import (
 	"context"
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"io"
-	"net"
 	"net/netip"
 	"sync"
 	"time"
@@ -20,6 +20,7 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip/transport/icmp"
 	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
 	"gvisor.dev/gvisor/pkg/tcpip/transport/udp"
+	"gvisor.dev/gvisor/pkg/waiter"
 
 	"github.com/virtkit/virtkit/switch/frame"
 )
@@ -329,10 +330,33 @@ func addrFrom(a tcpip.Address) netip.Addr {
 }
 
 // dialGuest opens a TCP connection from the gateway to a guest.
-func (s *Switch) dialGuest(ctx context.Context, ip netip.Addr, port uint16) (net.Conn, error) {
-	c, err := gonet.DialContextTCP(ctx, s.stack, tcpip.FullAddress{NIC: nicID, Addr: tcpip.AddrFrom4(ip.As4()), Port: port}, ipv4.ProtocolNumber)
-	if err != nil {
+func (s *Switch) dialGuest(ctx context.Context, ip netip.Addr, port uint16) (*guestConn, error) {
+	fail := func(err error) (*guestConn, error) {
 		return nil, fmt.Errorf("lan: dial guest %s:%d: %w", ip, port, err)
 	}
-	return c, nil
+	// gonet.DialContextTCP, but keeping the endpoint and its queue: the splice moves bulk data
+	// between them and the host socket without copy buffers (guestConn).
+	var wq waiter.Queue
+	ep, terr := s.stack.NewEndpoint(tcp.ProtocolNumber, ipv4.ProtocolNumber, &wq)
+	if terr != nil {
+		return fail(errors.New(terr.String()))
+	}
+	we, notify := waiter.NewChannelEntry(waiter.WritableEvents)
+	wq.EventRegister(&we)
+	defer wq.EventUnregister(&we)
+	terr = ep.Connect(tcpip.FullAddress{NIC: nicID, Addr: tcpip.AddrFrom4(ip.As4()), Port: port})
+	if _, ok := terr.(*tcpip.ErrConnectStarted); ok {
+		select {
+		case <-ctx.Done():
+			ep.Close()
+			return fail(ctx.Err())
+		case <-notify:
+		}
+		terr = ep.LastError()
+	}
+	if terr != nil {
+		ep.Close()
+		return fail(errors.New(terr.String()))
+	}
+	return &guestConn{TCPConn: gonet.NewTCPConn(&wq, ep), ep: ep, wq: &wq}, nil
 }
