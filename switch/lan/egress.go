@@ -159,8 +159,11 @@ type hostReader struct {
 func (r *hostReader) Len() int { return r.n }
 
 func (r *hostReader) Read(p []byte) (int, error) {
-	if len(p) == 0 || r.n == 0 {
+	if len(p) == 0 {
 		return 0, nil
+	}
+	if r.n == 0 {
+		return 0, io.EOF // all that was announced has been read (a gVisor view reads until EOF)
 	}
 	var n int
 	var err error
