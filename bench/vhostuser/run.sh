@@ -27,11 +27,14 @@ done
 go test -run '^$' -bench 'BenchmarkVsockGuest' -benchtime 20x -count 3 -timeout 60m ./bench/vhostuser/ | tee -a "$out"
 python3 - "$out" <<'PY'
 import re, sys, statistics
-fuse, guest, vs = {}, {}, {}
+fuse, fcpu, guest, vs = {}, {}, {}, {}
 for line in open(sys.argv[1]):
     m = re.match(r'BenchmarkFUSE/daemon=(\S+)/op=(\S+?)-\d+\s.*?([\d.]+) ops/s', line)
     if m:
         fuse.setdefault((m.group(2), m.group(1)), []).append(float(m.group(3)))
+        c = re.search(r'([\d.]+) daemon-us/op', line)
+        if c:
+            fcpu.setdefault((m.group(2), m.group(1)), []).append(float(c.group(1)))
         continue
     m = re.match(r'BenchmarkGuestFS/daemon=(\S+?)-\d+\s+\d+\s+\d+ ns/op\s+(.*)', line)
     if m:
@@ -49,6 +52,12 @@ for op in ["lookup", "getattr", "read4k", "read1m", "write4k", "write1m"]:
     a, b = fuse.get((op, "virtkit")), fuse.get((op, "c-virtiofsd"))
     if a and b:
         print("%-10s %12.0f %12.0f %7.2fx" % (op, med(a), med(b), med(a) / med(b)))
+print("\nDaemon CPU per request through the harness (median µs; lower is better; steadier than ops/s here)")
+print("%-10s %12s %12s %8s" % ("op", "virtkit", "c-virtiofsd", "ratio"))
+for op in ["lookup", "getattr", "read4k", "read1m", "write4k", "write1m"]:
+    a, b = fcpu.get((op, "virtkit")), fcpu.get((op, "c-virtiofsd"))
+    if a and b:
+        print("%-10s %12.1f %12.1f %7.2fx" % (op, med(a), med(b), med(b) / med(a)))
 print("\nFile work in a TCG guest (median)")
 print("%-18s %12s %12s %8s" % ("metric", "virtkit", "c-virtiofsd", "ratio"))
 for unit in sorted({k[0] for k in guest}):
@@ -59,5 +68,6 @@ print("\nhybrid vsock with a TCG guest (median; no peer backend exists on this h
 for (name, unit), v in sorted(vs.items()):
     if unit in ("MB/s", "us/connect"):
         print("%-8s %10.1f %s" % (name, med(v), unit))
-print("\nratio = virtkit / c-virtiofsd (higher is better for virtkit, except daemon-cpu-ms: CPU the daemon used for the whole guest run).")
+print("\nratio = virtkit / c-virtiofsd (higher is better for virtkit, except daemon-cpu-ms: CPU the daemon used for the whole guest run);")
+print("for daemon CPU per request the ratio is c-virtiofsd / virtkit (higher is better for virtkit).")
 PY
