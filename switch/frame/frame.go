@@ -90,7 +90,6 @@ type Reader struct {
 	allocMin  int
 	alloc     func(n int) []byte
 	allocated bool
-	bulk      bool // the last frame was read into alloc'd memory
 }
 
 // AcceptPartial lets frames carry FlagPartial; before it, a flagged prefix is a bad length.
@@ -127,8 +126,10 @@ func NewReader(rd io.Reader, max int) *Reader {
 }
 
 // fill reads once more into the buffer, first moving the unread bytes to the front when fewer
-// than need bytes fit after them.
-func (r *Reader) fill(need int) error {
+// than need bytes fit after them. short limits the read to spill bytes: large frames are coming,
+// and the next one should go straight into its own memory (readInto) rather than through the
+// buffer.
+func (r *Reader) fill(need int, short bool) error {
 	if r.err != nil {
 		return r.err
 	}
@@ -139,9 +140,7 @@ func (r *Reader) fill(need int) error {
 		r.r = 0
 	}
 	end := len(r.buf)
-	if r.bulk && r.w+spill >= need {
-		// Large frames are coming: read little ahead, so the next one goes straight into its
-		// own memory (readInto) rather than through the buffer.
+	if short && r.w+spill >= need {
 		end = min(end, r.w+spill)
 	}
 	for i := 0; i < 100; i++ {
@@ -165,9 +164,10 @@ func (r *Reader) fill(need int) error {
 // Next returns the next frame. The slice is only valid until the following call (unless
 // Allocated). A bad length is a *LengthError; the stream cannot be resynchronised after one.
 func (r *Reader) Next() ([]byte, error) {
+	bulk := r.allocated // the last frame went into alloc'd memory: more large ones are likely
 	r.allocated = false
 	for r.w-r.r < HeaderLen {
-		if err := r.fill(HeaderLen); err != nil {
+		if err := r.fill(HeaderLen, bulk); err != nil {
 			if err == io.EOF && r.w > r.r {
 				err = io.ErrUnexpectedEOF
 			}
@@ -186,15 +186,13 @@ func (r *Reader) Next() ([]byte, error) {
 		return nil, &LengthError{Len: n, Err: ErrTooSmall}
 	}
 	total := HeaderLen + int(n)
-	r.bulk = false
 	if r.alloc != nil && int(n) >= r.allocMin && r.w-r.r < total && r.err == nil {
 		if dst := r.alloc(int(n)); len(dst) == int(n) {
-			r.bulk = true
 			return r.readInto(dst)
 		}
 	}
 	for r.w-r.r < total {
-		if err := r.fill(total); err != nil {
+		if err := r.fill(total, false); err != nil {
 			if err == io.EOF {
 				err = io.ErrUnexpectedEOF
 			}
