@@ -183,8 +183,8 @@ var _ stack.LinkEndpoint = (*linkEndpoint)(nil)
 // headerSplit covers an Ethernet, an IPv4 and a TCP header with all their options.
 const headerSplit = header.EthernetMinimumSize + header.IPv4MaximumHeaderSize + header.TCPHeaderMaximumSize
 
-// deliver hands frame f to the netstack. v, when not nil, holds f and is taken over (the
-// payload is not copied).
+// deliver hands frame f to the netstack. v, when not nil, holds f (longer than zeroCopyMin: a
+// port reads only such frames into views) and is taken over (the payload is not copied).
 func (e *linkEndpoint) deliver(f []byte, v *buffer.View) {
 	e.mu.RLock()
 	d := e.dispatcher
@@ -198,7 +198,7 @@ func (e *linkEndpoint) deliver(f []byte, v *buffer.View) {
 	// Headers and payload go in separate views: the netstack pulls headers up from a shared
 	// buffer by cloning the view that holds them, and that must not be a 64 KiB one.
 	var payload buffer.Buffer
-	if len(f) > 4096 {
+	if len(f) > zeroCopyMin {
 		h := headerSplit
 		payload.Append(buffer.NewViewWithData(f[:h]))
 		if v != nil {
@@ -209,9 +209,6 @@ func (e *linkEndpoint) deliver(f []byte, v *buffer.View) {
 		}
 	} else {
 		payload.Append(buffer.NewViewWithData(f))
-		if v != nil {
-			v.Release()
-		}
 	}
 	pkt := stack.NewPacketBuffer(stack.PacketBufferOptions{Payload: payload})
 	defer pkt.DecRef()
@@ -317,8 +314,10 @@ func (e *linkEndpoint) WritePackets(pkts stack.PacketBufferList) (int, tcpip.Err
 	return n, nil
 }
 
-// zeroCopyMin is the frame size from which the gateway queues its packets by reference rather
-// than copying them: below it a copy is cheaper than holding the netstack's buffers.
+// zeroCopyMin is the frame size above which frames cross between the ports and the netstack
+// without a copy in user space: the gateway queues its packets by reference, and a port reads
+// a guest's frame straight into a view that becomes the packet. Below it a copy is cheaper than
+// holding the netstack's buffers.
 const zeroCopyMin = 4096
 
 // addrFrom converts a netstack address.

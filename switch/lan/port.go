@@ -328,7 +328,7 @@ func (p *Port) readLoop(lk *link) {
 	// netstack buffer: when they go to the gateway, that buffer becomes the packet, with no
 	// copy in user space.
 	var view *buffer.View
-	r.SetAlloc(directMin, func(n int) []byte {
+	r.SetAlloc(zeroCopyMin+1, func(n int) []byte {
 		if n > buffer.MaxChunkSize {
 			return nil // would be a plain heap allocation; the copy path is as good
 		}
@@ -370,9 +370,6 @@ func (p *Port) readLoop(lk *link) {
 		p.sw.input(p, f, r.Partial(), v)
 	}
 }
-
-// directMin is the frame size from which a port reads frames into netstack buffers directly.
-const directMin = 4096
 
 // writeLoop sends queued frames, batching whatever is queued into one writev.
 func (p *Port) writeLoop(lk *link, stop chan struct{}) {
