@@ -171,11 +171,11 @@ func (q *Queue) release() {
 func (q *Queue) kickFile() *os.File {
 	q.fileMu.Lock()
 	defer q.fileMu.Unlock()
-	if q.kick == nil && !q.stopped.Load() {
-		q.kick = os.NewFile(uintptr(q.kickFD), fmt.Sprintf("vring%d-kick", q.Index))
-	}
 	if q.stopped.Load() {
 		return nil
+	}
+	if q.kick == nil {
+		q.kick = os.NewFile(uintptr(q.kickFD), fmt.Sprintf("vring%d-kick", q.Index))
 	}
 	return q.kick
 }
