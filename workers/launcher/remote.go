@@ -29,25 +29,22 @@ func Launch(ctx context.Context, c *broker.Client, host string, req Request) (*b
 	for {
 		select {
 		case ev := <-evs:
+			if !started {
+				switch e := ev.(type) {
+				case *broker.VMStarting:
+					started = true
+				case *broker.VMRefused:
+					return nil, errors.New(e.Error)
+				}
+				continue
+			}
 			switch e := ev.(type) {
-			case *broker.VMStarting:
-				started = true
-			case *broker.VMRefused:
-				if !started {
-					return nil, errors.New(e.Error)
-				}
 			case *broker.VMReady:
-				if started {
-					return e, nil
-				}
+				return e, nil
 			case *broker.VMFailed:
-				if started {
-					return nil, errors.New(e.Error)
-				}
+				return nil, errors.New(e.Error)
 			case *broker.VMStopped:
-				if started {
-					return nil, fmt.Errorf("vm %s stopped while booting: %s", req.Name, e.Reason)
-				}
+				return nil, fmt.Errorf("vm %s stopped while booting: %s", req.Name, e.Reason)
 			}
 		case <-ctx.Done():
 			return nil, fmt.Errorf("vm %s: waiting for it to boot: %w", req.Name, ctx.Err())
