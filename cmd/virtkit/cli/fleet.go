@@ -410,7 +410,6 @@ func quickFleet(f *fleetFlags) ([]byte, error) {
 	return []byte(b.String()), nil
 }
 
-// fleetName is --name, else the fleet file's name, else the only fleet applied on this host.
 // appliedUnit loads the applied fleet the flags name and one of its units.
 func appliedUnit(e *env, f *fleetFlags, unit string) (string, *fleet.Controller, *fleet.AppliedUnit, error) {
 	name, err := fleetName(e, f)
@@ -429,6 +428,7 @@ func appliedUnit(e *env, f *fleetFlags, unit string) (string, *fleet.Controller,
 	return name, ctl, u, nil
 }
 
+// fleetName is --name, else the fleet file's name, else the only fleet applied on this host.
 func fleetName(e *env, f *fleetFlags) (string, error) {
 	if f.name != "" {
 		return f.name, nil
