@@ -616,3 +616,19 @@ func TestTTYSignalForeground(t *testing.T) {
 		t.Fatalf("shell after its job was interrupted: %+v %v", st, err)
 	}
 }
+
+// TestHeld: a held client goes to one taker only.
+func TestHeld(t *testing.T) {
+	var h client.Held
+	if h.Take() != nil {
+		t.Fatal("an empty Held gave a client")
+	}
+	c := &client.Client{}
+	h.Put(c)
+	if got := h.Take(); got != c {
+		t.Fatalf("Take = %p, want %p", got, c)
+	}
+	if h.Take() != nil {
+		t.Fatal("a second Take got the client again")
+	}
+}

@@ -227,8 +227,7 @@ type VM struct {
 	stop     sync.Once
 	stopErr  error
 	// agent is the connection that saw the agent answer, until TakeAgent hands it over.
-	agentMu sync.Mutex
-	agent   *client.Client
+	agent client.Held
 }
 
 // Timings splits boot-to-ready.
@@ -424,9 +423,7 @@ func (vm *VM) waitAgent(ctx context.Context) error {
 		c, err := client.Dial(dctx, vm.ExecURL)
 		dcancel()
 		if err == nil {
-			vm.agentMu.Lock()
-			vm.agent = c
-			vm.agentMu.Unlock()
+			vm.agent.Put(c)
 			return nil
 		}
 		var pe *proto.VersionError
@@ -454,13 +451,7 @@ func (vm *VM) waitAgent(ctx context.Context) error {
 // TakeAgent hands over the connection on which the agent first answered (nil after the first
 // call, or when the VM booted in entrypoint mode and powered off at once): a caller that talks to
 // the agent right after Start saves a dial. The caller closes it.
-func (vm *VM) TakeAgent() *client.Client {
-	vm.agentMu.Lock()
-	defer vm.agentMu.Unlock()
-	c := vm.agent
-	vm.agent = nil
-	return c
-}
+func (vm *VM) TakeAgent() *client.Client { return vm.agent.Take() }
 
 // Done is closed when the VMM exits.
 func (vm *VM) Done() <-chan struct{} { return vm.machine.Done() }

@@ -77,7 +77,7 @@ func (m *AgentMachines) Boot(ctx context.Context, req launcher.Request) (jobs.Ma
 		a.Stop(context.Background())
 		return nil, err
 	}
-	a.agent = c
+	a.agent.Put(c)
 	m.mu.Lock()
 	if _, dup := m.live[req.Name]; dup {
 		m.mu.Unlock()
@@ -115,19 +115,12 @@ type AgentMachine struct {
 	done chan struct{}
 	once sync.Once
 	// agent is the boot-time connection until TakeAgent hands it over.
-	agentMu sync.Mutex
-	agent   *client.Client
+	agent client.Held
 }
 
 // TakeAgent hands over the connection that saw the agent answer (nil after the first call), as
 // launcher.VM does.
-func (a *AgentMachine) TakeAgent() *client.Client {
-	a.agentMu.Lock()
-	defer a.agentMu.Unlock()
-	c := a.agent
-	a.agent = nil
-	return c
-}
+func (a *AgentMachine) TakeAgent() *client.Client { return a.agent.Take() }
 
 func (a *AgentMachine) ExecURL() string       { return a.url }
 func (a *AgentMachine) IP() string            { return "" }
