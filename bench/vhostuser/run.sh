@@ -46,24 +46,22 @@ for line in open(sys.argv[1]):
         for v, unit in re.findall(r'([\d.]+) (\S+)', m.group(2)):
             vs.setdefault((m.group(1), unit), []).append(float(v))
 med = statistics.median
-print("\nFUSE through the harness (median ops/s over rounds)")
-print("%-10s %12s %12s %8s" % ("op", "virtkit", "c-virtiofsd", "ratio"))
-for op in ["lookup", "getattr", "read4k", "read1m", "write4k", "write1m"]:
-    a, b = fuse.get((op, "virtkit")), fuse.get((op, "c-virtiofsd"))
-    if a and b:
-        print("%-10s %12.0f %12.0f %7.2fx" % (op, med(a), med(b), med(a) / med(b)))
-print("\nDaemon CPU per request through the harness (median µs; lower is better; steadier than ops/s here)")
-print("%-10s %12s %12s %8s" % ("op", "virtkit", "c-virtiofsd", "ratio"))
-for op in ["lookup", "getattr", "read4k", "read1m", "write4k", "write1m"]:
-    a, b = fcpu.get((op, "virtkit")), fcpu.get((op, "c-virtiofsd"))
-    if a and b:
-        print("%-10s %12.1f %12.1f %7.2fx" % (op, med(a), med(b), med(b) / med(a)))
-print("\nFile work in a TCG guest (median)")
-print("%-18s %12s %12s %8s" % ("metric", "virtkit", "c-virtiofsd", "ratio"))
-for unit in sorted({k[0] for k in guest}):
-    a, b = guest.get((unit, "virtkit")), guest.get((unit, "c-virtiofsd"))
-    if a and b:
-        print("%-18s %12.1f %12.1f %7.2fx" % (unit, med(a), med(b), med(a) / med(b)))
+ops = ["lookup", "getattr", "read4k", "read1m", "write4k", "write1m"]
+
+def table(title, first, data, keys, fmt, lower_better=False):
+    """Prints virtkit against c-virtiofsd for each key with both, and the ratio (> 1: virtkit better)."""
+    print("\n" + title)
+    print("%-18s %12s %12s %8s" % (first, "virtkit", "c-virtiofsd", "ratio"))
+    for k in keys:
+        a, b = data.get((k, "virtkit")), data.get((k, "c-virtiofsd"))
+        if a and b:
+            r = med(b) / med(a) if lower_better else med(a) / med(b)
+            print(("%-18s %12" + fmt + " %12" + fmt + " %7.2fx") % (k, med(a), med(b), r))
+
+table("FUSE through the harness (median ops/s over rounds)", "op", fuse, ops, ".0f")
+table("Daemon CPU per request through the harness (median µs; lower is better; steadier than ops/s here)",
+      "op", fcpu, ops, ".1f", lower_better=True)
+table("File work in a TCG guest (median)", "metric", guest, sorted({k[0] for k in guest}), ".1f")
 print("\nhybrid vsock with a TCG guest (median; no peer backend exists on this host: no /dev/vhost-vsock, no Cloud Hypervisor)")
 for (name, unit), v in sorted(vs.items()):
     if unit in ("MB/s", "us/connect"):
