@@ -36,3 +36,15 @@ func BenchmarkInProcessGetattr(b *testing.B) {
 		}
 	}
 }
+
+// BenchmarkInProcessLookup measures a repeated LOOKUP of a known name.
+func BenchmarkInProcessLookup(b *testing.B) {
+	share := b.TempDir()
+	os.WriteFile(filepath.Join(share, "f"), nil, 0o644)
+	c := inProcess(b, share, nil)
+	for i := 0; i < b.N; i++ {
+		if _, err := c.Lookup(root, "f"); err != nil {
+			b.Fatal(err)
+		}
+	}
+}

@@ -131,8 +131,6 @@ func (g *guard) Open(cancel <-chan struct{}, in *fuse.OpenIn, out *fuse.OpenOut)
 	if g.readOnly && in.Flags&writeFlags != 0 {
 		return fuse.EROFS
 	}
-	// O_PATH-less opens only; never follow a symlink planted as the final component.
-	in.Flags |= syscall.O_NOFOLLOW
 	st := g.RawFileSystem.Open(cancel, in, out)
 	if st.Ok() && g.directIO {
 		out.OpenFlags |= fuse.FOPEN_DIRECT_IO
@@ -193,12 +191,22 @@ func (g *guard) ListXAttr(cancel <-chan struct{}, h *fuse.InHeader, dest []byte)
 	return g.RawFileSystem.ListXAttr(cancel, h, dest)
 }
 
+// privilegedXattr names attributes a guest must not set on host files: file capabilities would
+// give a program in the share privileges on the host, and trusted.* is read by host services
+// (overlayfs keeps its metadata there).
+func privilegedXattr(attr string) bool {
+	return attr == "security.capability" || strings.HasPrefix(attr, "trusted.")
+}
+
 func (g *guard) SetXAttr(cancel <-chan struct{}, in *fuse.SetXAttrIn, attr string, data []byte) fuse.Status {
 	if !g.xattr {
 		return fuse.ENOSYS
 	}
 	if g.readOnly {
 		return fuse.EROFS
+	}
+	if privilegedXattr(attr) {
+		return fuse.EPERM
 	}
 	return g.RawFileSystem.SetXAttr(cancel, in, attr, data)
 }
@@ -209,6 +217,9 @@ func (g *guard) RemoveXAttr(cancel <-chan struct{}, h *fuse.InHeader, attr strin
 	}
 	if g.readOnly {
 		return fuse.EROFS
+	}
+	if privilegedXattr(attr) {
+		return fuse.EPERM
 	}
 	return g.RawFileSystem.RemoveXAttr(cancel, h, attr)
 }

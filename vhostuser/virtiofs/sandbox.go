@@ -129,6 +129,10 @@ func InheritedListener() (*net.UnixListener, error) {
 // readOnly), becomes the root through pivot_root, and the old root is detached, so no host path
 // remains reachable. The caller then serves "/".
 func EnterSandbox(share string, readOnly bool) error {
+	// The file system re-opens inodes through /proc/self/fd; /proc is gone after the pivot.
+	if _, err := procSelfFD(); err != nil {
+		return fmt.Errorf("virtiofs: sandbox: open /proc/self/fd: %w", err)
+	}
 	if err := unix.Mount("", "/", "", unix.MS_REC|unix.MS_PRIVATE, ""); err != nil {
 		return fmt.Errorf("virtiofs: sandbox: make mounts private: %w", err)
 	}
@@ -163,6 +167,8 @@ func EnterSandbox(share string, readOnly bool) error {
 	}
 	// Nothing in the share may gain privileges through exec (we never exec, but a bug might).
 	unix.Prctl(unix.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+	// Modes arrive with the guest's umask applied; the daemon's own must not take more away.
+	unix.Umask(0)
 	return nil
 }
 

@@ -10,7 +10,6 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/hanwen/go-fuse/v2/fs"
 	"github.com/hanwen/go-fuse/v2/fuse"
 	"github.com/rs/zerolog"
 
@@ -80,14 +79,19 @@ func (c *Config) check() error {
 	return nil
 }
 
-// NewFileSystem builds the guarded loopback FUSE server for cfg.SharedDir.
-func NewFileSystem(cfg Config) (*fuse.ProtocolServer, error) {
+// session is one FUSE session: the protocol server and the file system under it. A guest that
+// re-initialises gets a new one; close releases the old one's descriptors.
+type session struct {
+	ps *fuse.ProtocolServer
+	fs *passthrough
+}
+
+func (s *session) close() { s.fs.close() }
+
+// newSession builds the guarded pass-through FUSE server for cfg.SharedDir.
+func newSession(cfg Config) (*session, error) {
 	if err := cfg.check(); err != nil {
 		return nil, err
-	}
-	root, err := fs.NewLoopbackRoot(cfg.SharedDir)
-	if err != nil {
-		return nil, fmt.Errorf("virtiofs: %w", err)
 	}
 	var ttl time.Duration
 	switch cfg.Cache {
@@ -96,9 +100,11 @@ func NewFileSystem(cfg Config) (*fuse.ProtocolServer, error) {
 	case CacheAlways:
 		ttl = 24 * time.Hour
 	}
-	neg := ttl
-	opts := &fs.Options{EntryTimeout: &ttl, AttrTimeout: &ttl, NegativeTimeout: &neg}
-	opts.MountOptions = fuse.MountOptions{
+	pfs, err := newPassthrough(cfg.SharedDir, ttl, cfg.Cache == CacheAlways)
+	if err != nil {
+		return nil, fmt.Errorf("virtiofs: %w", err)
+	}
+	opts := fuse.MountOptions{
 		MaxWrite:                 1 << 20,
 		MaxReadAhead:             1 << 20,
 		DisableXAttrs:            !cfg.Xattr,
@@ -106,16 +112,13 @@ func NewFileSystem(cfg Config) (*fuse.ProtocolServer, error) {
 		ExplicitDataCacheControl: cfg.Cache == CacheNever,
 		Logger:                   log.New(cfg.Logger, "go-fuse: ", 0),
 		Debug:                    cfg.Trace,
-		// A guest can make the node bridge panic with forged node IDs; answer EINVAL without
-		// logging a stack per request.
 		PanicHandler: func(r any) fuse.Status {
-			cfg.Logger.Debug().Interface("panic", r).Msg("virtiofs: request rejected by the file system")
-			return fuse.EINVAL
+			cfg.Logger.Error().Interface("panic", r).Msg("virtiofs: request handler panicked")
+			return fuse.EIO
 		},
 	}
-	opts.NullPermissions = true
-	raw := &guard{RawFileSystem: fs.NewNodeFS(root, opts), readOnly: cfg.ReadOnly, xattr: cfg.Xattr, directIO: cfg.Cache == CacheNever}
-	return fuse.NewProtocolServer(raw, &opts.MountOptions), nil
+	raw := &guard{RawFileSystem: pfs, readOnly: cfg.ReadOnly, xattr: cfg.Xattr, directIO: cfg.Cache == CacheNever}
+	return &session{ps: fuse.NewProtocolServer(raw, &opts), fs: pfs}, nil
 }
 
 // Server is a running virtio-fs backend.
@@ -144,13 +147,14 @@ func Serve(ctx context.Context, cfg Config) (*Server, error) {
 	raiseNoFile()
 	dev := &device{
 		log: cfg.Logger, nq: 1 + cfg.RequestQueues, workers: cfg.Workers,
-		newFS: func() (*fuse.ProtocolServer, error) { return NewFileSystem(cfg) },
+		newSession: func() (*session, error) { return newSession(cfg) },
 	}
 	ctx, cancel := context.WithCancel(ctx)
 	s := &Server{cancel: cancel, done: make(chan struct{})}
 	go func() {
 		defer close(s.done)
 		s.err = vhostuser.Serve(ctx, l, dev, cfg.Logger)
+		dev.Reset()
 		if created != "" {
 			os.Remove(created)
 		}
