@@ -39,11 +39,7 @@ func (fs *passthrough) OpenDir(cancel <-chan struct{}, in *fuse.OpenIn, out *fus
 		fs.fds.Add(-1)
 		return errStatus(err)
 	}
-	out.Fh = fs.addHandle(&fileHandle{fd: fd, dir: &dirStream{}})
-	if fs.keepCache {
-		out.OpenFlags |= fuse.FOPEN_CACHE_DIR
-	}
-	return fuse.OK
+	return fs.addHandle(&fileHandle{fd: fd, dir: &dirStream{}}, out)
 }
 
 func (fs *passthrough) ReadDir(cancel <-chan struct{}, in *fuse.ReadIn, out *fuse.DirEntryList) fuse.Status {

@@ -58,6 +58,7 @@ type passthrough struct {
 	hmu     sync.RWMutex
 	handles map[uint64]*fileHandle
 	nextFh  uint64
+	hclosed bool
 }
 
 type devIno struct{ dev, ino uint64 }
@@ -160,7 +161,7 @@ func (fs *passthrough) close() {
 	}
 	fs.hmu.Lock()
 	hs := fs.handles
-	fs.handles = map[uint64]*fileHandle{}
+	fs.handles, fs.hclosed = map[uint64]*fileHandle{}, true
 	fs.hmu.Unlock()
 	for _, h := range hs {
 		fs.putHandle(h)
@@ -630,6 +631,11 @@ func (fs *passthrough) Open(cancel <-chan struct{}, in *fuse.OpenIn, out *fuse.O
 		return s
 	}
 	defer fs.put(n)
+	return fs.open(n, openFlags(in.Flags), out)
+}
+
+// open opens an inode the guest named by node ID for I/O and gives it a handle.
+func (fs *passthrough) open(n *inode, flags int, out *fuse.OpenOut) fuse.Status {
 	switch n.typ {
 	case unix.S_IFLNK:
 		return fuse.Status(syscall.ELOOP)
@@ -639,16 +645,12 @@ func (fs *passthrough) Open(cancel <-chan struct{}, in *fuse.OpenIn, out *fuse.O
 	if !fs.reserveFD() {
 		return fuse.Status(syscall.EMFILE)
 	}
-	fd, err := fs.reopen(n, openFlags(in.Flags))
+	fd, err := fs.reopen(n, flags)
 	if err != nil {
 		fs.fds.Add(-1)
 		return errStatus(err)
 	}
-	out.Fh = fs.addHandle(&fileHandle{fd: fd})
-	if fs.keepCache {
-		out.OpenFlags |= fuse.FOPEN_KEEP_CACHE
-	}
-	return fuse.OK
+	return fs.addHandle(&fileHandle{fd: fd}, out)
 }
 
 func (fs *passthrough) Create(cancel <-chan struct{}, in *fuse.CreateIn, name string, out *fuse.CreateOut) fuse.Status {
@@ -663,32 +665,60 @@ func (fs *passthrough) Create(cancel <-chan struct{}, in *fuse.CreateIn, name st
 	if !fs.reserveFD() {
 		return fuse.Status(syscall.EMFILE)
 	}
-	flags := openFlags(in.Flags) | int(in.Flags)&unix.O_EXCL | unix.O_CREAT | unix.O_NOFOLLOW | unix.O_CLOEXEC
-	fd, err := unix.Openat(dir.fd, name, flags, in.Mode&07777&^(unix.S_ISUID|unix.S_ISGID))
+	mode := in.Mode &^ (unix.S_ISUID | unix.S_ISGID)
+	flags := openFlags(in.Flags)
+	fd, err := unix.Openat(dir.fd, name, flags|unix.O_CREAT|unix.O_EXCL|unix.O_NOFOLLOW|unix.O_CLOEXEC, mode&07777)
 	if err != nil {
 		fs.fds.Add(-1)
-		return errStatus(err)
+		if err != unix.EEXIST || in.Flags&unix.O_EXCL != 0 {
+			return errStatus(err)
+		}
+		// The guest had no entry for the name but the host has the file: open what is there
+		// like OPEN would (never a symlink or device), and leave its owner and mode alone.
+		if st := fs.lookupAt(dir, name, &out.EntryOut); !st.Ok() {
+			return st
+		}
+		n, st := fs.get(out.NodeId)
+		if st.Ok() {
+			st = fs.open(n, flags, &out.OpenOut)
+			fs.put(n)
+		}
+		if !st.Ok() {
+			fs.Forget(out.NodeId, 1)
+			out.EntryOut = fuse.EntryOut{}
+		}
+		return st
 	}
-	if st := fs.created(dir, name, in.Caller, in.Mode&^(unix.S_ISUID|unix.S_ISGID), fd, &out.EntryOut); !st.Ok() {
+	if st := fs.created(dir, name, in.Caller, mode, fd, &out.EntryOut); !st.Ok() {
 		unix.Close(fd)
 		fs.fds.Add(-1)
 		return st
 	}
-	out.Fh = fs.addHandle(&fileHandle{fd: fd})
-	if fs.keepCache {
-		out.OpenFlags |= fuse.FOPEN_KEEP_CACHE
-	}
-	return fuse.OK
+	return fs.addHandle(&fileHandle{fd: fd}, &out.OpenOut)
 }
 
-func (fs *passthrough) addHandle(h *fileHandle) uint64 {
+// addHandle files h (holding one descriptor) under a new handle number in out. A session that
+// was closed meanwhile gets nothing: the descriptor is closed and the guest gets ESTALE.
+func (fs *passthrough) addHandle(h *fileHandle, out *fuse.OpenOut) fuse.Status {
 	h.refs.Store(1)
 	fs.hmu.Lock()
-	fh := fs.nextFh
+	if fs.hclosed {
+		fs.hmu.Unlock()
+		fs.putHandle(h)
+		return fuse.Status(syscall.ESTALE)
+	}
+	out.Fh = fs.nextFh
 	fs.nextFh++
-	fs.handles[fh] = h
+	fs.handles[out.Fh] = h
 	fs.hmu.Unlock()
-	return fh
+	if fs.keepCache {
+		if h.dir != nil {
+			out.OpenFlags |= fuse.FOPEN_CACHE_DIR
+		} else {
+			out.OpenFlags |= fuse.FOPEN_KEEP_CACHE
+		}
+	}
+	return fuse.OK
 }
 
 // getHandle returns the handle for fh with a reference the caller must put, or nil.

@@ -498,3 +498,54 @@ func TestXattr(t *testing.T) {
 		t.Fatal("xattr on a fifo")
 	}
 }
+
+// TestCreateExisting: CREATE of a name the host already has (the guest's cache did not know it)
+// opens the file as it is (owner and mode untouched) unless O_EXCL was asked for, and never
+// opens a symlink or a device node that sits there.
+func TestCreateExisting(t *testing.T) {
+	share := t.TempDir()
+	p := filepath.Join(share, "f")
+	os.WriteFile(p, []byte("old"), 0o600)
+	os.Chown(p, 4321, 4321)
+	os.Symlink("/etc/passwd", filepath.Join(share, "s"))
+	if os.Geteuid() == 0 {
+		if err := syscall.Mknod(filepath.Join(share, "null"), syscall.S_IFCHR|0o666, 1<<8|3); err != nil {
+			t.Fatal(err)
+		}
+	}
+	fs := newTestFS(t, share)
+	caller := fuse.Caller{Owner: fuse.Owner{Uid: 1234, Gid: 1234}}
+	create := func(name string, flags int) (fuse.CreateOut, fuse.Status) {
+		var co fuse.CreateOut
+		st := fs.Create(nil, &fuse.CreateIn{InHeader: fuse.InHeader{NodeId: rootID, Caller: caller}, Flags: uint32(flags), Mode: syscall.S_IFREG | 0o666}, name, &co)
+		return co, st
+	}
+	if _, st := create("f", os.O_RDWR|os.O_EXCL); st != fuse.Status(syscall.EEXIST) {
+		t.Fatalf("O_EXCL on an existing file: %v", st)
+	}
+	co, st := create("f", os.O_RDWR|os.O_TRUNC)
+	if !st.Ok() || co.NodeId == 0 || co.Fh == 0 {
+		t.Fatalf("create of an existing file: %v %+v", st, co)
+	}
+	if _, st := fs.Write(nil, &fuse.WriteIn{Fh: co.Fh}, []byte("new")); !st.Ok() {
+		t.Fatal(st)
+	}
+	fs.Release(nil, &fuse.ReleaseIn{Fh: co.Fh})
+	var hst syscall.Stat_t
+	syscall.Stat(p, &hst)
+	if b, _ := os.ReadFile(p); string(b) != "new" || hst.Mode&07777 != 0o600 || (os.Geteuid() == 0 && hst.Uid != 4321) {
+		t.Fatalf("existing file after create: %q mode %o uid %d", b, hst.Mode&07777, hst.Uid)
+	}
+	held := fs.fds.Load()
+	if _, st := create("s", os.O_RDONLY); st != fuse.Status(syscall.ELOOP) {
+		t.Fatalf("create over a symlink: %v, want ELOOP", st)
+	}
+	if os.Geteuid() == 0 {
+		if _, st := create("null", os.O_RDWR); st != fuse.EPERM {
+			t.Fatalf("create over a device node: %v, want EPERM", st)
+		}
+	}
+	if got := fs.fds.Load(); got != held {
+		t.Fatalf("refused creates left descriptors behind: %d, was %d", got, held)
+	}
+}
