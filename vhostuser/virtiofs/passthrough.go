@@ -461,8 +461,9 @@ func (fs *passthrough) created(dir *inode, name string, caller fuse.Caller, mode
 	return fs.lookupAt(dir, name, out)
 }
 
-func (fs *passthrough) Mkdir(cancel <-chan struct{}, in *fuse.MkdirIn, name string, out *fuse.EntryOut) fuse.Status {
-	dir, s := fs.get(in.NodeId)
+// inDir runs f on the directory id for a request naming an entry in it.
+func (fs *passthrough) inDir(id uint64, name string, f func(dir *inode) fuse.Status) fuse.Status {
+	dir, s := fs.get(id)
 	if !s.Ok() {
 		return s
 	}
@@ -470,46 +471,40 @@ func (fs *passthrough) Mkdir(cancel <-chan struct{}, in *fuse.MkdirIn, name stri
 	if badName(name) {
 		return fuse.EINVAL
 	}
-	if err := unix.Mkdirat(dir.fd, name, in.Mode&07777); err != nil {
-		return errStatus(err)
-	}
-	return fs.created(dir, name, in.Caller, in.Mode, -1, out)
+	return f(dir)
+}
+
+func (fs *passthrough) Mkdir(cancel <-chan struct{}, in *fuse.MkdirIn, name string, out *fuse.EntryOut) fuse.Status {
+	return fs.inDir(in.NodeId, name, func(dir *inode) fuse.Status {
+		if err := unix.Mkdirat(dir.fd, name, in.Mode&07777); err != nil {
+			return errStatus(err)
+		}
+		return fs.created(dir, name, in.Caller, in.Mode, -1, out)
+	})
 }
 
 func (fs *passthrough) Mknod(cancel <-chan struct{}, in *fuse.MknodIn, name string, out *fuse.EntryOut) fuse.Status {
-	dir, s := fs.get(in.NodeId)
-	if !s.Ok() {
-		return s
-	}
-	defer fs.put(dir)
-	if badName(name) {
-		return fuse.EINVAL
-	}
 	switch in.Mode & unix.S_IFMT {
 	case unix.S_IFREG, unix.S_IFIFO, unix.S_IFSOCK, 0:
 	default:
 		return fuse.EPERM // device nodes would give the guest the host's devices
 	}
-	mode := in.Mode &^ (unix.S_ISUID | unix.S_ISGID)
-	if err := unix.Mknodat(dir.fd, name, mode, 0); err != nil {
-		return errStatus(err)
-	}
-	return fs.created(dir, name, in.Caller, mode, -1, out)
+	return fs.inDir(in.NodeId, name, func(dir *inode) fuse.Status {
+		mode := in.Mode &^ (unix.S_ISUID | unix.S_ISGID)
+		if err := unix.Mknodat(dir.fd, name, mode, 0); err != nil {
+			return errStatus(err)
+		}
+		return fs.created(dir, name, in.Caller, mode, -1, out)
+	})
 }
 
 func (fs *passthrough) Symlink(cancel <-chan struct{}, h *fuse.InHeader, target, name string, out *fuse.EntryOut) fuse.Status {
-	dir, s := fs.get(h.NodeId)
-	if !s.Ok() {
-		return s
-	}
-	defer fs.put(dir)
-	if badName(name) {
-		return fuse.EINVAL
-	}
-	if err := unix.Symlinkat(target, dir.fd, name); err != nil {
-		return errStatus(err)
-	}
-	return fs.created(dir, name, h.Caller, unix.S_IFLNK, -1, out)
+	return fs.inDir(h.NodeId, name, func(dir *inode) fuse.Status {
+		if err := unix.Symlinkat(target, dir.fd, name); err != nil {
+			return errStatus(err)
+		}
+		return fs.created(dir, name, h.Caller, unix.S_IFLNK, -1, out)
+	})
 }
 
 func (fs *passthrough) Link(cancel <-chan struct{}, in *fuse.LinkIn, name string, out *fuse.EntryOut) fuse.Status {
@@ -518,23 +513,17 @@ func (fs *passthrough) Link(cancel <-chan struct{}, in *fuse.LinkIn, name string
 		return s
 	}
 	defer fs.put(n)
-	dir, s := fs.get(in.NodeId)
-	if !s.Ok() {
-		return s
-	}
-	defer fs.put(dir)
-	if badName(name) {
-		return fuse.EINVAL
-	}
 	if n.typ == unix.S_IFDIR {
 		return fuse.EPERM
 	}
-	// linkat(AT_EMPTY_PATH) needs CAP_DAC_READ_SEARCH in the initial namespace; the inode's
-	// /proc/self/fd entry followed once names the same object (also for a symlink).
-	if err := unix.Linkat(fs.procFD, procName(n.fd), dir.fd, name, unix.AT_SYMLINK_FOLLOW); err != nil {
-		return errStatus(err)
-	}
-	return fs.lookupAt(dir, name, out)
+	return fs.inDir(in.NodeId, name, func(dir *inode) fuse.Status {
+		// linkat(AT_EMPTY_PATH) needs CAP_DAC_READ_SEARCH in the initial namespace; the inode's
+		// /proc/self/fd entry followed once names the same object (also for a symlink).
+		if err := unix.Linkat(fs.procFD, procName(n.fd), dir.fd, name, unix.AT_SYMLINK_FOLLOW); err != nil {
+			return errStatus(err)
+		}
+		return fs.lookupAt(dir, name, out)
+	})
 }
 
 func (fs *passthrough) Unlink(cancel <-chan struct{}, h *fuse.InHeader, name string) fuse.Status {
@@ -546,15 +535,9 @@ func (fs *passthrough) Rmdir(cancel <-chan struct{}, h *fuse.InHeader, name stri
 }
 
 func (fs *passthrough) unlink(id uint64, name string, flags int) fuse.Status {
-	dir, s := fs.get(id)
-	if !s.Ok() {
-		return s
-	}
-	defer fs.put(dir)
-	if badName(name) {
-		return fuse.EINVAL
-	}
-	return errStatus(unix.Unlinkat(dir.fd, name, flags))
+	return fs.inDir(id, name, func(dir *inode) fuse.Status {
+		return errStatus(unix.Unlinkat(dir.fd, name, flags))
+	})
 }
 
 func (fs *passthrough) Rename(cancel <-chan struct{}, in *fuse.RenameIn, oldName, newName string) fuse.Status {
@@ -654,47 +637,41 @@ func (fs *passthrough) open(n *inode, flags int, out *fuse.OpenOut) fuse.Status 
 }
 
 func (fs *passthrough) Create(cancel <-chan struct{}, in *fuse.CreateIn, name string, out *fuse.CreateOut) fuse.Status {
-	dir, s := fs.get(in.NodeId)
-	if !s.Ok() {
-		return s
-	}
-	defer fs.put(dir)
-	if badName(name) {
-		return fuse.EINVAL
-	}
-	if !fs.reserveFD() {
-		return fuse.Status(syscall.EMFILE)
-	}
-	mode := in.Mode &^ (unix.S_ISUID | unix.S_ISGID)
-	flags := openFlags(in.Flags)
-	fd, err := unix.Openat(dir.fd, name, flags|unix.O_CREAT|unix.O_EXCL|unix.O_NOFOLLOW|unix.O_CLOEXEC, mode&07777)
-	if err != nil {
-		fs.fds.Add(-1)
-		if err != unix.EEXIST || in.Flags&unix.O_EXCL != 0 {
-			return errStatus(err)
+	return fs.inDir(in.NodeId, name, func(dir *inode) fuse.Status {
+		if !fs.reserveFD() {
+			return fuse.Status(syscall.EMFILE)
 		}
-		// The guest had no entry for the name but the host has the file: open what is there
-		// like OPEN would (never a symlink or device), and leave its owner and mode alone.
-		if st := fs.lookupAt(dir, name, &out.EntryOut); !st.Ok() {
+		mode := in.Mode &^ (unix.S_ISUID | unix.S_ISGID)
+		flags := openFlags(in.Flags)
+		fd, err := unix.Openat(dir.fd, name, flags|unix.O_CREAT|unix.O_EXCL|unix.O_NOFOLLOW|unix.O_CLOEXEC, mode&07777)
+		if err != nil {
+			fs.fds.Add(-1)
+			if err != unix.EEXIST || in.Flags&unix.O_EXCL != 0 {
+				return errStatus(err)
+			}
+			// The guest had no entry for the name but the host has the file: open what is there
+			// like OPEN would (never a symlink or device), and leave its owner and mode alone.
+			if st := fs.lookupAt(dir, name, &out.EntryOut); !st.Ok() {
+				return st
+			}
+			n, st := fs.get(out.NodeId)
+			if st.Ok() {
+				st = fs.open(n, flags, &out.OpenOut)
+				fs.put(n)
+			}
+			if !st.Ok() {
+				fs.Forget(out.NodeId, 1)
+				out.EntryOut = fuse.EntryOut{}
+			}
 			return st
 		}
-		n, st := fs.get(out.NodeId)
-		if st.Ok() {
-			st = fs.open(n, flags, &out.OpenOut)
-			fs.put(n)
+		if st := fs.created(dir, name, in.Caller, mode, fd, &out.EntryOut); !st.Ok() {
+			unix.Close(fd)
+			fs.fds.Add(-1)
+			return st
 		}
-		if !st.Ok() {
-			fs.Forget(out.NodeId, 1)
-			out.EntryOut = fuse.EntryOut{}
-		}
-		return st
-	}
-	if st := fs.created(dir, name, in.Caller, mode, fd, &out.EntryOut); !st.Ok() {
-		unix.Close(fd)
-		fs.fds.Add(-1)
-		return st
-	}
-	return fs.addHandle(&fileHandle{fd: fd}, &out.OpenOut)
+		return fs.addHandle(&fileHandle{fd: fd}, &out.OpenOut)
+	})
 }
 
 // addHandle files h (holding one descriptor) under a new handle number in out. A session that
