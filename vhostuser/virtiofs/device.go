@@ -23,8 +23,9 @@
 // RLIMIT_NOFILE; running out gives the guest EMFILE, not a crash.
 //
 // Concurrency: each started queue has one goroutine that pops requests and answers them inline;
-// a request that runs longer than about a millisecond hands the popping to a new goroutine (a
-// per-queue watchdog decides), so at most
+// requests that wait by design (SETLKW, FSYNC, …) run on a goroutine of their own, and any other
+// request that runs longer than about 10 ms hands the popping to a new goroutine (a per-queue
+// watchdog decides), so at most
 // Config.Workers requests per queue run at once and a blocked one never stalls the queue. Stop
 // waits for all of them.
 package virtiofs
@@ -49,6 +50,7 @@ type device struct {
 	nq         int // 1 hiprio + request queues
 	workers    int
 	newSession func() (*session, error)
+	takeover   time.Duration // see the constant
 
 	mu      sync.Mutex
 	s       *session // the FUSE session; replaced when the guest sends FUSE_INIT again
@@ -114,10 +116,21 @@ func (d *device) Stop(index int) {
 	d.mu.Lock()
 	r := d.runners[index]
 	delete(d.runners, index)
+	s := d.s
 	d.mu.Unlock()
-	if r != nil {
-		close(r.stop)
-		<-r.done
+	if r == nil {
+		return
+	}
+	close(r.stop)
+	for {
+		if s != nil {
+			s.fs.cancelWaits() // a lock wait must not keep the queue from stopping
+		}
+		select {
+		case <-r.done:
+			return
+		case <-time.After(50 * time.Millisecond): // a wait that began after the cancel
+		}
 	}
 }
 
@@ -130,23 +143,47 @@ func (d *device) Reset() {
 	d.mu.Unlock()
 }
 
-const opInit = 26 // FUSE_INIT
+// FUSE opcodes the device looks at before go-fuse decodes the request.
+const (
+	opFsync         = 20
+	opInit          = 26
+	opFsyncdir      = 30
+	opSetlkw        = 33
+	opFallocate     = 43
+	opCopyFileRange = 47
+)
 
-// sessionFor returns the FUSE session for a request. A second FUSE_INIT means the guest rebooted
-// (or reset the device) without the VMM reconnecting: its old node IDs are gone, so it gets a
-// fresh session instead of growing the old one forever.
-func (d *device) sessionFor(ch *vhostuser.Chain) (*fuse.ProtocolServer, error) {
+// opcode reads a request's FUSE opcode (0 when the header is cut short).
+func opcode(ch *vhostuser.Chain) uint32 {
 	var hdr [8]byte
 	n := 0
 	for _, b := range ch.Readable {
 		n += copy(hdr[n:], b)
 		if n == len(hdr) {
-			break
+			return binary.LittleEndian.Uint32(hdr[4:])
 		}
 	}
+	return 0
+}
+
+// mayWait tells requests that wait by design (a lock wait) or routinely take milliseconds
+// (flushing to the disk, allocating or copying ranges): they get their own goroutine at once
+// instead of holding up the queue until the watchdog notices.
+func mayWait(op uint32) bool {
+	switch op {
+	case opSetlkw, opFsync, opFsyncdir, opFallocate, opCopyFileRange:
+		return true
+	}
+	return false
+}
+
+// sessionFor returns the FUSE session for a request. A second FUSE_INIT means the guest rebooted
+// (or reset the device) without the VMM reconnecting: its old node IDs are gone, so it gets a
+// fresh session instead of growing the old one forever.
+func (d *device) sessionFor(ch *vhostuser.Chain, op uint32) (*fuse.ProtocolServer, error) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	if n == len(hdr) && binary.LittleEndian.Uint32(hdr[4:]) == opInit {
+	if op == opInit {
 		if d.inited || d.s == nil {
 			s, err := d.newSession()
 			if err != nil {
@@ -163,15 +200,18 @@ func (d *device) sessionFor(ch *vhostuser.Chain) (*fuse.ProtocolServer, error) {
 }
 
 // serve answers q's requests inline on the goroutine that pops them: no hand-off, no goroutine
-// switch per request. A request that takes longer than takeover (a read from a FIFO, a lock
-// wait, a slow disk) hands the popping role to a fresh goroutine, so one blocked request never
-// stalls the queue; the slow one finishes on its own goroutine and ends there. At most
-// d.workers requests are in flight per queue; beyond that the queue waits.
+// switch per request. Requests that wait by design or take milliseconds as a rule (SETLKW,
+// FSYNC, FALLOCATE, COPY_FILE_RANGE: mayWait) get a goroutine of their own at once. Any other
+// request that runs longer than takeover (an OPEN of a FIFO, a hung network mount under the
+// share) hands the popping role to a fresh goroutine, so one blocked request never stalls the
+// queue for more than a tick or two; the slow one finishes on its own goroutine and ends there.
+// At most d.workers requests are in flight per queue; beyond that the queue waits.
 //
 // A watchdog goroutine decides the hand-over. It samples a counter the popper bumps around
-// each request once per takeover tick and parks after a quiet tick, so a busy queue pays about a
-// thousand watchdog wake-ups a second, not a timer per request: arming and stopping a timer
-// for every request woke the runtime's netpoller each time and cost ~10% of the daemon's CPU.
+// each request once per takeover tick and parks after parkAfter quiet ticks: a timer armed
+// per request woke the runtime's netpoller each time (~10% of the daemon's CPU), and a 1 ms
+// tick cost a guest issuing a request every millisecond more than twice the C daemon's CPU per
+// request (each tick is a timer expiry, an epoll wake-up and a thread switch).
 func (d *device) serve(q *vhostuser.Queue, r *runner) {
 	defer close(r.done)
 	var (
@@ -183,8 +223,8 @@ func (d *device) serve(q *vhostuser.Queue, r *runner) {
 		wake   = make(chan struct{}, 1)
 		busy   = make(chan struct{}, d.workers)
 	)
-	answer := func(ch *vhostuser.Chain) {
-		ps, err := d.sessionFor(ch)
+	answer := func(ch *vhostuser.Chain, op uint32) {
+		ps, err := d.sessionFor(ch, op)
 		if err != nil {
 			d.log.Error().Err(err).Msg("virtiofs: cannot start a FUSE session")
 			q.Done(ch.Head, 0)
@@ -234,6 +274,16 @@ func (d *device) serve(q *vhostuser.Queue, r *runner) {
 				q.Done(ch.Head, 0)
 				return
 			}
+			op := opcode(ch)
+			if mayWait(op) {
+				wg.Add(1)
+				go func() {
+					defer wg.Done()
+					answer(ch, op)
+					<-busy
+				}()
+				continue
+			}
 			s := seq.Add(1)
 			if parked.Load() && parked.CompareAndSwap(true, false) {
 				select {
@@ -241,7 +291,7 @@ func (d *device) serve(q *vhostuser.Queue, r *runner) {
 				default:
 				}
 			}
-			answer(ch)
+			answer(ch, op)
 			<-busy
 			if !seq.CompareAndSwap(s, s+1) {
 				return // the watchdog gave the popping role to a new goroutine meanwhile
@@ -252,8 +302,9 @@ func (d *device) serve(q *vhostuser.Queue, r *runner) {
 	go loop()
 	go func() { // the watchdog
 		defer wg.Done()
-		tick := time.NewTicker(takeover)
+		tick := time.NewTicker(d.takeover)
 		defer tick.Stop()
+		quiet := 0
 		for {
 			s0 := seq.Load()
 			select {
@@ -264,12 +315,17 @@ func (d *device) serve(q *vhostuser.Queue, r *runner) {
 			s1 := seq.Load()
 			switch {
 			case s1 != s0: // requests came and went: keep watching
+				quiet = 0
 			case s1&1 == 1: // one request ran for a whole tick
+				quiet = 0
 				if seq.CompareAndSwap(s1, s1+1) {
 					wg.Add(1)
 					go loop()
 				}
-			default: // quiet for a whole tick: sleep until the next request
+			case quiet < parkAfter:
+				quiet++
+			default: // quiet for parkAfter ticks: sleep until the next request
+				quiet = 0
 				tick.Stop()
 				parked.Store(true)
 				if seq.Load() == s1 {
@@ -280,7 +336,7 @@ func (d *device) serve(q *vhostuser.Queue, r *runner) {
 					}
 				}
 				parked.Store(false)
-				tick.Reset(takeover)
+				tick.Reset(d.takeover)
 			}
 		}
 	}()
@@ -289,10 +345,15 @@ func (d *device) serve(q *vhostuser.Queue, r *runner) {
 }
 
 // yieldEvery is how often the popping goroutine passes through the scheduler (see loop).
-const yieldEvery = 2 * time.Millisecond
+const yieldEvery = 8 * time.Millisecond
 
 // takeover is how long a request may run inline before the queue gets a new popping goroutine.
-const takeover = time.Millisecond
+const takeover = 10 * time.Millisecond
+
+// parkAfter is how many quiet ticks the watchdog waits before it parks. Parking after every
+// quiet tick made a guest's ordinary pace of requests (one every few hundred µs under TCG) wake
+// it, and a thread for it, on nearly every request.
+const parkAfter = 5
 
 // handle answers one FUSE request; a panic in the file system (a bug, or a fault on guest memory
 // the frontend unmapped) fails the request instead of the daemon.

@@ -59,6 +59,10 @@ type passthrough struct {
 	handles map[uint64]*fileHandle
 	nextFh  uint64
 	hclosed bool
+
+	wmu        sync.Mutex
+	waitCancel chan struct{} // closed to make the lock waits running now give up
+	waitsEnded bool          // the session closed: every wait gives up
 }
 
 type devIno struct{ dev, ino uint64 }
@@ -114,6 +118,7 @@ func newPassthrough(dir string, ttl time.Duration, keepCache bool) (*passthrough
 		nextID:        rootID + 1,
 		handles:       map[uint64]*fileHandle{},
 		nextFh:        1,
+		waitCancel:    make(chan struct{}),
 	}
 	var r unix.Rlimit
 	fs.fdLimit = 1 << 20
@@ -152,6 +157,12 @@ func (fs *passthrough) String() string { return "virtkit-passthrough" }
 // close drops the tables' references: descriptors close as the requests still using them finish.
 // The device calls it when a session is replaced (guest reboot, reconnect) or the daemon stops.
 func (fs *passthrough) close() {
+	fs.wmu.Lock()
+	if !fs.waitsEnded {
+		close(fs.waitCancel)
+		fs.waitsEnded = true
+	}
+	fs.wmu.Unlock()
 	fs.mu.Lock()
 	inodes := fs.byID
 	fs.byID, fs.byKey, fs.closed = map[uint64]*inode{}, map[devIno]*inode{}, true
@@ -622,7 +633,10 @@ func (fs *passthrough) open(n *inode, flags int, out *fuse.OpenOut) fuse.Status 
 	switch n.typ {
 	case unix.S_IFLNK:
 		return fuse.Status(syscall.ELOOP)
-	case unix.S_IFCHR, unix.S_IFBLK:
+	case unix.S_IFCHR, unix.S_IFBLK, unix.S_IFIFO, unix.S_IFSOCK:
+		// A guest kernel keeps FIFOs, sockets and devices on a FUSE mount to itself and never
+		// opens them through the daemon; only a hostile guest asks, and a FIFO open would
+		// block a daemon thread until some host process opened the other end.
 		return fuse.EPERM
 	}
 	if !fs.reserveFD() {
@@ -890,7 +904,12 @@ func (fs *passthrough) SetLkw(cancel <-chan struct{}, in *fuse.LkIn) fuse.Status
 }
 
 func (fs *passthrough) setLock(in *fuse.LkIn, wait bool) fuse.Status {
-	return fs.withHandle(in.Fh, func(fd int) error {
+	h := fs.getHandle(in.Fh)
+	if h == nil {
+		return fuse.EBADF
+	}
+	defer fs.putHandle(h)
+	try := func() error {
 		if in.LkFlags&fuse.FUSE_LK_FLOCK != 0 {
 			var op int
 			switch in.Lk.Typ {
@@ -903,20 +922,56 @@ func (fs *passthrough) setLock(in *fuse.LkIn, wait bool) fuse.Status {
 			default:
 				return unix.EINVAL
 			}
-			if !wait {
-				op |= unix.LOCK_NB
-			}
-			return unix.Flock(fd, op)
+			return unix.Flock(h.fd, op|unix.LOCK_NB)
 		}
 		var flk syscall.Flock_t
 		in.Lk.ToFlockT(&flk)
-		cmd := unix.F_OFD_SETLK
-		if wait {
-			cmd = unix.F_OFD_SETLKW
+		return syscall.FcntlFlock(uintptr(h.fd), unix.F_OFD_SETLK, &flk)
+	}
+	err := try()
+	if !wait {
+		return errStatus(err)
+	}
+	// A blocking F_OFD_SETLKW or flock cannot be interrupted (SA_RESTART restarts both), so a
+	// guest that goes away while waiting would keep a daemon thread, and the queue's stop,
+	// forever. Waiting is a retry with backoff instead, given up when a queue stops or the session
+	// closes.
+	done := fs.waitDone()
+	backoff := time.Millisecond
+	for err == unix.EAGAIN || err == unix.EACCES {
+		t := time.NewTimer(backoff)
+		select {
+		case <-t.C:
+		case <-done:
+			t.Stop()
+			return fuse.Status(syscall.EINTR)
 		}
-		return syscall.FcntlFlock(uintptr(fd), cmd, &flk)
-	})
+		backoff = min(2*backoff, lockPollMax)
+		err = try()
+	}
+	return errStatus(err)
 }
+
+// waitDone is closed when the lock waits running now must give up.
+func (fs *passthrough) waitDone() <-chan struct{} {
+	fs.wmu.Lock()
+	defer fs.wmu.Unlock()
+	return fs.waitCancel
+}
+
+// cancelWaits makes the lock waits running now fail with EINTR: a queue is stopping (the VMM
+// paused, reset or went away) and must not wait for a lock another program may never release.
+func (fs *passthrough) cancelWaits() {
+	fs.wmu.Lock()
+	defer fs.wmu.Unlock()
+	if !fs.waitsEnded {
+		close(fs.waitCancel)
+		fs.waitCancel = make(chan struct{})
+	}
+}
+
+// lockPollMax bounds how long a lock waiter sleeps between tries.
+const lockPollMax = 20 * time.Millisecond
 
 // xattrFD opens an inode for an xattr call: the *at xattr calls are newer than Linux 6.1 and the
 // path ones would need /proc mounted in the sandbox. Only files and directories qualify.

@@ -3,6 +3,7 @@ package virtiofs
 import (
 	"bytes"
 	"encoding/binary"
+	"net"
 	"os"
 	"path/filepath"
 	"slices"
@@ -547,5 +548,32 @@ func TestCreateExisting(t *testing.T) {
 	}
 	if got := fs.fds.Load(); got != held {
 		t.Fatalf("refused creates left descriptors behind: %d, was %d", got, held)
+	}
+}
+
+// TestOpenSpecialFiles: FIFOs, sockets and device nodes are never opened through the daemon (a
+// guest kernel keeps them local; a FIFO open would block a daemon thread).
+func TestOpenSpecialFiles(t *testing.T) {
+	share := t.TempDir()
+	syscall.Mkfifo(filepath.Join(share, "fifo"), 0o666)
+	l, err := net.Listen("unix", filepath.Join(share, "sock"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	names := []string{"fifo", "sock"}
+	if os.Geteuid() == 0 {
+		syscall.Mknod(filepath.Join(share, "null"), syscall.S_IFCHR|0o666, 1<<8|3)
+		names = append(names, "null")
+	}
+	fs := newTestFS(t, share)
+	for _, name := range names {
+		e := mustLookup(t, fs, rootID, name)
+		for _, flags := range []int{os.O_RDONLY, os.O_WRONLY, os.O_RDWR} {
+			var oo fuse.OpenOut
+			if st := fs.Open(nil, &fuse.OpenIn{InHeader: hdr(e.NodeId), Flags: uint32(flags)}, &oo); st != fuse.EPERM {
+				t.Errorf("open %s %#x: %v, want EPERM", name, flags, st)
+			}
+		}
 	}
 }

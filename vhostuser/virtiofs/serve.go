@@ -1,6 +1,7 @@
 package virtiofs
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -44,6 +45,11 @@ type Config struct {
 	// Workers bounds the requests in flight per queue (default 32).
 	Workers int
 	Logger  zerolog.Logger
+
+	// wrap, in tests, wraps the file system (to make a request block on cue).
+	wrap func(fuse.RawFileSystem) fuse.RawFileSystem
+	// takeover, in tests, replaces the watchdog's tick (to take it out of the picture).
+	takeover time.Duration
 }
 
 func (c *Config) check() error {
@@ -117,7 +123,10 @@ func newSession(cfg Config) (*session, error) {
 			return fuse.EIO
 		},
 	}
-	raw := &guard{RawFileSystem: pfs, readOnly: cfg.ReadOnly, xattr: cfg.Xattr, directIO: cfg.Cache == CacheNever}
+	var raw fuse.RawFileSystem = &guard{RawFileSystem: pfs, readOnly: cfg.ReadOnly, xattr: cfg.Xattr, directIO: cfg.Cache == CacheNever}
+	if cfg.wrap != nil {
+		raw = cfg.wrap(raw)
+	}
 	return &session{ps: fuse.NewProtocolServer(raw, &opts), fs: pfs}, nil
 }
 
@@ -148,6 +157,7 @@ func Serve(ctx context.Context, cfg Config) (*Server, error) {
 	dev := &device{
 		log: cfg.Logger, nq: 1 + cfg.RequestQueues, workers: cfg.Workers,
 		newSession: func() (*session, error) { return newSession(cfg) },
+		takeover:   cmp.Or(cfg.takeover, takeover),
 	}
 	ctx, cancel := context.WithCancel(ctx)
 	s := &Server{cancel: cancel, done: make(chan struct{})}

@@ -9,11 +9,14 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
 
+	"github.com/hanwen/go-fuse/v2/fuse"
 	"github.com/rs/zerolog"
+	"golang.org/x/sys/unix"
 
 	"github.com/virtkit/virtkit/cmd/cmdtest"
 	"github.com/virtkit/virtkit/vhostuser/vhostusertest"
@@ -451,37 +454,156 @@ func TestCacheNeverOpensDirect(t *testing.T) {
 	}
 }
 
-// TestBlockedRequestDoesNotStallQueue: opening a FIFO blocks until a writer comes; requests
-// behind it on the same queue must still be answered.
+// blockingFS makes GETATTR of one node wait until release is closed: an ordinary request that
+// happens to take long (a slow or hung mount under the share).
+type blockingFS struct {
+	fuse.RawFileSystem
+	node    uint64
+	release chan struct{}
+}
+
+func (b *blockingFS) GetAttr(cancel <-chan struct{}, in *fuse.GetAttrIn, out *fuse.AttrOut) fuse.Status {
+	if in.NodeId == b.node {
+		<-b.release
+	}
+	return b.RawFileSystem.GetAttr(cancel, in, out)
+}
+
+// TestBlockedRequestDoesNotStallQueue: a request that blocks inline hands the queue to a new
+// popping goroutine (the watchdog); requests behind it are answered, and it completes later.
 func TestBlockedRequestDoesNotStallQueue(t *testing.T) {
 	share := t.TempDir()
-	fifo := filepath.Join(share, "fifo")
-	if err := syscall.Mkfifo(fifo, 0o644); err != nil {
-		t.Fatal(err)
+	os.WriteFile(filepath.Join(share, "f"), []byte("x"), 0o644)
+	release := make(chan struct{})
+	var once sync.Once
+	unblock := func() { once.Do(func() { close(release) }) }
+	c := inProcess(t, share, func(c *Config) {
+		c.wrap = func(fs fuse.RawFileSystem) fuse.RawFileSystem {
+			return &blockingFS{RawFileSystem: fs, node: 2, release: release}
+		}
+	})
+	t.Cleanup(unblock) // runs before the server stops, whatever happens
+	e, err := c.Lookup(root, "f")
+	if err != nil || e.NodeID != 2 {
+		t.Fatalf("lookup: %+v %v", e, err)
 	}
-	c := inProcess(t, share, nil)
-	e, err := c.Lookup(root, "fifo")
-	if err != nil {
-		t.Fatal(err)
-	}
-	open := make([]byte, 8)
-	binary.LittleEndian.PutUint32(open, uint32(os.O_RDONLY))
-	head, err := c.Submit(vhostusertest.OpOpen, e.NodeID, open, 16)
+	head, err := c.Submit(vhostusertest.OpGetattr, e.NodeID, make([]byte, 16), 104)
 	if err != nil {
 		t.Fatal(err)
 	}
 	for i := 0; i < 5; i++ {
 		if _, err := c.Getattr(root); err != nil {
-			t.Fatalf("getattr behind a blocked open: %v", err)
+			t.Fatalf("getattr behind a blocked request: %v", err)
 		}
 	}
-	w, err := os.OpenFile(fifo, os.O_WRONLY, 0) // unblocks the guest's open
+	unblock()
+	used, err := c.WaitAny(10 * time.Second)
+	if err != nil || len(used) != 1 || used[0].Head != head {
+		t.Fatalf("blocked request did not complete: %v %v", used, err)
+	}
+}
+
+// TestStopEndsLockWait: a guest waiting for a lock that is never released does not keep the
+// daemon from stopping (the VMM went away, or paused the device).
+func TestStopEndsLockWait(t *testing.T) {
+	share := t.TempDir()
+	os.WriteFile(filepath.Join(share, "f"), []byte("x"), 0o644)
+	holder, err := os.OpenFile(filepath.Join(share, "f"), os.O_RDWR, 0)
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer w.Close()
-	used, err := c.WaitAny(10 * time.Second)
-	if err != nil || len(used) != 1 || used[0].Head != head {
-		t.Fatalf("blocked open did not complete: %v %v", used, err)
+	defer holder.Close()
+	flk := syscall.Flock_t{Type: syscall.F_WRLCK}
+	if err := syscall.FcntlFlock(holder.Fd(), unix.F_OFD_SETLK, &flk); err != nil {
+		t.Fatal(err)
+	}
+	cfg := Config{Socket: filepath.Join(t.TempDir(), "fs.sock"), SharedDir: share, Logger: testLogger(t)}
+	s, err := Serve(context.Background(), cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	c := client(t, cfg.Socket)
+	e, err := c.Lookup(root, "f")
+	if err != nil {
+		t.Fatal(err)
+	}
+	fh, err := c.Open(e.NodeID, uint32(os.O_RDWR))
+	if err != nil {
+		t.Fatal(err)
+	}
+	lk := make([]byte, 48)
+	binary.LittleEndian.PutUint64(lk, fh)
+	binary.LittleEndian.PutUint64(lk[24:], 1<<63-1)
+	binary.LittleEndian.PutUint32(lk[32:], syscall.F_WRLCK)
+	if _, err := c.Submit(33, e.NodeID, lk, 0); err != nil { // SETLKW
+		t.Fatal(err)
+	}
+	time.Sleep(50 * time.Millisecond) // let the wait begin
+	done := make(chan error, 1)
+	go func() { done <- s.Close() }()
+	select {
+	case <-done:
+	case <-time.After(20 * time.Second):
+		t.Fatal("the daemon did not stop while a guest waited for a lock")
+	}
+}
+
+// TestLockWaitDoesNotStallQueue: a SETLKW that waits for a lock another open holds does not hold
+// up the queue: the unlock sent behind it is answered, and then the waiter gets the lock.
+func TestLockWaitDoesNotStallQueue(t *testing.T) {
+	share := t.TempDir()
+	os.WriteFile(filepath.Join(share, "f"), []byte("x"), 0o644)
+	// Without the watchdog only the SETLKW's own goroutine can let the unlock through.
+	c := inProcess(t, share, func(c *Config) { c.takeover = time.Hour })
+	e, err := c.Lookup(root, "f")
+	if err != nil {
+		t.Fatal(err)
+	}
+	fh1, err := c.Open(e.NodeID, uint32(os.O_RDWR))
+	if err != nil {
+		t.Fatal(err)
+	}
+	fh2, err := c.Open(e.NodeID, uint32(os.O_RDWR))
+	if err != nil {
+		t.Fatal(err)
+	}
+	lk := func(fh uint64, typ uint32) []byte {
+		b := make([]byte, 48) // fh, owner, start, end, type, pid, lk_flags, padding
+		binary.LittleEndian.PutUint64(b, fh)
+		binary.LittleEndian.PutUint64(b[8:], fh)
+		binary.LittleEndian.PutUint64(b[24:], 1<<63-1)
+		binary.LittleEndian.PutUint32(b[32:], typ)
+		return b
+	}
+	const opGetlk, opSetlk, opSetlkw = 31, 32, 33
+	if _, err := c.Do(opSetlk, e.NodeID, lk(fh1, syscall.F_WRLCK), 0); err != nil {
+		t.Fatalf("setlk: %v", err)
+	}
+	if _, err := c.Do(opSetlk, e.NodeID, lk(fh2, syscall.F_WRLCK), 0); !isErrno(err, syscall.EAGAIN) {
+		t.Fatalf("conflicting setlk: %v, want EAGAIN", err)
+	}
+	wait, err := c.Submit(opSetlkw, e.NodeID, lk(fh2, syscall.F_WRLCK), 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	unlock, err := c.Submit(opSetlk, e.NodeID, lk(fh1, syscall.F_UNLCK), 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pending := map[uint16]bool{wait: true, unlock: true}
+	for len(pending) > 0 {
+		used, err := c.WaitAny(10 * time.Second)
+		if err != nil {
+			t.Fatalf("waiting for the lock hand-over (%d left): %v", len(pending), err)
+		}
+		for _, u := range used {
+			delete(pending, u.Head)
+		}
+	}
+	// fh2 now holds the lock: fh1 sees it.
+	b, err := c.Do(opGetlk, e.NodeID, lk(fh1, syscall.F_WRLCK), 24)
+	if err != nil || len(b) < 24 || binary.LittleEndian.Uint32(b[16:]) != syscall.F_WRLCK {
+		t.Fatalf("getlk after the hand-over: %x %v", b, err)
 	}
 }
