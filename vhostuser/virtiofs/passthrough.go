@@ -323,7 +323,15 @@ func (fs *passthrough) Lookup(cancel <-chan struct{}, h *fuse.InHeader, name str
 		return st
 	}
 	defer fs.put(dir)
-	return fs.lookupAt(dir, name, out)
+	st = fs.lookupAt(dir, name, out)
+	if st == fuse.ENOENT && fs.ttl > 0 {
+		// A negative entry the guest may cache as long as positive ones (node ID 0), as C
+		// virtiofsd does: compilers and shells probe many names that do not exist.
+		*out = fuse.EntryOut{}
+		out.EntryValid, out.EntryValidNsec = splitDuration(fs.ttl)
+		return fuse.OK
+	}
+	return st
 }
 
 func (fs *passthrough) Forget(id, nlookup uint64) {

@@ -119,6 +119,20 @@ func TestLookupIdentity(t *testing.T) {
 	if st := fs.GetAttr(nil, &fuse.GetAttrIn{InHeader: hdr(a.NodeId)}, &out); st.Ok() {
 		t.Fatal("getattr on a forgotten node succeeded")
 	}
+	// A missing name is a negative entry the guest may cache (with cache=never: ENOENT).
+	var neg fuse.EntryOut
+	h := hdr(rootID)
+	if st := fs.Lookup(nil, &h, "missing", &neg); !st.Ok() || neg.NodeId != 0 || neg.EntryValid != 1 {
+		t.Fatalf("negative lookup: %v %+v", st, neg)
+	}
+	nocache, err := newPassthrough(share, 0, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nocache.close()
+	if st := nocache.Lookup(nil, &h, "missing", &neg); st != fuse.ENOENT {
+		t.Fatalf("negative lookup without caching: %v", st)
+	}
 }
 
 // TestInodeFollowsObject: an inode names the object it was looked up as, wherever that moves,
