@@ -25,6 +25,7 @@ import (
 	"github.com/virtkit/virtkit/ci/jobs"
 	"github.com/virtkit/virtkit/ci/jobs/jobstest"
 	"github.com/virtkit/virtkit/cmd/cmdtest"
+	"github.com/virtkit/virtkit/imaging/imagetest"
 	"github.com/virtkit/virtkit/imaging/ext4"
 	"github.com/virtkit/virtkit/switch/lan"
 	"github.com/virtkit/virtkit/workers/launcher"
@@ -159,11 +160,7 @@ func dispatchRound(b *testing.B, c *broker.Client, m *timedMachines, img string,
 func BenchmarkJobOverheadVM(b *testing.B) {
 	cmdtest.Heavy(b)
 	kernel := cmdtest.Kernel(b)
-	home, _ := os.UserHomeDir()
-	tarball := filepath.Join(home, ".cache", "virtkit", "fixtures", "debian-bookworm-minbase.tar")
-	if _, err := os.Stat(tarball); err != nil {
-		cmdtest.Missing(b, "Debian fixture %s (deploy/debian-rootfs.sh): %v", tarball, err)
-	}
+	tarball := imagetest.DebianRootfs(b) // debootstrap once, cached
 	srv, c := brokertest.Start(b, broker.SchemaOptions{})
 	dir := b.TempDir()
 	lans := launcher.NewLANs(lan.Config{Subnet: netip.MustParsePrefix("10.77.0.0/24")})

@@ -18,6 +18,7 @@ import (
 	"github.com/virtkit/virtkit/ci/gitlab"
 	"github.com/virtkit/virtkit/ci/jobs/jobstest"
 	"github.com/virtkit/virtkit/cmd/cmdtest"
+	"github.com/virtkit/virtkit/imaging/imagetest"
 )
 
 // Exit codes as a runner would set them; not 1 and 2, so the hooks must read them.
@@ -55,11 +56,7 @@ func newFixture(t *testing.T) *fixture {
 	cmdtest.Heavy(t)
 	kernel := cmdtest.Kernel(t)
 	cmdtest.Tool(t, "qemu-system-x86_64")
-	home, _ := os.UserHomeDir()
-	tarball := filepath.Join(home, ".cache", "virtkit", "fixtures", "debian-bookworm-minbase.tar")
-	if _, err := os.Stat(tarball); err != nil {
-		cmdtest.Missing(t, "Debian fixture %s (make it with deploy/debian-rootfs.sh): %v", tarball, err)
-	}
+	tarball := imagetest.DebianRootfs(t) // debootstrap once, cached
 	bin := cmdtest.Binary(t, "virtkit")
 	cmdtest.Binary(t, "virtkit-agent") // next to virtkit: injected into images
 	f := &fixture{t: t, bin: bin, cluster: jobstest.NewCluster(t, 3), image: "tar:" + tarball, imgDir: filepath.Dir(tarball), hosts: map[string]*host{}}

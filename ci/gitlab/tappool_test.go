@@ -12,6 +12,7 @@ import (
 
 	"github.com/virtkit/virtkit/broker"
 	"github.com/virtkit/virtkit/cmd/cmdtest"
+	"github.com/virtkit/virtkit/imaging/imagetest"
 )
 
 // netns is a network namespace made for a test, with an operator's network in it: a bridge with
@@ -81,11 +82,7 @@ func TestTapPoolOnMicroVMs(t *testing.T) {
 	kernel := cmdtest.Kernel(t)
 	cmdtest.Tool(t, "qemu-system-x86_64")
 	bb := cmdtest.Tool(t, "busybox")
-	home, _ := os.UserHomeDir()
-	tarball := filepath.Join(home, ".cache", "virtkit", "fixtures", "debian-bookworm-minbase.tar")
-	if _, err := os.Stat(tarball); err != nil {
-		cmdtest.Missing(t, "Debian fixture %s (make it with deploy/debian-rootfs.sh): %v", tarball, err)
-	}
+	tarball := imagetest.DebianRootfs(t) // debootstrap once, cached
 	bin := cmdtest.Binary(t, "virtkit")
 	cmdtest.Binary(t, "virtkit-agent")
 	ns := newNetns(t)
