@@ -25,8 +25,8 @@ import (
 	"github.com/virtkit/virtkit/ci/jobs"
 	"github.com/virtkit/virtkit/ci/jobs/jobstest"
 	"github.com/virtkit/virtkit/cmd/cmdtest"
-	"github.com/virtkit/virtkit/imaging/imagetest"
 	"github.com/virtkit/virtkit/imaging/ext4"
+	"github.com/virtkit/virtkit/imaging/imagetest"
 	"github.com/virtkit/virtkit/switch/lan"
 	"github.com/virtkit/virtkit/workers/launcher"
 )
