@@ -591,3 +591,42 @@ func TestOpenSpecialFiles(t *testing.T) {
 		}
 	}
 }
+
+// TestCloseReleasesDescriptors: replacing a session closes every descriptor it holds, but only
+// once the requests still using one (here a READ not yet copied out) are done with it.
+func TestCloseReleasesDescriptors(t *testing.T) {
+	share := t.TempDir()
+	os.WriteFile(filepath.Join(share, "f"), []byte("data"), 0o644)
+	os.Mkdir(filepath.Join(share, "d"), 0o755)
+	fs, err := newPassthrough(share, time.Second, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := mustLookup(t, fs, rootID, "f")
+	mustLookup(t, fs, rootID, "d")
+	fh := mustOpen(t, fs, f.NodeId, os.O_RDONLY)
+	rr, st := fs.Read(nil, &fuse.ReadIn{Fh: fh, Size: 4}, nil)
+	if !st.Ok() {
+		t.Fatal(st)
+	}
+	fs.close()
+	if got := fs.fds.Load(); got != 1 {
+		t.Fatalf("%d descriptors open after close with a READ in flight, want 1 (its file)", got)
+	}
+	buf := make([]byte, 4)
+	if n, st := rr.(interface {
+		Readv([][]byte) (int, fuse.Status)
+	}).Readv([][]byte{buf}); !st.Ok() || string(buf[:n]) != "data" {
+		t.Fatalf("in-flight read after close: %q %v", buf[:n], st)
+	}
+	rr.Done()
+	if got := fs.fds.Load(); got != 0 {
+		t.Fatalf("%d descriptors open after the last request finished", got)
+	}
+	var e fuse.EntryOut
+	h := hdr(rootID)
+	if st := fs.Lookup(nil, &h, "f", &e); st.Ok() {
+		t.Fatal("lookup on a closed session succeeded")
+	}
+	fs.close() // twice is harmless
+}
