@@ -503,6 +503,16 @@ func TestBlockedRequestDoesNotStallQueue(t *testing.T) {
 	}
 }
 
+// lkIn is a LkIn body locking all of a file for fh (the owner is the handle too).
+func lkIn(fh uint64, typ uint32) []byte {
+	b := make([]byte, 48) // fh, owner, start, end, type, pid, lk_flags, padding
+	binary.LittleEndian.PutUint64(b, fh)
+	binary.LittleEndian.PutUint64(b[8:], fh)
+	binary.LittleEndian.PutUint64(b[24:], 1<<63-1)
+	binary.LittleEndian.PutUint32(b[32:], typ)
+	return b
+}
+
 // TestStopEndsLockWait: a guest waiting for a lock that is never released does not keep the
 // daemon from stopping (the VMM went away, or paused the device).
 func TestStopEndsLockWait(t *testing.T) {
@@ -532,11 +542,7 @@ func TestStopEndsLockWait(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	lk := make([]byte, 48)
-	binary.LittleEndian.PutUint64(lk, fh)
-	binary.LittleEndian.PutUint64(lk[24:], 1<<63-1)
-	binary.LittleEndian.PutUint32(lk[32:], syscall.F_WRLCK)
-	if _, err := c.Submit(33, e.NodeID, lk, 0); err != nil { // SETLKW
+	if _, err := c.Submit(opSetlkw, e.NodeID, lkIn(fh, syscall.F_WRLCK), 0); err != nil {
 		t.Fatal(err)
 	}
 	time.Sleep(50 * time.Millisecond) // let the wait begin
@@ -568,15 +574,8 @@ func TestLockWaitDoesNotStallQueue(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	lk := func(fh uint64, typ uint32) []byte {
-		b := make([]byte, 48) // fh, owner, start, end, type, pid, lk_flags, padding
-		binary.LittleEndian.PutUint64(b, fh)
-		binary.LittleEndian.PutUint64(b[8:], fh)
-		binary.LittleEndian.PutUint64(b[24:], 1<<63-1)
-		binary.LittleEndian.PutUint32(b[32:], typ)
-		return b
-	}
-	const opGetlk, opSetlk, opSetlkw = 31, 32, 33
+	const opGetlk, opSetlk = 31, 32
+	lk := lkIn
 	if _, err := c.Do(opSetlk, e.NodeID, lk(fh1, syscall.F_WRLCK), 0); err != nil {
 		t.Fatalf("setlk: %v", err)
 	}
