@@ -42,8 +42,9 @@ type passthrough struct {
 
 	procFD    int // /proc/self/fd, O_PATH
 	ttl       time.Duration
-	keepCache bool // --cache always: the guest keeps file data across opens
-	chown     bool // running as root (of the sandbox): new files belong to the guest's caller
+	keepCache bool   // --cache always: the guest keeps file data across opens
+	chown     bool   // running as root (of the sandbox): new files belong to the guest's caller
+	uid, gid  uint32 // ours: a caller with the same ids needs no chown
 	umask     uint32
 
 	fdLimit int64        // descriptors this file system may hold (inodes + handles)
@@ -112,6 +113,8 @@ func newPassthrough(dir string, ttl time.Duration, keepCache bool) (*passthrough
 		ttl:           ttl,
 		keepCache:     keepCache,
 		chown:         os.Geteuid() == 0,
+		uid:           uint32(os.Geteuid()),
+		gid:           uint32(os.Getegid()),
 		umask:         processUmask(),
 		byID:          map[uint64]*inode{},
 		byKey:         map[devIno]*inode{},
@@ -267,30 +270,57 @@ func (fs *passthrough) lookupAt(dir *inode, name string, out *fuse.EntryOut) fus
 	}
 	// A known inode: the name named it when fstatat ran, and we hold it open, so it is that
 	// object. No descriptor is needed.
-	key := devIno{st.Dev, st.Ino}
-	fs.mu.RLock()
-	if n := fs.byKey[key]; n != nil {
-		n.nlookup.Add(1)
-		fs.mu.RUnlock()
-		fs.fillEntry(out, n.id, &st)
+	if fs.known(&st, out) {
 		return fuse.OK
 	}
-	fs.mu.RUnlock()
+	return fs.adopt(func() (int, error) {
+		return unix.Openat(dir.fd, name, unix.O_PATH|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+	}, nil, out)
+}
 
+// lookupNew counts a lookup of an object this request just made under name in dir: it is opened
+// first and then looked at, one system call fewer than lookupAt.
+func (fs *passthrough) lookupNew(dir *inode, name string, out *fuse.EntryOut) fuse.Status {
+	return fs.adopt(func() (int, error) {
+		return unix.Openat(dir.fd, name, unix.O_PATH|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+	}, nil, out)
+}
+
+// known counts a lookup of the inode st describes if the guest has it already.
+func (fs *passthrough) known(st *unix.Stat_t, out *fuse.EntryOut) bool {
+	fs.mu.RLock()
+	n := fs.byKey[devIno{st.Dev, st.Ino}]
+	if n != nil {
+		n.nlookup.Add(1)
+	}
+	fs.mu.RUnlock()
+	if n != nil {
+		fs.fillEntry(out, n.id, st)
+	}
+	return n != nil
+}
+
+// adopt counts a lookup of the object open returns an O_PATH descriptor for: the inode the guest
+// already has for it, or a new one holding that descriptor. st, when given, already describes
+// the object (it was taken from a descriptor for it); otherwise the new descriptor is looked at.
+func (fs *passthrough) adopt(open func() (int, error), st *unix.Stat_t, out *fuse.EntryOut) fuse.Status {
 	if !fs.reserveFD() {
 		return fuse.Status(syscall.EMFILE)
 	}
-	fd, err := unix.Openat(dir.fd, name, unix.O_PATH|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+	fd, err := open()
 	if err != nil {
 		fs.fds.Add(-1)
 		return errStatus(err)
 	}
-	if err := unix.Fstatat(fd, "", &st, unix.AT_EMPTY_PATH|unix.AT_SYMLINK_NOFOLLOW); err != nil {
-		unix.Close(fd)
-		fs.fds.Add(-1)
-		return errStatus(err)
+	if st == nil {
+		st = new(unix.Stat_t)
+		if err := unix.Fstatat(fd, "", st, unix.AT_EMPTY_PATH|unix.AT_SYMLINK_NOFOLLOW); err != nil {
+			unix.Close(fd)
+			fs.fds.Add(-1)
+			return errStatus(err)
+		}
 	}
-	key = devIno{st.Dev, st.Ino}
+	key := devIno{st.Dev, st.Ino}
 	fs.mu.Lock()
 	n := fs.byKey[key]
 	switch {
@@ -313,7 +343,7 @@ func (fs *passthrough) lookupAt(dir *inode, name string, out *fuse.EntryOut) fus
 		fs.byKey[key] = n
 		fs.mu.Unlock()
 	}
-	fs.fillEntry(out, n.id, &st)
+	fs.fillEntry(out, n.id, st)
 	return fuse.OK
 }
 
@@ -459,9 +489,10 @@ func (fs *passthrough) SetAttr(cancel <-chan struct{}, in *fuse.SetAttrIn, out *
 }
 
 // created finishes a MKDIR, MKNOD, SYMLINK or CREATE: the new object belongs to the guest's
-// caller (when we are root), keeps the mode the guest asked for, and is looked up.
+// caller (when we are root and the caller is someone else), keeps the mode the guest asked for,
+// and is looked up. fd, for CREATE, is the new file open for I/O.
 func (fs *passthrough) created(dir *inode, name string, caller fuse.Caller, mode uint32, fd int, out *fuse.EntryOut) fuse.Status {
-	if fs.chown {
+	if fs.chown && (caller.Uid != fs.uid || caller.Gid != fs.gid) {
 		// Errors are ignored: an id the sandbox's user namespace cannot map stays ours.
 		if fd >= 0 {
 			unix.Fchown(fd, int(caller.Uid), int(caller.Gid))
@@ -477,7 +508,21 @@ func (fs *passthrough) created(dir *inode, name string, caller fuse.Caller, mode
 			unix.Fchmodat(dir.fd, name, mode&07777, 0)
 		}
 	}
-	return fs.lookupAt(dir, name, out)
+	if fd < 0 {
+		return fs.lookupNew(dir, name, out)
+	}
+	// The file is open: look at it and take its O_PATH descriptor through /proc/self/fd, so
+	// the inode is this file even if the name changed meanwhile.
+	var st unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil {
+		return errStatus(err)
+	}
+	if fs.known(&st, out) {
+		return fuse.OK
+	}
+	return fs.adopt(func() (int, error) {
+		return unix.Openat(fs.procFD, procName(fd), unix.O_PATH|unix.O_CLOEXEC, 0)
+	}, &st, out)
 }
 
 // inDir runs f on the directory id for a request naming an entry in it.

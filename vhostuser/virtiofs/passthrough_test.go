@@ -15,6 +15,8 @@ import (
 
 	"github.com/hanwen/go-fuse/v2/fuse"
 	"golang.org/x/sys/unix"
+
+	"github.com/virtkit/virtkit/cmd/cmdtest"
 )
 
 const entryOutSize = int(unsafe.Sizeof(fuse.EntryOut{}))
@@ -629,4 +631,31 @@ func TestCloseReleasesDescriptors(t *testing.T) {
 		t.Fatal("lookup on a closed session succeeded")
 	}
 	fs.close() // twice is harmless
+}
+
+// TestCreateSetgidDir: a caller with the daemon's own ids gets no chown, so a setgid directory
+// gives new files its group, as on a local file system.
+func TestCreateSetgidDir(t *testing.T) {
+	cmdtest.RequireRoot(t) // to give the directory a group of its own
+	share := t.TempDir()
+	d := filepath.Join(share, "d")
+	os.Mkdir(d, 0o775)
+	os.Chown(d, 0, 4242)
+	if err := syscall.Chmod(d, 0o2775); err != nil {
+		t.Fatal(err)
+	}
+	fs := newTestFS(t, share)
+	de := mustLookup(t, fs, rootID, "d")
+	self := fuse.Caller{Owner: fuse.Owner{Uid: uint32(os.Geteuid()), Gid: uint32(os.Getegid())}}
+	var co fuse.CreateOut
+	if st := fs.Create(nil, &fuse.CreateIn{InHeader: fuse.InHeader{NodeId: de.NodeId, Caller: self}, Flags: uint32(os.O_RDWR), Mode: syscall.S_IFREG | 0o644}, "f", &co); !st.Ok() {
+		t.Fatal(st)
+	}
+	fs.Release(nil, &fuse.ReleaseIn{Fh: co.Fh})
+	if co.Gid != 4242 {
+		t.Fatalf("new file's group %d, want the setgid directory's 4242", co.Gid)
+	}
+	if co.NodeId == 0 || co.Ino == 0 {
+		t.Fatalf("entry %+v", co.EntryOut)
+	}
 }
