@@ -16,10 +16,10 @@
 // mount namespace (and user namespace when not root), bind-mounts the share nosuid,nodev (and
 // read-only with ReadOnly), pivots its root into it and detaches the old root, so no path, symlink,
 // "..", rename race or hard link can name a host file: there is none left in its view. The
-// file system never resolves a path from the root and never follows a symlink, and the request
-// guard (guard.go) adds checks in every mode: names with '/', ".", ".." or NUL are refused, device
-// nodes cannot be created or opened, read-only shares refuse every mutation, xattrs are off unless
-// enabled and file capabilities and trusted.* cannot be set. Descriptors are bounded below
+// file system never resolves a path from the root, never follows a symlink, refuses names with
+// '/', ".", ".." or NUL and will not create or open device nodes; the request guard (guard.go)
+// applies the share's policy in every mode: read-only shares refuse every mutation, xattrs are off
+// unless enabled and file capabilities and trusted.* cannot be set. Descriptors are bounded below
 // RLIMIT_NOFILE; running out gives the guest EMFILE, not a crash.
 //
 // Concurrency: each started queue has one goroutine that pops requests and answers them inline;

@@ -7,8 +7,10 @@ import (
 	"github.com/hanwen/go-fuse/v2/fuse"
 )
 
-// guard wraps the file system with checks that hold whatever the sandbox: the guest speaks raw
-// FUSE and can send names and modes the kernel's VFS would never produce.
+// guard wraps the file system with the share's policy, whatever the sandbox: read-only shares
+// refuse every mutation, xattrs are off unless enabled and privileged ones are refused, ioctls
+// never reach host files, --cache never opens files for direct I/O. Names and file types the
+// guest may not use are the pass-through file system's own checks (badName, Mknod, open).
 type guard struct {
 	fuse.RawFileSystem
 	readOnly bool
@@ -16,40 +18,16 @@ type guard struct {
 	directIO bool // --cache never: file data bypasses the guest's page cache
 }
 
-// badName reports names that could walk out of their directory or confuse path joins.
-func badName(name string) bool {
-	return name == "" || name == "." || name == ".." || strings.ContainsAny(name, "/\x00") || len(name) > 255
-}
-
-func (g *guard) Lookup(cancel <-chan struct{}, h *fuse.InHeader, name string, out *fuse.EntryOut) fuse.Status {
-	if badName(name) {
-		return fuse.Status(syscall.ENOENT)
-	}
-	return g.RawFileSystem.Lookup(cancel, h, name, out)
-}
-
 func (g *guard) Mknod(cancel <-chan struct{}, in *fuse.MknodIn, name string, out *fuse.EntryOut) fuse.Status {
 	if g.readOnly {
 		return fuse.EROFS
 	}
-	if badName(name) {
-		return fuse.EINVAL
-	}
-	switch in.Mode & syscall.S_IFMT {
-	case syscall.S_IFREG, syscall.S_IFIFO, syscall.S_IFSOCK, 0:
-	default: // character and block devices would give the guest the host's devices
-		return fuse.EPERM
-	}
-	in.Mode &^= syscall.S_ISUID | syscall.S_ISGID
 	return g.RawFileSystem.Mknod(cancel, in, name, out)
 }
 
 func (g *guard) Mkdir(cancel <-chan struct{}, in *fuse.MkdirIn, name string, out *fuse.EntryOut) fuse.Status {
 	if g.readOnly {
 		return fuse.EROFS
-	}
-	if badName(name) {
-		return fuse.EINVAL
 	}
 	return g.RawFileSystem.Mkdir(cancel, in, name, out)
 }
@@ -58,18 +36,12 @@ func (g *guard) Unlink(cancel <-chan struct{}, h *fuse.InHeader, name string) fu
 	if g.readOnly {
 		return fuse.EROFS
 	}
-	if badName(name) {
-		return fuse.EINVAL
-	}
 	return g.RawFileSystem.Unlink(cancel, h, name)
 }
 
 func (g *guard) Rmdir(cancel <-chan struct{}, h *fuse.InHeader, name string) fuse.Status {
 	if g.readOnly {
 		return fuse.EROFS
-	}
-	if badName(name) {
-		return fuse.EINVAL
 	}
 	return g.RawFileSystem.Rmdir(cancel, h, name)
 }
@@ -78,18 +50,12 @@ func (g *guard) Rename(cancel <-chan struct{}, in *fuse.RenameIn, oldName, newNa
 	if g.readOnly {
 		return fuse.EROFS
 	}
-	if badName(oldName) || badName(newName) {
-		return fuse.EINVAL
-	}
 	return g.RawFileSystem.Rename(cancel, in, oldName, newName)
 }
 
 func (g *guard) Link(cancel <-chan struct{}, in *fuse.LinkIn, name string, out *fuse.EntryOut) fuse.Status {
 	if g.readOnly {
 		return fuse.EROFS
-	}
-	if badName(name) {
-		return fuse.EINVAL
 	}
 	return g.RawFileSystem.Link(cancel, in, name, out)
 }
@@ -98,7 +64,7 @@ func (g *guard) Symlink(cancel <-chan struct{}, h *fuse.InHeader, target, name s
 	if g.readOnly {
 		return fuse.EROFS
 	}
-	if badName(name) || strings.ContainsRune(target, 0) || len(target) > 4095 {
+	if strings.ContainsRune(target, 0) || len(target) > 4095 {
 		return fuse.EINVAL
 	}
 	return g.RawFileSystem.Symlink(cancel, h, target, name, out)
@@ -107,9 +73,6 @@ func (g *guard) Symlink(cancel <-chan struct{}, h *fuse.InHeader, target, name s
 func (g *guard) Create(cancel <-chan struct{}, in *fuse.CreateIn, name string, out *fuse.CreateOut) fuse.Status {
 	if g.readOnly {
 		return fuse.EROFS
-	}
-	if badName(name) {
-		return fuse.EINVAL
 	}
 	st := g.RawFileSystem.Create(cancel, in, name, out)
 	if st.Ok() && g.directIO {
@@ -143,13 +106,6 @@ func (g *guard) SetAttr(cancel <-chan struct{}, in *fuse.SetAttrIn, out *fuse.At
 		return fuse.EROFS
 	}
 	return g.RawFileSystem.SetAttr(cancel, in, out)
-}
-
-func (g *guard) Write(cancel <-chan struct{}, in *fuse.WriteIn, data []byte) (uint32, fuse.Status) {
-	if g.readOnly {
-		return 0, fuse.EROFS
-	}
-	return g.RawFileSystem.Write(cancel, in, data)
 }
 
 func (g *guard) Writev(cancel <-chan struct{}, in *fuse.WriteIn, data [][]byte) (uint32, fuse.Status) {

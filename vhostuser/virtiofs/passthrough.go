@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"os"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -252,6 +253,11 @@ func fillAttr(a *fuse.Attr, st *unix.Stat_t) {
 	a.Blksize = uint32(st.Blksize)
 }
 
+// badName reports names that could walk out of their directory or confuse path joins.
+func badName(name string) bool {
+	return name == "" || name == "." || name == ".." || strings.ContainsAny(name, "/\x00") || len(name) > 255
+}
+
 func errStatus(err error) fuse.Status {
 	if err == nil {
 		return fuse.OK
@@ -354,7 +360,7 @@ func (fs *passthrough) Lookup(cancel <-chan struct{}, h *fuse.InHeader, name str
 	}
 	defer fs.put(dir)
 	st = fs.lookupAt(dir, name, out)
-	if st == fuse.ENOENT && fs.ttl > 0 {
+	if st == fuse.ENOENT && fs.ttl > 0 && !badName(name) { // a bad name is never one to cache
 		// A negative entry the guest may cache as long as positive ones (node ID 0), as C
 		// virtiofsd does: compilers and shells probe many names that do not exist.
 		*out = fuse.EntryOut{}
@@ -836,19 +842,7 @@ func (fs *passthrough) Read(cancel <-chan struct{}, in *fuse.ReadIn, buf []byte)
 	return &fileRead{fs: fs, h: h, off: int64(in.Offset), sz: int(in.Size)}, fuse.OK
 }
 
-func (fs *passthrough) Write(cancel <-chan struct{}, in *fuse.WriteIn, data []byte) (uint32, fuse.Status) {
-	h := fs.getHandle(in.Fh)
-	if h == nil {
-		return 0, fuse.EBADF
-	}
-	defer fs.putHandle(h)
-	n, err := unix.Pwrite(h.fd, data, int64(in.Offset))
-	if err != nil {
-		return 0, errStatus(err)
-	}
-	return uint32(n), fuse.OK
-}
-
+// Writev answers every WRITE (go-fuse calls Write only when Writev is not implemented).
 func (fs *passthrough) Writev(cancel <-chan struct{}, in *fuse.WriteIn, data [][]byte) (uint32, fuse.Status) {
 	h := fs.getHandle(in.Fh)
 	if h == nil {
@@ -957,52 +951,49 @@ func (fs *passthrough) SetLkw(cancel <-chan struct{}, in *fuse.LkIn) fuse.Status
 }
 
 func (fs *passthrough) setLock(in *fuse.LkIn, wait bool) fuse.Status {
-	h := fs.getHandle(in.Fh)
-	if h == nil {
-		return fuse.EBADF
-	}
-	defer fs.putHandle(h)
-	try := func() error {
-		if in.LkFlags&fuse.FUSE_LK_FLOCK != 0 {
-			var op int
-			switch in.Lk.Typ {
-			case syscall.F_RDLCK:
-				op = unix.LOCK_SH
-			case syscall.F_WRLCK:
-				op = unix.LOCK_EX
-			case syscall.F_UNLCK:
-				op = unix.LOCK_UN
-			default:
-				return unix.EINVAL
+	return fs.withHandle(in.Fh, func(fd int) error {
+		try := func() error {
+			if in.LkFlags&fuse.FUSE_LK_FLOCK != 0 {
+				var op int
+				switch in.Lk.Typ {
+				case syscall.F_RDLCK:
+					op = unix.LOCK_SH
+				case syscall.F_WRLCK:
+					op = unix.LOCK_EX
+				case syscall.F_UNLCK:
+					op = unix.LOCK_UN
+				default:
+					return unix.EINVAL
+				}
+				return unix.Flock(fd, op|unix.LOCK_NB)
 			}
-			return unix.Flock(h.fd, op|unix.LOCK_NB)
+			var flk syscall.Flock_t
+			in.Lk.ToFlockT(&flk)
+			return syscall.FcntlFlock(uintptr(fd), unix.F_OFD_SETLK, &flk)
 		}
-		var flk syscall.Flock_t
-		in.Lk.ToFlockT(&flk)
-		return syscall.FcntlFlock(uintptr(h.fd), unix.F_OFD_SETLK, &flk)
-	}
-	err := try()
-	if !wait {
-		return errStatus(err)
-	}
-	// A blocking F_OFD_SETLKW or flock cannot be interrupted (SA_RESTART restarts both), so a
-	// guest that goes away while waiting would keep a daemon thread, and the queue's stop,
-	// forever. Waiting is a retry with backoff instead, given up when a queue stops or the session
-	// closes.
-	done := fs.waitDone()
-	backoff := time.Millisecond
-	for err == unix.EAGAIN || err == unix.EACCES {
-		t := time.NewTimer(backoff)
-		select {
-		case <-t.C:
-		case <-done:
-			t.Stop()
-			return fuse.Status(syscall.EINTR)
+		err := try()
+		if !wait {
+			return err
 		}
-		backoff = min(2*backoff, lockPollMax)
-		err = try()
-	}
-	return errStatus(err)
+		// A blocking F_OFD_SETLKW or flock cannot be interrupted (SA_RESTART restarts both), so a
+		// guest that goes away while waiting would keep a daemon thread, and the queue's stop,
+		// forever. Waiting is a retry with backoff instead, given up when a queue stops or the
+		// session closes.
+		done := fs.waitDone()
+		backoff := time.Millisecond
+		for err == unix.EAGAIN || err == unix.EACCES {
+			t := time.NewTimer(backoff)
+			select {
+			case <-t.C:
+			case <-done:
+				t.Stop()
+				return unix.EINTR
+			}
+			backoff = min(2*backoff, lockPollMax)
+			err = try()
+		}
+		return err
+	})
 }
 
 // waitDone is closed when the lock waits running now must give up.
@@ -1044,6 +1035,17 @@ func (fs *passthrough) xattrFD(id uint64) (int, fuse.Status) {
 	return fd, fuse.OK
 }
 
+// xattrReply is an xattr call's answer in go-fuse's terms: when the guest's buffer was too small
+// it gets ERANGE with the size it needs (size asks for it).
+func xattrReply(n int, err error, size func() (int, error)) (uint32, fuse.Status) {
+	if err == unix.ERANGE {
+		if n, err = size(); err == nil {
+			return uint32(n), fuse.ERANGE
+		}
+	}
+	return uint32(max(n, 0)), errStatus(err)
+}
+
 func (fs *passthrough) GetXAttr(cancel <-chan struct{}, h *fuse.InHeader, attr string, dest []byte) (uint32, fuse.Status) {
 	fd, s := fs.xattrFD(h.NodeId)
 	if !s.Ok() {
@@ -1051,13 +1053,7 @@ func (fs *passthrough) GetXAttr(cancel <-chan struct{}, h *fuse.InHeader, attr s
 	}
 	defer unix.Close(fd)
 	n, err := unix.Fgetxattr(fd, attr, dest)
-	if err == unix.ERANGE {
-		n, err = unix.Fgetxattr(fd, attr, nil)
-		if err == nil {
-			return uint32(n), fuse.ERANGE
-		}
-	}
-	return uint32(max(n, 0)), errStatus(err)
+	return xattrReply(n, err, func() (int, error) { return unix.Fgetxattr(fd, attr, nil) })
 }
 
 func (fs *passthrough) ListXAttr(cancel <-chan struct{}, h *fuse.InHeader, dest []byte) (uint32, fuse.Status) {
@@ -1067,13 +1063,7 @@ func (fs *passthrough) ListXAttr(cancel <-chan struct{}, h *fuse.InHeader, dest 
 	}
 	defer unix.Close(fd)
 	n, err := unix.Flistxattr(fd, dest)
-	if err == unix.ERANGE {
-		n, err = unix.Flistxattr(fd, nil)
-		if err == nil {
-			return uint32(n), fuse.ERANGE
-		}
-	}
-	return uint32(max(n, 0)), errStatus(err)
+	return xattrReply(n, err, func() (int, error) { return unix.Flistxattr(fd, nil) })
 }
 
 func (fs *passthrough) SetXAttr(cancel <-chan struct{}, in *fuse.SetXAttrIn, attr string, data []byte) fuse.Status {

@@ -433,7 +433,7 @@ func TestLocksAndRanges(t *testing.T) {
 	}
 	// Handles the daemon never gave out, or already released, are EBADF.
 	for _, fh := range []uint64{0, a, 1 << 50} {
-		if _, st := fs.Write(nil, &fuse.WriteIn{Fh: fh}, []byte("x")); st != fuse.EBADF {
+		if _, st := fs.Writev(nil, &fuse.WriteIn{Fh: fh}, [][]byte{[]byte("x")}); st != fuse.EBADF {
 			t.Fatalf("write to fh %d: %v", fh, st)
 		}
 		if _, st := fs.Read(nil, &fuse.ReadIn{Fh: fh, Size: 10}, nil); st != fuse.EBADF {
@@ -544,7 +544,7 @@ func TestCreateExisting(t *testing.T) {
 	if !st.Ok() || co.NodeId == 0 || co.Fh == 0 {
 		t.Fatalf("create of an existing file: %v %+v", st, co)
 	}
-	if _, st := fs.Write(nil, &fuse.WriteIn{Fh: co.Fh}, []byte("new")); !st.Ok() {
+	if _, st := fs.Writev(nil, &fuse.WriteIn{Fh: co.Fh}, [][]byte{[]byte("new")}); !st.Ok() {
 		t.Fatal(st)
 	}
 	fs.Release(nil, &fuse.ReleaseIn{Fh: co.Fh})
