@@ -43,28 +43,30 @@ type passthrough struct {
 
 	procFD    int // /proc/self/fd, O_PATH
 	ttl       time.Duration
-	keepCache bool   // --cache always: the guest keeps file data across opens
-	chown     bool   // running as root (of the sandbox): new files belong to the guest's caller
-	uid, gid  uint32 // ours: a caller with the same ids needs no chown
-	umask     uint32
+	keepCache bool // --cache always: the guest keeps file data across opens
+	// uid and gid are ours. As root (of the sandbox) new files are given to the guest's caller
+	// unless the caller has our ids.
+	uid, gid uint32
+	umask    uint32
 
 	fdLimit int64        // descriptors this file system may hold (inodes + handles)
 	fds     atomic.Int64 // descriptors it holds
+
+	// closed is set first by close; the tables and the wait channel are emptied under their own
+	// locks after it, so whatever is added under a lock before that is released with the rest.
+	closed atomic.Bool
 
 	mu     sync.RWMutex
 	byID   map[uint64]*inode
 	byKey  map[devIno]*inode
 	nextID uint64
-	closed bool
 
 	hmu     sync.RWMutex
 	handles map[uint64]*fileHandle
 	nextFh  uint64
-	hclosed bool
 
 	wmu        sync.Mutex
 	waitCancel chan struct{} // closed to make the lock waits running now give up
-	waitsEnded bool          // the session closed: every wait gives up
 }
 
 type devIno struct{ dev, ino uint64 }
@@ -113,7 +115,6 @@ func newPassthrough(dir string, ttl time.Duration, keepCache bool) (*passthrough
 		procFD:        proc,
 		ttl:           ttl,
 		keepCache:     keepCache,
-		chown:         os.Geteuid() == 0,
 		uid:           uint32(os.Geteuid()),
 		gid:           uint32(os.Getegid()),
 		umask:         processUmask(),
@@ -161,22 +162,22 @@ func (fs *passthrough) String() string { return "virtkit-passthrough" }
 // close drops the tables' references: descriptors close as the requests still using them finish.
 // The device calls it when a session is replaced (guest reboot, reconnect) or the daemon stops.
 func (fs *passthrough) close() {
-	fs.wmu.Lock()
-	if !fs.waitsEnded {
-		close(fs.waitCancel)
-		fs.waitsEnded = true
+	if fs.closed.Swap(true) {
+		return
 	}
+	fs.wmu.Lock()
+	close(fs.waitCancel) // and every later wait gives up at once: cancelWaits leaves it closed
 	fs.wmu.Unlock()
 	fs.mu.Lock()
 	inodes := fs.byID
-	fs.byID, fs.byKey, fs.closed = map[uint64]*inode{}, map[devIno]*inode{}, true
+	fs.byID, fs.byKey = map[uint64]*inode{}, map[devIno]*inode{}
 	fs.mu.Unlock()
 	for _, n := range inodes {
 		fs.put(n)
 	}
 	fs.hmu.Lock()
 	hs := fs.handles
-	fs.handles, fs.hclosed = map[uint64]*fileHandle{}, true
+	fs.handles = map[uint64]*fileHandle{}
 	fs.hmu.Unlock()
 	for _, h := range hs {
 		fs.putHandle(h)
@@ -239,6 +240,8 @@ func splitDuration(d time.Duration) (uint64, uint32) {
 	return uint64(d / time.Second), uint32(d % time.Second)
 }
 
+// fillAttr is go-fuse's Attr.FromStat for unix.Stat_t: FromStat takes syscall.Stat_t, and the
+// syscall package has no fstatat on amd64.
 func fillAttr(a *fuse.Attr, st *unix.Stat_t) {
 	a.Ino = st.Ino
 	a.Size = uint64(st.Size)
@@ -330,7 +333,7 @@ func (fs *passthrough) adopt(open func() (int, error), st *unix.Stat_t, out *fus
 	fs.mu.Lock()
 	n := fs.byKey[key]
 	switch {
-	case fs.closed:
+	case fs.closed.Load():
 		fs.mu.Unlock()
 		unix.Close(fd)
 		fs.fds.Add(-1)
@@ -498,7 +501,7 @@ func (fs *passthrough) SetAttr(cancel <-chan struct{}, in *fuse.SetAttrIn, out *
 // caller (when we are root and the caller is someone else), keeps the mode the guest asked for,
 // and is looked up. fd, for CREATE, is the new file open for I/O.
 func (fs *passthrough) created(dir *inode, name string, caller fuse.Caller, mode uint32, fd int, out *fuse.EntryOut) fuse.Status {
-	if fs.chown && (caller.Uid != fs.uid || caller.Gid != fs.gid) {
+	if fs.uid == 0 && (caller.Uid != fs.uid || caller.Gid != fs.gid) {
 		// Errors are ignored: an id the sandbox's user namespace cannot map stays ours.
 		if fd >= 0 {
 			unix.Fchown(fd, int(caller.Uid), int(caller.Gid))
@@ -752,7 +755,7 @@ func (fs *passthrough) Create(cancel <-chan struct{}, in *fuse.CreateIn, name st
 func (fs *passthrough) addHandle(h *fileHandle, out *fuse.OpenOut) fuse.Status {
 	h.refs.Store(1)
 	fs.hmu.Lock()
-	if fs.hclosed {
+	if fs.closed.Load() {
 		fs.hmu.Unlock()
 		fs.putHandle(h)
 		return fuse.Status(syscall.ESTALE)
@@ -1008,7 +1011,7 @@ func (fs *passthrough) waitDone() <-chan struct{} {
 func (fs *passthrough) cancelWaits() {
 	fs.wmu.Lock()
 	defer fs.wmu.Unlock()
-	if !fs.waitsEnded {
+	if !fs.closed.Load() {
 		close(fs.waitCancel)
 		fs.waitCancel = make(chan struct{})
 	}
