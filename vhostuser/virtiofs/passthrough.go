@@ -231,9 +231,15 @@ func (fs *passthrough) fillEntry(out *fuse.EntryOut, id uint64, st *unix.Stat_t)
 	fillAttr(&out.Attr, st)
 }
 
-func (fs *passthrough) fillAttrOut(out *fuse.AttrOut, st *unix.Stat_t) {
+// attrOf answers GETATTR and SETATTR: n's attributes as they are now.
+func (fs *passthrough) attrOf(n *inode, out *fuse.AttrOut) fuse.Status {
+	var st unix.Stat_t
+	if err := unix.Fstatat(n.fd, "", &st, unix.AT_EMPTY_PATH|unix.AT_SYMLINK_NOFOLLOW); err != nil {
+		return errStatus(err)
+	}
 	out.AttrValid, out.AttrValidNsec = splitDuration(fs.ttl)
-	fillAttr(&out.Attr, st)
+	fillAttr(&out.Attr, &st)
+	return fuse.OK
 }
 
 func splitDuration(d time.Duration) (uint64, uint32) {
@@ -399,12 +405,7 @@ func (fs *passthrough) GetAttr(cancel <-chan struct{}, in *fuse.GetAttrIn, out *
 		return s
 	}
 	defer fs.put(n)
-	var st unix.Stat_t
-	if err := unix.Fstatat(n.fd, "", &st, unix.AT_EMPTY_PATH|unix.AT_SYMLINK_NOFOLLOW); err != nil {
-		return errStatus(err)
-	}
-	fs.fillAttrOut(out, &st)
-	return fuse.OK
+	return fs.attrOf(n, out)
 }
 
 func (fs *passthrough) SetAttr(cancel <-chan struct{}, in *fuse.SetAttrIn, out *fuse.AttrOut) fuse.Status {
@@ -489,12 +490,7 @@ func (fs *passthrough) SetAttr(cancel <-chan struct{}, in *fuse.SetAttrIn, out *
 			return errStatus(err)
 		}
 	}
-	var st unix.Stat_t
-	if err := unix.Fstatat(n.fd, "", &st, unix.AT_EMPTY_PATH|unix.AT_SYMLINK_NOFOLLOW); err != nil {
-		return errStatus(err)
-	}
-	fs.fillAttrOut(out, &st)
-	return fuse.OK
+	return fs.attrOf(n, out)
 }
 
 // created finishes a MKDIR, MKNOD, SYMLINK or CREATE: the new object belongs to the guest's
