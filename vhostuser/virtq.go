@@ -218,27 +218,37 @@ func (q *Queue) Broken() error {
 // Pop takes the next available descriptor chain; it returns (nil, nil) when the ring is empty.
 // Invalid guest input breaks the queue and returns an error wrapping ErrQueueBroken.
 func (q *Queue) Pop() (*Chain, error) {
+	c := new(Chain)
+	if ok, err := q.PopInto(c); !ok {
+		return nil, err
+	}
+	return c, nil
+}
+
+// PopInto is Pop into the caller's c, reusing its vectors: a device answering one request at a
+// time allocates nothing per request once they have grown. ok is false when no chain is
+// available (err nil) or the queue is broken (err set). c's previous contents are gone.
+func (q *Queue) PopInto(c *Chain) (ok bool, err error) {
 	q.mu.Lock()
 	defer q.mu.Unlock()
 	if q.broken != nil {
-		return nil, q.broken
+		return false, q.broken
 	}
 	avail := q.loadAvailIdx()
 	pending := avail - q.lastAvail
 	if pending == 0 {
-		return nil, nil
+		return false, nil
 	}
 	if pending > q.Size {
-		return nil, q.fail(fmt.Errorf("available index %d is %d ahead of %d (queue size %d)", avail, pending, q.lastAvail, q.Size))
+		return false, q.fail(fmt.Errorf("available index %d is %d ahead of %d (queue size %d)", avail, pending, q.lastAvail, q.Size))
 	}
 	slot := 4 + 2*uint64(q.lastAvail%q.Size)
 	head := binary.LittleEndian.Uint16(q.avail[slot:])
-	c, err := q.walk(head)
-	if err != nil {
-		return nil, q.fail(err)
+	if err := q.walk(head, c); err != nil {
+		return false, q.fail(err)
 	}
 	q.lastAvail++
-	return c, nil
+	return true, nil
 }
 
 func (q *Queue) fail(err error) error {
@@ -247,17 +257,17 @@ func (q *Queue) fail(err error) error {
 }
 
 // walk follows a chain from head, translating every buffer and bounding every loop.
-func (q *Queue) walk(head uint16) (*Chain, error) {
+func (q *Queue) walk(head uint16, c *Chain) error {
 	if head >= q.Size {
-		return nil, fmt.Errorf("head %d out of range", head)
+		return fmt.Errorf("head %d out of range", head)
 	}
-	c := &Chain{Head: head}
+	c.Head, c.Readable, c.Writable = head, c.Readable[:0], c.Writable[:0]
 	table, tableLen := q.desc, uint32(q.Size)
 	i := uint32(head)
 	indirect := false
 	for steps := uint32(0); ; steps++ {
 		if steps >= tableLen {
-			return nil, fmt.Errorf("chain from head %d loops or exceeds %d descriptors", head, tableLen)
+			return fmt.Errorf("chain from head %d loops or exceeds %d descriptors", head, tableLen)
 		}
 		d := table[i*descSize : (i+1)*descSize]
 		addr := binary.LittleEndian.Uint64(d)
@@ -266,17 +276,17 @@ func (q *Queue) walk(head uint16) (*Chain, error) {
 		next := binary.LittleEndian.Uint16(d[14:])
 		if flags&descIndirect != 0 {
 			if !q.indirect || indirect {
-				return nil, fmt.Errorf("descriptor %d: indirect not negotiated or nested", i)
+				return fmt.Errorf("descriptor %d: indirect not negotiated or nested", i)
 			}
 			if flags&descNext != 0 || steps != 0 {
-				return nil, fmt.Errorf("descriptor %d: indirect descriptor inside a chain", i)
+				return fmt.Errorf("descriptor %d: indirect descriptor inside a chain", i)
 			}
 			if n == 0 || n%descSize != 0 || n/descSize > maxIndirectEntries {
-				return nil, fmt.Errorf("descriptor %d: indirect table of %d bytes", i, n)
+				return fmt.Errorf("descriptor %d: indirect table of %d bytes", i, n)
 			}
 			t, err := q.mem.Slice(addr, uint64(n))
 			if err != nil {
-				return nil, fmt.Errorf("descriptor %d: indirect table: %w", i, err)
+				return fmt.Errorf("descriptor %d: indirect table: %w", i, err)
 			}
 			table, tableLen, i, indirect, steps = t, n/descSize, 0, true, ^uint32(0) // steps++ → 0
 			continue
@@ -286,18 +296,18 @@ func (q *Queue) walk(head uint16) (*Chain, error) {
 			c.Writable, err = q.mem.AppendIov(c.Writable, addr, uint64(n))
 		} else {
 			if len(c.Writable) > 0 {
-				return nil, fmt.Errorf("descriptor %d: readable buffer after a writable one", i)
+				return fmt.Errorf("descriptor %d: readable buffer after a writable one", i)
 			}
 			c.Readable, err = q.mem.AppendIov(c.Readable, addr, uint64(n))
 		}
 		if err != nil {
-			return nil, fmt.Errorf("descriptor %d: %w", i, err)
+			return fmt.Errorf("descriptor %d: %w", i, err)
 		}
 		if flags&descNext == 0 {
-			return c, nil
+			return nil
 		}
 		if uint32(next) >= tableLen {
-			return nil, fmt.Errorf("descriptor %d: next %d out of range %d", i, next, tableLen)
+			return fmt.Errorf("descriptor %d: next %d out of range %d", i, next, tableLen)
 		}
 		i = uint32(next)
 	}

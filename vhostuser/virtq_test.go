@@ -94,6 +94,47 @@ func TestChainAcrossRegions(t *testing.T) {
 	}
 }
 
+// TestPopIntoReuses pops chains of different shapes into one Chain: each pop replaces what the
+// last one left, and once the vectors have grown nothing is allocated.
+func TestPopIntoReuses(t *testing.T) {
+	q, view := testQueue(t, FeatureIndirectDesc)
+	putDesc(view, tDesc, 0, 0x10000, 100, descNext, 1)
+	putDesc(view, tDesc, 1, 0x20000, 30, descNext, 2)
+	putDesc(view, tDesc, 2, 0x30000, 40, descWrite, 0)
+	putDesc(view, tDesc, 3, 0x40000, 8, descWrite, 0) // a chain with only a writable buffer
+	var c Chain
+	for round := 0; round < 3; round++ {
+		publish(view, uint16(2*round), 0, 3)
+		if ok, err := q.PopInto(&c); !ok || err != nil {
+			t.Fatalf("pop: %v %v", ok, err)
+		}
+		if c.Head != 0 || len(c.Readable) != 2 || c.ReadableLen() != 130 || len(c.Writable) != 1 || c.WritableLen() != 40 {
+			t.Fatalf("first chain: head %d, %d readable (%d bytes), %d writable", c.Head, len(c.Readable), c.ReadableLen(), len(c.Writable))
+		}
+		q.Done(c.Head, 0)
+		if ok, err := q.PopInto(&c); !ok || err != nil {
+			t.Fatalf("pop: %v %v", ok, err)
+		}
+		if c.Head != 3 || len(c.Readable) != 0 || len(c.Writable) != 1 || c.WritableLen() != 8 {
+			t.Fatalf("second chain kept the first one's buffers: head %d, %d readable, %d writable", c.Head, len(c.Readable), len(c.Writable))
+		}
+		q.Done(c.Head, 0)
+		if ok, err := q.PopInto(&c); ok || err != nil {
+			t.Fatalf("empty ring popped: %v %v", ok, err)
+		}
+	}
+	allocs := testing.AllocsPerRun(100, func() {
+		publish(view, loadIdx(view), 0)
+		q.PopInto(&c)
+		q.Done(c.Head, 0)
+	})
+	if allocs != 0 {
+		t.Fatalf("%v allocations per pop", allocs)
+	}
+}
+
+func loadIdx(view []byte) uint16 { return binary.LittleEndian.Uint16(view[tAvail+2:]) }
+
 func TestHostileChains(t *testing.T) {
 	cases := map[string]func(view []byte){
 		"outside memory": func(v []byte) { putDesc(v, tDesc, 0, 4<<20, 16, 0, 0) },

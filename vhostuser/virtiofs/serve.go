@@ -3,11 +3,13 @@ package virtiofs
 import (
 	"cmp"
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"log"
 	"net"
 	"os"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -88,8 +90,35 @@ func (c *Config) check() error {
 // session is one FUSE session: the protocol server and the file system under it. A guest that
 // re-initialises gets a new one; close releases the old one's descriptors.
 type session struct {
-	ps *fuse.ProtocolServer
-	fs *passthrough
+	ps    *fuse.ProtocolServer
+	raw   fuse.RawFileSystem // what ps serves: the guarded fs
+	fs    *passthrough
+	trace bool        // every request goes through go-fuse, which logs it
+	fast  atomic.Bool // FUSE_INIT succeeded: the fast path may answer
+}
+
+// handle answers one request, on fp's fast path when it can (fp nil: through go-fuse only).
+func (s *session) handle(fp *fastPath, in, out [][]byte) (int, fuse.Status) {
+	if fp != nil && s.fast.Load() {
+		if n, ok := fp.serve(s.raw, in, out); ok {
+			return n, fuse.OK
+		}
+	}
+	n, st := s.ps.HandleRequest(in, out)
+	if !s.trace && st.Ok() && !s.fast.Load() && initOK(in, out, n) {
+		s.fast.Store(true)
+	}
+	return n, st
+}
+
+// initOK reports a FUSE_INIT request that go-fuse answered with success.
+func initOK(in, out [][]byte, n int) bool {
+	var ih [inHeaderSize]byte
+	var oh [outHeaderSize]byte
+	if n < outHeaderSize || copyFromIov(ih[:], in, 0) < len(ih) || copyFromIov(oh[:], out, 0) < len(oh) {
+		return false
+	}
+	return binary.LittleEndian.Uint32(ih[4:]) == opInit && binary.LittleEndian.Uint32(oh[4:]) == 0
 }
 
 func (s *session) close() { s.fs.close() }
@@ -127,7 +156,7 @@ func newSession(cfg Config) (*session, error) {
 	if cfg.wrap != nil {
 		raw = cfg.wrap(raw)
 	}
-	return &session{ps: fuse.NewProtocolServer(raw, &opts), fs: pfs}, nil
+	return &session{ps: fuse.NewProtocolServer(raw, &opts), raw: raw, fs: pfs, trace: cfg.Trace}, nil
 }
 
 // Server is a running virtio-fs backend.
