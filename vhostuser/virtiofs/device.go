@@ -240,7 +240,7 @@ func (d *device) serve(q *vhostuser.Queue, r *runner) {
 		// The popper keeps one OS thread: it sleeps in poll(2) and wakes there for each kick.
 		// Unlocked, the runtime moved it between four to six threads in a TCG guest's create
 		// loop, and the kernel kept migrating them and the guest's vCPU between CPUs (popper
-		// migrations ~340 → ~260 a second, daemon CPU per guest run −12%, measured). The
+		// migrations ~340 → ~260 a second, daemon CPU per guest run −11%, measured). The
 		// periodic yield below then costs a hand-off to another thread and back, ~125 a second
 		// under load: less than what the lock saves.
 		runtime.LockOSThread()
