@@ -42,16 +42,8 @@ type Chain struct {
 }
 
 // ReadableLen and WritableLen sum the buffers.
-func (c *Chain) ReadableLen() int { return iovLen(c.Readable) }
-func (c *Chain) WritableLen() int { return iovLen(c.Writable) }
-
-func iovLen(iov [][]byte) int {
-	n := 0
-	for _, b := range iov {
-		n += len(b)
-	}
-	return n
-}
+func (c *Chain) ReadableLen() int { return IovLen(c.Readable) }
+func (c *Chain) WritableLen() int { return IovLen(c.Writable) }
 
 // fenceWord gives a full memory barrier through a locked instruction; split rings need
 // store→load ordering between publishing an index and reading the peer's notification flags.

@@ -5,6 +5,8 @@ import (
 	"unsafe"
 
 	"github.com/hanwen/go-fuse/v2/fuse"
+
+	"github.com/virtkit/virtkit/vhostuser"
 )
 
 // fastPath answers the requests a guest sends by the thousand (LOOKUP, FORGET, GETATTR, OPEN,
@@ -60,8 +62,8 @@ var never = make(chan struct{})
 // ok false means nothing was done and go-fuse must answer it.
 func (f *fastPath) serve(fs fuse.RawFileSystem, in, out [][]byte) (n int, ok bool) {
 	inb := unsafe.Slice((*byte)(unsafe.Pointer(&f.in[0])), len(f.in)*8)
-	total := iovLen(in)
-	m := copyFromIov(inb, in, 0)
+	total := vhostuser.IovLen(in)
+	m := vhostuser.Gather(inb, in, 0)
 	if m < inHeaderSize {
 		return 0, false
 	}
@@ -70,7 +72,7 @@ func (f *fastPath) serve(fs fuse.RawFileSystem, in, out [][]byte) (n int, ok boo
 	if h.TotalExtlen != 0 || h.NodeId == pollHackInode {
 		return 0, false
 	}
-	outLen := iovLen(out)
+	outLen := vhostuser.IovLen(out)
 	// fixed reports whether the opcode's input struct is all there and the reply fits.
 	fixed := func(in uintptr, outBody int) bool {
 		return m >= int(in) && outLen >= outHeaderSize+outBody
@@ -148,13 +150,13 @@ func (f *fastPath) serve(fs fuse.RawFileSystem, in, out [][]byte) (n int, ok boo
 			return 0, false
 		}
 		in0 := int(unsafe.Sizeof(fuse.WriteIn{}))
-		f.iov = appendIov(f.iov[:0], in, in0, total-in0)
+		f.iov = vhostuser.AppendRange(f.iov[:0], in, in0, total-in0)
 		size = f.clear(unsafe.Sizeof(fuse.WriteOut{}))
 		wout := (*fuse.WriteOut)(body)
 		wout.Size, st = fs.Writev(never, (*fuse.WriteIn)(p), f.iov)
 		if st == fuse.ENOSYS { // a file system without Writev: go-fuse's fallback
 			buf := make([]byte, total-in0)
-			copyFromIov(buf, f.iov, 0)
+			vhostuser.Gather(buf, f.iov, 0)
 			wout.Size, st = fs.Write(never, (*fuse.WriteIn)(p), buf)
 		}
 		clear(f.iov)
@@ -186,14 +188,14 @@ func (f *fastPath) reply(out [][]byte, unique uint64, st fuse.Status, size int) 
 	oh := (*fuse.OutHeader)(unsafe.Pointer(&f.out[0]))
 	*oh = fuse.OutHeader{Length: uint32(outHeaderSize + size), Status: int32(-st), Unique: unique}
 	b := unsafe.Slice((*byte)(unsafe.Pointer(&f.out[0])), outHeaderSize+size)
-	return copyToIov(out, b)
+	return vhostuser.Scatter(out, 0, b)
 }
 
 // read answers READ: the file system's result is read straight into the reply's payload
 // descriptors (preadv), as go-fuse does for a virtio-fs reply.
 func (f *fastPath) read(fs fuse.RawFileSystem, in *fuse.ReadIn, out [][]byte) int {
 	unique, size := in.Unique, int(in.Size)
-	f.iov = appendIov(f.iov[:0], out, outHeaderSize, size)
+	f.iov = vhostuser.AppendRange(f.iov[:0], out, outHeaderSize, size)
 	var direct []byte // the payload as one slice, when the guest gave it one descriptor
 	if len(f.iov) == 1 {
 		direct = f.iov[0]
@@ -204,7 +206,7 @@ func (f *fastPath) read(fs fuse.RawFileSystem, in *fuse.ReadIn, out [][]byte) in
 		if rv, ok := rr.(interface {
 			Readv([][]byte) (int, fuse.Status)
 		}); ok {
-			f.iov = appendIov(f.iov[:0], out, outHeaderSize, rr.Size())
+			f.iov = vhostuser.AppendRange(f.iov[:0], out, outHeaderSize, rr.Size())
 			n, st = rv.Readv(f.iov)
 		} else {
 			buf := direct
@@ -213,8 +215,8 @@ func (f *fastPath) read(fs fuse.RawFileSystem, in *fuse.ReadIn, out [][]byte) in
 			}
 			var b []byte
 			if b, st = rr.Bytes(buf); st == fuse.OK {
-				f.iov = appendIov(f.iov[:0], out, outHeaderSize, size)
-				n = copyToIov(f.iov, b)
+				f.iov = vhostuser.AppendRange(f.iov[:0], out, outHeaderSize, size)
+				n = vhostuser.Scatter(f.iov, 0, b)
 			}
 		}
 	}
@@ -227,62 +229,6 @@ func (f *fastPath) read(fs fuse.RawFileSystem, in *fuse.ReadIn, out [][]byte) in
 	}
 	oh := (*fuse.OutHeader)(unsafe.Pointer(&f.out[0]))
 	*oh = fuse.OutHeader{Length: uint32(outHeaderSize + n), Status: int32(-st), Unique: unique}
-	copyToIov(out, unsafe.Slice((*byte)(unsafe.Pointer(&f.out[0])), outHeaderSize))
+	vhostuser.Scatter(out, 0, unsafe.Slice((*byte)(unsafe.Pointer(&f.out[0])), outHeaderSize))
 	return outHeaderSize + n
-}
-
-func iovLen(iov [][]byte) int {
-	n := 0
-	for _, b := range iov {
-		n += len(b)
-	}
-	return n
-}
-
-// copyFromIov copies iov from byte off on into dst and returns the bytes copied.
-func copyFromIov(dst []byte, iov [][]byte, off int) int {
-	n := 0
-	for _, b := range iov {
-		if n == len(dst) {
-			break
-		}
-		if off >= len(b) {
-			off -= len(b)
-			continue
-		}
-		n += copy(dst[n:], b[off:])
-		off = 0
-	}
-	return n
-}
-
-// copyToIov copies src to the front of iov and returns the bytes copied.
-func copyToIov(iov [][]byte, src []byte) int {
-	n := 0
-	for _, b := range iov {
-		if n == len(src) {
-			break
-		}
-		n += copy(b, src[n:])
-	}
-	return n
-}
-
-// appendIov appends the pieces of iov covering bytes [off, off+n) to dst.
-func appendIov(dst, iov [][]byte, off, n int) [][]byte {
-	for _, b := range iov {
-		if n <= 0 {
-			break
-		}
-		if off >= len(b) {
-			off -= len(b)
-			continue
-		}
-		b = b[off:]
-		off = 0
-		b = b[:min(len(b), n)]
-		n -= len(b)
-		dst = append(dst, b)
-	}
-	return dst
 }

@@ -115,7 +115,7 @@ func (s *session) handle(fp *fastPath, in, out [][]byte) (int, fuse.Status) {
 func initOK(in, out [][]byte, n int) bool {
 	var ih [inHeaderSize]byte
 	var oh [outHeaderSize]byte
-	if n < outHeaderSize || copyFromIov(ih[:], in, 0) < len(ih) || copyFromIov(oh[:], out, 0) < len(oh) {
+	if n < outHeaderSize || vhostuser.Gather(ih[:], in, 0) < len(ih) || vhostuser.Gather(oh[:], out, 0) < len(oh) {
 		return false
 	}
 	return binary.LittleEndian.Uint32(ih[4:]) == opInit && binary.LittleEndian.Uint32(oh[4:]) == 0

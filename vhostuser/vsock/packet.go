@@ -93,37 +93,3 @@ func opName(op uint16) string {
 	}
 	return fmt.Sprintf("OP_%d", op)
 }
-
-// gather copies the first len(dst) bytes of iov into dst and returns how many it copied.
-func gather(dst []byte, iov [][]byte, off int) int {
-	n := 0
-	for _, b := range iov {
-		if off >= len(b) {
-			off -= len(b)
-			continue
-		}
-		n += copy(dst[n:], b[off:])
-		off = 0
-		if n == len(dst) {
-			break
-		}
-	}
-	return n
-}
-
-// scatter copies src into iov starting at byte offset off and returns how many bytes it copied.
-func scatter(iov [][]byte, off int, src []byte) int {
-	n := 0
-	for _, b := range iov {
-		if n == len(src) {
-			break
-		}
-		if off >= len(b) {
-			off -= len(b)
-			continue
-		}
-		n += copy(b[off:], src[n:])
-		off = 0
-	}
-	return n
-}

@@ -692,7 +692,7 @@ func (d *Device) txLoop(r *runner) {
 
 // handleTX processes one packet from the guest.
 func (d *Device) handleTX(ch *vhostuser.Chain, hb []byte) {
-	if gather(hb, ch.Readable, 0) < hdrSize {
+	if vhostuser.Gather(hb, ch.Readable, 0) < hdrSize {
 		d.log.Debug().Msg("vsock: TX packet shorter than its header")
 		return
 	}
@@ -777,7 +777,7 @@ func (d *Device) handleTX(ch *vhostuser.Chain, hb []byte) {
 			return
 		}
 		p := make([]byte, h.Len)
-		gather(p, ch.Readable, hdrSize)
+		vhostuser.Gather(p, ch.Readable, hdrSize)
 		c.wbuf = append(c.wbuf, p)
 		c.wbufLen += h.Len
 		c.rxCnt += h.Len
@@ -883,7 +883,7 @@ func (d *Device) fillLocked(ch *vhostuser.Chain) (uint32, bool) {
 		h := d.unknown[0]
 		d.unknown = d.unknown[1:]
 		h.put(hb[:])
-		return uint32(scatter(ch.Writable, 0, hb[:])), true
+		return uint32(vhostuser.Scatter(ch.Writable, 0, hb[:])), true
 	}
 	for len(d.ctrl) > 0 {
 		c := d.ctrl[0]
@@ -896,7 +896,7 @@ func (d *Device) fillLocked(ch *vhostuser.Chain) (uint32, bool) {
 			continue
 		}
 		h.put(hb[:])
-		return uint32(scatter(ch.Writable, 0, hb[:])), true
+		return uint32(vhostuser.Scatter(ch.Writable, 0, hb[:])), true
 	}
 	for len(d.data) > 0 {
 		if capacity == hdrSize { // no room for a byte of data: hand the buffer back empty
@@ -912,8 +912,8 @@ func (d *Device) fillLocked(ch *vhostuser.Chain) (uint32, bool) {
 		h := d.hdrLocked(c, opRW)
 		h.Len = uint32(k)
 		h.put(hb[:])
-		scatter(ch.Writable, 0, hb[:])
-		scatter(ch.Writable, hdrSize, c.pending[:k])
+		vhostuser.Scatter(ch.Writable, 0, hb[:])
+		vhostuser.Scatter(ch.Writable, hdrSize, c.pending[:k])
 		c.pending = c.pending[k:]
 		c.txCnt += uint32(k)
 		if len(c.pending) == 0 {
