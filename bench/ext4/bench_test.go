@@ -87,7 +87,7 @@ func BenchmarkSmallFiles(b *testing.B) { benchWrite(b, 30000, 6<<10, "d%[2]d/f%[
 
 // BenchmarkDebianRootfs converts the cached debootstrap tar.
 func BenchmarkDebianRootfs(b *testing.B) {
-	tarball := ext4test.DebootstrapTar(b)
+	tarball := ext4test.DebianTar(b)
 	st, err := os.Stat(tarball)
 	if err != nil {
 		b.Fatal(err)

@@ -32,9 +32,9 @@ fi
 if [ ! -d "$W/large-tree-$VK_BENCH_LARGE" ]; then
 	mkdir -p "$W/large-tree-$VK_BENCH_LARGE" && tar -C "$W/large-tree-$VK_BENCH_LARGE" -xf "$W/large-$VK_BENCH_LARGE.tar"
 fi
-deb="$fixtures/debootstrap-bookworm-minbase"
+deb="$fixtures/debian-bookworm-minbase"
 if [ ! -x "$deb/usr/bin/dpkg" ]; then
-	# Same fixture the tests use (imaging/ext4/ext4test.Debootstrap).
+	# Same fixture the tests use (imaging/ext4/ext4test.Debootstrap: deploy/debian-rootfs.sh, extracted).
 	go test -count=1 -run 'TestDebianRootfs/tar' ./imaging/ext4/ >/dev/null
 fi
 if [ ! -f "$W/rootfs.tar" ]; then

@@ -14,7 +14,7 @@ import (
 // compares the image with the tree file by file.
 func TestDebianRootfs(t *testing.T) {
 	dir := ext4test.Debootstrap(t)
-	tarball := ext4test.DebootstrapTar(t)
+	tarball := ext4test.DebianTar(t)
 	t.Run("tar", func(t *testing.T) {
 		f, err := os.Open(tarball)
 		if err != nil {

@@ -34,6 +34,7 @@ import (
 	"github.com/google/go-containerregistry/pkg/v1/types"
 
 	"github.com/virtkit/virtkit/cmd/cmdtest"
+	"github.com/virtkit/virtkit/imaging/ext4/ext4test"
 )
 
 // File describes one tar entry. Type defaults to a regular file (a directory when Name ends in
@@ -235,58 +236,11 @@ func Push(t testing.TB, ref string, x remote.Taggable) {
 	}
 }
 
-// DebianRootfs returns a tar of a minimal Debian bookworm (debootstrap --variant=minbase), built
-// once and cached under ~/.cache/virtkit/fixtures (or $VIRTKIT_FIXTURES). It needs root, network
-// access to a Debian mirror the first time, and takes a few minutes then.
+// DebianRootfs returns a tar of a minimal Debian bookworm root filesystem, the kind `docker
+// export` writes: ext4test.DebianTar, made once by deploy/debian-rootfs.sh and cached.
 func DebianRootfs(t testing.TB) string {
 	t.Helper()
-	dir := os.Getenv("VIRTKIT_FIXTURES")
-	if dir == "" {
-		h, err := os.UserHomeDir()
-		if err != nil {
-			t.Fatal(err)
-		}
-		dir = filepath.Join(h, ".cache", "virtkit", "fixtures")
-	}
-	out := filepath.Join(dir, "debian-bookworm-minbase.tar")
-	if _, err := os.Stat(out); err == nil {
-		return out
-	}
-	cmdtest.RequireRoot(t)
-	deb := cmdtest.Tool(t, "debootstrap")
-	if err := os.MkdirAll(dir, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	lock, err := os.OpenFile(out+".lock", os.O_CREATE|os.O_RDWR, 0o644)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer lock.Close()
-	if err := syscall.Flock(int(lock.Fd()), syscall.LOCK_EX); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := os.Stat(out); err == nil {
-		return out
-	}
-	work, err := os.MkdirTemp(dir, "debootstrap-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer os.RemoveAll(work)
-	root := filepath.Join(work, "root")
-	t.Logf("imagetest: debootstrap --variant=minbase bookworm (once, cached in %s)", out)
-	if b, err := exec.Command(deb, "--variant=minbase", "bookworm", root, "http://deb.debian.org/debian").CombinedOutput(); err != nil {
-		t.Fatalf("imagetest: debootstrap: %v\n%s", err, b)
-	}
-	tmp := out + ".tmp"
-	if b, err := exec.Command("tar", "--sort=name", "--numeric-owner", "--xattrs", "--mtime=@1700000000", "--clamp-mtime",
-		"-C", root, "-cf", tmp, ".").CombinedOutput(); err != nil {
-		t.Fatalf("imagetest: tar debian rootfs: %v\n%s", err, b)
-	}
-	if err := os.Rename(tmp, out); err != nil {
-		t.Fatal(err)
-	}
-	return out
+	return ext4test.DebianTar(t)
 }
 
 // Meta is what a comparison looks at for one path of a root filesystem.

@@ -274,54 +274,65 @@ func lock(t testing.TB, name string) func() {
 	return func() { syscall.Flock(int(f.Fd()), syscall.LOCK_UN); f.Close() }
 }
 
-// Debootstrap returns a Debian bookworm minbase root filesystem tree (debootstrap
-// --variant=minbase), built once and cached under FixtureDir. It needs root and network access to
-// deb.debian.org the first time. Treat the tree as read-only.
+// DebianTar returns a tar of a minimal Debian bookworm (debootstrap --variant=minbase) made by
+// deploy/debian-rootfs.sh, the one builder of this fixture (quickstart and the benches use it
+// too), cached in FixtureDir. It needs root and network access to a Debian mirror the first time,
+// and a minute or a few then.
+func DebianTar(t testing.TB) string {
+	t.Helper()
+	dir := FixtureDir(t)
+	out := filepath.Join(dir, "debian-bookworm-minbase.tar")
+	if _, err := os.Stat(out); err == nil {
+		return out
+	}
+	cmdtest.RequireRoot(t)
+	cmdtest.Tool(t, "debootstrap")
+	t.Logf("ext4test: deploy/debian-rootfs.sh (once, cached in %s)", dir)
+	cmd := exec.Command(filepath.Join(cmdtest.Root(t), "deploy", "debian-rootfs.sh"))
+	cmd.Env = append(os.Environ(), "VIRTKIT_FIXTURES="+dir)
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	b, err := cmd.Output()
+	if err != nil {
+		t.Fatalf("ext4test: deploy/debian-rootfs.sh: %v\n%s", err, stderr.Bytes())
+	}
+	if got := strings.TrimSpace(string(b)); got != out {
+		t.Fatalf("ext4test: deploy/debian-rootfs.sh made %q, want %q", got, out)
+	}
+	return out
+}
+
+// Debootstrap returns the DebianTar root filesystem as a tree, extracted once (owners, modes and
+// xattrs kept) and cached under FixtureDir. It needs root the first time. Treat the tree as
+// read-only.
 func Debootstrap(t testing.TB) string {
 	t.Helper()
 	cmdtest.Heavy(t)
-	dir := filepath.Join(FixtureDir(t), "debootstrap-bookworm-minbase")
-	defer lock(t, "debootstrap")()
+	tarball := DebianTar(t)
+	dir := filepath.Join(FixtureDir(t), "debian-bookworm-minbase")
+	defer lock(t, "debian-tree")()
 	if _, err := os.Stat(filepath.Join(dir, "usr", "bin", "dpkg")); err == nil {
 		return dir
 	}
 	cmdtest.RequireRoot(t)
-	tmp, err := os.MkdirTemp(FixtureDir(t), ".debootstrap-")
+	tmp, err := os.MkdirTemp(FixtureDir(t), ".debian-tree-")
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer os.RemoveAll(tmp)
-	cmd := exec.Command(cmdtest.Tool(t, "debootstrap"), "--variant=minbase", "bookworm", filepath.Join(tmp, "root"), "http://deb.debian.org/debian")
+	root := filepath.Join(tmp, "root")
+	if err := os.Mkdir(root, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(cmdtest.Tool(t, "tar"), "--numeric-owner", "--xattrs", "--xattrs-include=*", "-xpf", tarball, "-C", root)
 	if out, err := cmd.CombinedOutput(); err != nil {
-		t.Fatalf("debootstrap: %v\n%s", err, out)
+		t.Fatalf("extract %s: %v\n%s", tarball, err, out)
 	}
 	os.RemoveAll(dir)
-	if err := os.Rename(filepath.Join(tmp, "root"), dir); err != nil {
+	if err := os.Rename(root, dir); err != nil {
 		t.Fatal(err)
 	}
 	return dir
-}
-
-// DebootstrapTar returns the Debootstrap tree as a tar (GNU tar, numeric owners, xattrs),
-// cached beside it.
-func DebootstrapTar(t testing.TB) string {
-	t.Helper()
-	dir := Debootstrap(t)
-	out := dir + ".tar"
-	defer lock(t, "debootstrap-tar")()
-	if _, err := os.Stat(out); err == nil {
-		return out
-	}
-	tmp := out + ".tmp"
-	cmd := exec.Command(cmdtest.Tool(t, "tar"), "--format=posix", "--numeric-owner", "--xattrs", "--xattrs-include=*", "--sort=name", "-C", dir, "-cf", tmp, ".")
-	if b, err := cmd.CombinedOutput(); err != nil {
-		os.Remove(tmp)
-		t.Fatalf("tar: %v\n%s", err, b)
-	}
-	if err := os.Rename(tmp, out); err != nil {
-		t.Fatal(err)
-	}
-	return out
 }
 
 // Extent is one mapping of a file's logical blocks to image blocks.
