@@ -62,6 +62,14 @@ table("FUSE through the harness (median ops/s over rounds)", "op", fuse, ops, ".
 table("Daemon CPU per request through the harness (median µs; lower is better; steadier than ops/s here)",
       "op", fcpu, ops, ".1f", lower_better=True)
 table("File work in a TCG guest (median)", "metric", guest, sorted({k[0] for k in guest}), ".1f")
+# Rounds alternate the daemons, so round i of one faced the same minute of the host as round i of
+# the other: the spread of those paired ratios shows how much a median hides.
+print("\nFile work in a TCG guest, paired rounds (virtkit / c-virtiofsd: min, median, max)")
+for k in sorted({k[0] for k in guest}):
+    a, b = guest.get((k, "virtkit"), []), guest.get((k, "c-virtiofsd"), [])
+    rs = sorted(x / y for x, y in zip(a, b) if y)
+    if rs:
+        print("%-18s %7.2fx %7.2fx %7.2fx" % (k, rs[0], med(rs), rs[-1]))
 print("\nhybrid vsock with a TCG guest (median; no peer backend exists on this host: no /dev/vhost-vsock, no Cloud Hypervisor)")
 for (name, unit), v in sorted(vs.items()):
     if unit in ("MB/s", "us/connect"):
