@@ -73,12 +73,15 @@ type Queue struct {
 	// kickFD is our own dup of the kick eventfd (-1 in polling mode). QEMU and Cloud Hypervisor
 	// create kick eventfds O_NONBLOCK already, so setting it on the shared description changes
 	// nothing. WaitKick reads it through the runtime's netpoller (kick, made on first use), which
-	// suits devices with several goroutines per queue (vsock); WaitKickThread polls it directly
-	// and never registers it with epoll, which suits one request at a time (virtio-fs).
+	// suits devices with several goroutines per queue (vsock); WaitKickThread waits on it in a
+	// private epoll set of its own, which suits one request at a time (virtio-fs).
 	kickFD  int
 	fileMu  sync.Mutex
 	kick    *os.File // owns kickFD once made
 	wakeFD  int      // eventfd written when the queue stops; wakes WaitKickThread
+	epOnce  sync.Once
+	epFD    int   // WaitKickThread's epoll set: kickFD (edge-triggered) and wakeFD; -1 none
+	epErr   error // why there is none
 	stopped atomic.Bool
 	callFD  int // -1: no call fd
 	done    chan struct{}
@@ -108,7 +111,7 @@ func newQueue(index int, size uint16, mem *Memory, addr VringAddr, base uint16, 
 	q := &Queue{
 		Index: index, Size: size, mem: mem, desc: desc, avail: avail, used: used,
 		eventIdx: features&FeatureEventIdx != 0, indirect: features&FeatureIndirectDesc != 0,
-		lastAvail: base, callFD: callFD, done: make(chan struct{}), kickFD: -1, wakeFD: -1,
+		lastAvail: base, callFD: callFD, done: make(chan struct{}), kickFD: -1, wakeFD: -1, epFD: -1,
 	}
 	// The used index continues from the guest's view (it equals last_avail after a clean stop).
 	q.usedIdx = q.loadUsedIdx()
@@ -155,7 +158,10 @@ func (q *Queue) release() {
 	if q.wakeFD >= 0 {
 		unix.Close(q.wakeFD)
 	}
-	q.kickFD, q.wakeFD = -1, -1
+	if q.epFD >= 0 {
+		unix.Close(q.epFD)
+	}
+	q.kickFD, q.wakeFD, q.epFD = -1, -1, -1
 }
 
 // kickFile returns the kick eventfd as a netpoller-backed file, made on first use; nil once
@@ -435,8 +441,9 @@ func (q *Queue) WaitKick() error {
 }
 
 // WaitKickThread is WaitKick for a device that answers requests inline on the goroutine that
-// pops them (virtio-fs): it blocks the goroutine's thread in poll(2) on the kick and the queue's
-// stop eventfd and never registers the kick with the runtime's netpoller. Through the
+// pops them (virtio-fs): it blocks the goroutine's thread in epoll_wait on a private epoll set
+// holding the kick and the queue's stop eventfd (makeEpoll), and never registers the kick with
+// the runtime's netpoller. Through the
 // netpoller every request paid a goroutine park, an epoll wake-up of an idle thread (each kick
 // also woke the thread sleeping in epoll_wait when the fd was registered) and a hand-off of
 // the goroutine; blocked in a system call, the thread itself is woken by the kick and usually
@@ -448,25 +455,49 @@ func (q *Queue) WaitKickThread() error {
 	if q.kickFD < 0 {
 		return q.WaitKick()
 	}
-	pfd := []unix.PollFd{{Fd: int32(q.kickFD), Events: unix.POLLIN}, {Fd: int32(q.wakeFD), Events: unix.POLLIN}}
-	var b [8]byte
+	q.epOnce.Do(q.makeEpoll)
+	if q.epErr != nil {
+		return fmt.Errorf("queue %d kick: %w", q.Index, q.epErr)
+	}
+	var ev [2]unix.EpollEvent
 	for {
-		// poll first: it returns at once for a kick that came already, and a read first would
-		// cost a system call per request that mostly finds nothing.
-		if _, err := unix.Poll(pfd, -1); err != nil && err != unix.EINTR {
-			return fmt.Errorf("queue %d kick: %w", q.Index, err)
-		}
+		n, err := unix.EpollWait(q.epFD, ev[:], -1)
 		if q.stopped.Load() {
 			return fmt.Errorf("queue %d stopped", q.Index)
 		}
-		_, err := unix.Read(q.kickFD, b[:])
-		if err == nil {
+		if n > 0 {
 			return nil
 		}
-		if err != unix.EAGAIN && err != unix.EINTR {
+		if err != nil && err != unix.EINTR {
 			return fmt.Errorf("queue %d kick: %w", q.Index, err)
 		}
 	}
+}
+
+// makeEpoll makes WaitKickThread's epoll set. The kick eventfd is in it edge-triggered: every
+// write by the frontend (or KVM's ioeventfd) reports it again, so it never has to be read, and a
+// wait is one epoll_wait instead of ppoll (which also hooks into and unhooks from both fds'
+// wait queues every time) plus a read to clear the counter. The counter just grows; an eventfd
+// saturates rather than blocking its writer, at 2^64-2. Measured through the FUSE harness,
+// GETATTR back to back: 12.0–13.8 → 10.1–12.7 µs of daemon CPU per request (C virtiofsd
+// 12.1–13.1, which does ppoll and read).
+func (q *Queue) makeEpoll() {
+	ep, err := unix.EpollCreate1(unix.EPOLL_CLOEXEC)
+	if err != nil {
+		q.epErr = err
+		return
+	}
+	for _, fd := range []struct {
+		fd     int
+		events uint32
+	}{{q.kickFD, unix.EPOLLIN | unix.EPOLLET}, {q.wakeFD, unix.EPOLLIN}} {
+		if err := unix.EpollCtl(ep, unix.EPOLL_CTL_ADD, fd.fd, &unix.EpollEvent{Events: fd.events, Fd: int32(fd.fd)}); err != nil {
+			unix.Close(ep)
+			q.epErr = err
+			return
+		}
+	}
+	q.epFD = ep
 }
 
 // lastAvailIdx is what GET_VRING_BASE reports.

@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"testing"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -307,4 +308,59 @@ func FuzzChain(f *testing.F) {
 			q.Push(c.Head, uint32(c.WritableLen()))
 		}
 	})
+}
+
+// TestWaitKickThread: a wait returns for each kick (the counter is never read, so a second wait
+// must not return for the first kick again), and for a stopped queue.
+func TestWaitKickThread(t *testing.T) {
+	m, _ := testMem(t)
+	kick, err := unix.Eventfd(0, unix.EFD_CLOEXEC|unix.EFD_NONBLOCK)
+	if err != nil {
+		t.Fatal(err)
+	}
+	q, err := newQueue(0, tSize, m, VringAddr{Desc: tDesc, Avail: tAvail, Used: tUsed}, 0, 0, kick, -1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer q.release()
+	wait := func() <-chan error {
+		c := make(chan error, 1)
+		go func() { c <- q.WaitKickThread() }()
+		return c
+	}
+	one := []byte{1, 0, 0, 0, 0, 0, 0, 0}
+	unix.Write(kick, one) // before the first wait: the set is made with the kick pending
+	if err := <-wait(); err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; i < 3; i++ {
+		c := wait()
+		select {
+		case err := <-c:
+			t.Fatalf("wait %d returned without a new kick: %v", i, err)
+		case <-time.After(50 * time.Millisecond):
+		}
+		unix.Write(kick, one)
+		select {
+		case err := <-c:
+			if err != nil {
+				t.Fatal(err)
+			}
+		case <-time.After(5 * time.Second):
+			t.Fatalf("wait %d missed a kick", i)
+		}
+	}
+	c := wait()
+	q.close()
+	select {
+	case err := <-c:
+		if err == nil {
+			t.Fatal("wait on a stopped queue returned no error")
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("stop did not end the wait")
+	}
+	if err := q.WaitKickThread(); err == nil {
+		t.Fatal("wait after stop returned no error")
+	}
 }
