@@ -237,7 +237,7 @@ func (d *device) serve(q *vhostuser.Queue, r *runner) {
 	loop := func() {
 		defer wg.Done()
 		debug.SetPanicOnFault(true) // a fault on unmapped guest memory fails the request
-		// The popper keeps one OS thread: it sleeps in poll(2) and wakes there for each kick.
+		// The popper keeps one OS thread: it sleeps in epoll_wait and wakes there for each kick.
 		// Unlocked, the runtime moved it between four to six threads in a TCG guest's create
 		// loop, and the kernel kept migrating them and the guest's vCPU between CPUs (popper
 		// migrations ~340 → ~260 a second, daemon CPU per guest run −11%, measured). The
