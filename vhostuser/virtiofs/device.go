@@ -154,17 +154,13 @@ const (
 	opCopyFileRange = 47
 )
 
-// opcode reads a request's FUSE opcode (0 when the header is cut short).
-func opcode(ch *vhostuser.Chain) uint32 {
+// opcode reads the FUSE opcode of the request in iov (0 when the header is cut short).
+func opcode(iov [][]byte) uint32 {
 	var hdr [8]byte
-	n := 0
-	for _, b := range ch.Readable {
-		n += copy(hdr[n:], b)
-		if n == len(hdr) {
-			return binary.LittleEndian.Uint32(hdr[4:])
-		}
+	if vhostuser.Gather(hdr[:], iov, 0) < len(hdr) {
+		return 0
 	}
-	return 0
+	return binary.LittleEndian.Uint32(hdr[4:])
 }
 
 // mayWait tells requests that wait by design (a lock wait) or routinely take milliseconds
@@ -286,7 +282,7 @@ func (d *device) serve(q *vhostuser.Queue, r *runner) {
 				q.Done(ch.Head, 0)
 				return
 			}
-			op := opcode(ch)
+			op := opcode(ch.Readable)
 			if mayWait(op) {
 				own := &vhostuser.Chain{Head: ch.Head, Readable: slices.Clone(ch.Readable), Writable: slices.Clone(ch.Writable)}
 				wg.Add(1)

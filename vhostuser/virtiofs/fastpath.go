@@ -169,7 +169,7 @@ func (f *fastPath) serve(fs fuse.RawFileSystem, in, out [][]byte) (n int, ok boo
 	default:
 		return 0, false
 	}
-	return f.reply(out, h.Unique, st, size), true
+	return f.reply(out, h.Unique, st, size, 0), true
 }
 
 // clear zeroes the reply body the file system is about to fill (go-fuse hands it a zeroed one)
@@ -179,16 +179,17 @@ func (f *fastPath) clear(size uintptr) int {
 	return int(size)
 }
 
-// reply writes the reply header and, on success, the body of size bytes; it returns the bytes
-// written. An error status carries no body, as in go-fuse.
-func (f *fastPath) reply(out [][]byte, unique uint64, st fuse.Status, size int) int {
+// reply writes the reply header and, on success, the body of size bytes from f.out, for a
+// reply whose payload of n bytes the caller already put in place after them; it returns the
+// bytes written. An error status carries neither, as in go-fuse.
+func (f *fastPath) reply(out [][]byte, unique uint64, st fuse.Status, size, n int) int {
 	if st != fuse.OK {
-		size = 0
+		size, n = 0, 0
 	}
 	oh := (*fuse.OutHeader)(unsafe.Pointer(&f.out[0]))
-	*oh = fuse.OutHeader{Length: uint32(outHeaderSize + size), Status: int32(-st), Unique: unique}
-	b := unsafe.Slice((*byte)(unsafe.Pointer(&f.out[0])), outHeaderSize+size)
-	return vhostuser.Scatter(out, 0, b)
+	*oh = fuse.OutHeader{Length: uint32(outHeaderSize + size + n), Status: int32(-st), Unique: unique}
+	vhostuser.Scatter(out, 0, unsafe.Slice((*byte)(unsafe.Pointer(&f.out[0])), outHeaderSize+size))
+	return outHeaderSize + size + n
 }
 
 // read answers READ: the file system's result is read straight into the reply's payload
@@ -215,8 +216,7 @@ func (f *fastPath) read(fs fuse.RawFileSystem, in *fuse.ReadIn, out [][]byte) in
 			}
 			var b []byte
 			if b, st = rr.Bytes(buf); st == fuse.OK {
-				f.iov = vhostuser.AppendRange(f.iov[:0], out, outHeaderSize, size)
-				n = vhostuser.Scatter(f.iov, 0, b)
+				n = vhostuser.Scatter(f.iov, 0, b) // f.iov still covers the payload
 			}
 		}
 	}
@@ -224,11 +224,5 @@ func (f *fastPath) read(fs fuse.RawFileSystem, in *fuse.ReadIn, out [][]byte) in
 		rr.Done()
 	}
 	clear(f.iov)
-	if st != fuse.OK {
-		n = 0
-	}
-	oh := (*fuse.OutHeader)(unsafe.Pointer(&f.out[0]))
-	*oh = fuse.OutHeader{Length: uint32(outHeaderSize + n), Status: int32(-st), Unique: unique}
-	vhostuser.Scatter(out, 0, unsafe.Slice((*byte)(unsafe.Pointer(&f.out[0])), outHeaderSize))
-	return outHeaderSize + n
+	return f.reply(out, unique, st, 0, n)
 }

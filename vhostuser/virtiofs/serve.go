@@ -113,12 +113,11 @@ func (s *session) handle(fp *fastPath, in, out [][]byte) (int, fuse.Status) {
 
 // initOK reports a FUSE_INIT request that go-fuse answered with success.
 func initOK(in, out [][]byte, n int) bool {
-	var ih [inHeaderSize]byte
 	var oh [outHeaderSize]byte
-	if n < outHeaderSize || vhostuser.Gather(ih[:], in, 0) < len(ih) || vhostuser.Gather(oh[:], out, 0) < len(oh) {
+	if n < outHeaderSize || opcode(in) != opInit || vhostuser.Gather(oh[:], out, 0) < len(oh) {
 		return false
 	}
-	return binary.LittleEndian.Uint32(ih[4:]) == opInit && binary.LittleEndian.Uint32(oh[4:]) == 0
+	return binary.LittleEndian.Uint32(oh[4:]) == 0
 }
 
 func (s *session) close() { s.fs.close() }
