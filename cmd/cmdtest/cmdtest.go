@@ -6,6 +6,7 @@
 package cmdtest
 
 import (
+	"bytes"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -118,4 +119,24 @@ func Missing(t testing.TB, format string, args ...any) {
 		t.Skipf("-short: "+format, args...)
 	}
 	t.Fatalf(format, args...)
+}
+
+// Buffer is a bytes.Buffer that a child process's stdout and stderr and a reading test may use
+// at once.
+type Buffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *Buffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+// String returns what was written so far.
+func (s *Buffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
 }

@@ -241,7 +241,7 @@ func TestRunForwardsSignals(t *testing.T) {
 func (v *vk) daemon() (stop func(sig syscall.Signal) error) {
 	v.t.Helper()
 	c := v.cmd(context.Background(), "serve")
-	var logb syncBuffer
+	var logb cmdtest.Buffer
 	c.Stdout, c.Stderr = &logb, &logb
 	v.t.Cleanup(func() {
 		if v.t.Failed() {
@@ -452,19 +452,6 @@ func waitPhase(t *testing.T, v *vk, name, phase string) {
 	}
 	t.Fatalf("%s never reached phase %s:\n%s", name, phase, out)
 }
-
-// syncBuffer is a bytes.Buffer safe for a writer process and a reading test.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-func (s *syncBuffer) String() string { s.mu.Lock(); defer s.mu.Unlock(); return s.b.String() }
 
 func TestRunSharesFolders(t *testing.T) {
 	v := newVK(t)

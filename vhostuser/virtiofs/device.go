@@ -53,6 +53,8 @@ type device struct {
 	newSession func() (*session, error)
 	takeover   time.Duration // see the constant
 
+	ops [len(opNames)]atomic.Uint64 // requests answered by opcode since the frontend came
+
 	mu      sync.Mutex
 	s       *session // the FUSE session; replaced when the guest sends FUSE_INIT again
 	inited  bool     // the current session has seen FUSE_INIT
@@ -142,7 +144,41 @@ func (d *device) Reset() {
 	d.replaceLocked(nil)
 	d.inited = false
 	d.mu.Unlock()
+	d.logRequests()
 }
+
+// logRequests logs, at debug level, how many requests of each kind the frontend that just went
+// sent (what a guest workload asks of the daemon, e.g. whether its closes cost a FLUSH each),
+// and starts counting afresh.
+func (d *device) logRequests() {
+	counts := zerolog.Dict()
+	total := uint64(0)
+	for op := range d.ops {
+		if n := d.ops[op].Swap(0); n > 0 {
+			counts.Uint64(opName(uint32(op)), n)
+			total += n
+		}
+	}
+	if total > 0 {
+		d.log.Debug().Uint64("total", total).Dict("requests", counts).Msg("virtiofs: frontend gone")
+	}
+}
+
+// count notes one request with opcode op.
+func (d *device) count(op uint32) {
+	d.ops[min(op, uint32(len(d.ops)-1))].Add(1)
+}
+
+// opNames names the FUSE opcodes for logRequests; the last slot counts every other number.
+var opNames = [...]string{"op0", "LOOKUP", "FORGET", "GETATTR", "SETATTR", "READLINK", "SYMLINK",
+	"op7", "MKNOD", "MKDIR", "UNLINK", "RMDIR", "RENAME", "LINK", "OPEN", "READ", "WRITE", "STATFS",
+	"RELEASE", "op19", "FSYNC", "SETXATTR", "GETXATTR", "LISTXATTR", "REMOVEXATTR", "FLUSH", "INIT",
+	"OPENDIR", "READDIR", "RELEASEDIR", "FSYNCDIR", "GETLK", "SETLK", "SETLKW", "ACCESS", "CREATE",
+	"INTERRUPT", "BMAP", "DESTROY", "IOCTL", "POLL", "NOTIFY_REPLY", "BATCH_FORGET", "FALLOCATE",
+	"READDIRPLUS", "RENAME2", "LSEEK", "COPY_FILE_RANGE", "SETUPMAPPING", "REMOVEMAPPING",
+	"SYNCFS", "TMPFILE", "STATX", "other"}
+
+func opName(op uint32) string { return opNames[min(op, uint32(len(opNames)-1))] }
 
 // FUSE opcodes the device looks at before go-fuse decodes the request.
 const (
@@ -222,6 +258,7 @@ func (d *device) serve(q *vhostuser.Queue, r *runner) {
 	)
 	// answer replies to one request; fp is the calling goroutine's fast path (nil: go-fuse only).
 	answer := func(ch *vhostuser.Chain, op uint32, fp *fastPath) {
+		d.count(op)
 		s, err := d.sessionFor(ch, op)
 		if err != nil {
 			d.log.Error().Err(err).Msg("virtiofs: cannot start a FUSE session")

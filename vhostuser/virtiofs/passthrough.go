@@ -767,7 +767,31 @@ func (fs *passthrough) addHandle(h *fileHandle, out *fuse.OpenOut) fuse.Status {
 			out.OpenFlags |= fuse.FOPEN_KEEP_CACHE
 		}
 	}
+	if h.dir == nil && closeIsNoop(h.fd) {
+		out.OpenFlags |= fuse.FOPEN_NOFLUSH
+	}
 	return fuse.OK
+}
+
+// closeIsNoop tells whether closing a duplicate of fd, all that Flush does, can do nothing: the
+// file lives on a file system without a flush method (checked in Linux's fs/: ext4, XFS, btrfs,
+// tmpfs and ramfs have none; NFS, SMB, FUSE, overlayfs, f2fs, ecryptfs and orangefs do), and the
+// daemon holds no classic POSIX locks (see setLock), the one other thing close drops. Such files
+// are opened with FOPEN_NOFLUSH, so the guest's close(2) costs no FLUSH round trip: one of the
+// six requests of each file a guest creates and writes. The guest kernel still flushes for
+// writeback-cache mounts (never negotiated here) and writes a shared mapping's dirty pages when
+// the mapping goes, as it would without the flag. Any other file system, or a failed fstatfs,
+// keeps FLUSH.
+func closeIsNoop(fd int) bool {
+	var st unix.Statfs_t
+	if unix.Fstatfs(fd, &st) != nil {
+		return false
+	}
+	switch uint32(st.Type) {
+	case unix.EXT4_SUPER_MAGIC, unix.XFS_SUPER_MAGIC, unix.BTRFS_SUPER_MAGIC, unix.TMPFS_MAGIC, unix.RAMFS_MAGIC:
+		return true
+	}
+	return false
 }
 
 // getHandle returns the handle for fh with a reference the caller must put, or nil.

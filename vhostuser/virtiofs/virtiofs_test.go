@@ -606,3 +606,66 @@ func TestLockWaitDoesNotStallQueue(t *testing.T) {
 		t.Fatalf("getlk after the hand-over: %x %v", b, err)
 	}
 }
+
+// TestNoFlushOnLocalFS: files on a file system whose close cannot report anything (tmpfs here)
+// are opened with FOPEN_NOFLUSH, by OPEN and CREATE alike, so the guest's close(2) costs no
+// FLUSH round trip; files on any other file system (procfs here) keep FLUSH.
+func TestNoFlushOnLocalFS(t *testing.T) {
+	const noFlush = 1 << 5 // FOPEN_NOFLUSH
+	openFlags := func(c *vhostusertest.FUSE, node uint64) uint32 {
+		t.Helper()
+		b, err := c.Do(vhostusertest.OpOpen, node, make([]byte, 8), 16)
+		if err != nil || len(b) < 16 {
+			t.Fatalf("open: %v", err)
+		}
+		return binary.LittleEndian.Uint32(b[8:])
+	}
+
+	shm, err := os.MkdirTemp("/dev/shm", "vk-noflush-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(shm) })
+	os.WriteFile(filepath.Join(shm, "f"), []byte("x"), 0o644)
+	c := inProcess(t, shm, nil)
+	e, err := c.Lookup(root, "f")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if f := openFlags(c, e.NodeID); f&noFlush == 0 {
+		t.Errorf("OPEN of a tmpfs file: flags %#x lack FOPEN_NOFLUSH", f)
+	}
+	in := make([]byte, 16) // fuse_create_in: flags, mode, umask, open_flags
+	binary.LittleEndian.PutUint32(in[0:], uint32(os.O_RDWR))
+	binary.LittleEndian.PutUint32(in[4:], 0o644)
+	b, err := c.DoParts(vhostusertest.OpCreate, root, [][]byte{in, []byte("g\x00")}, vhostusertest.EntryOutSize+16)
+	if err != nil || len(b) < vhostusertest.EntryOutSize+16 {
+		t.Fatalf("create: %v", err)
+	}
+	if f := binary.LittleEndian.Uint32(b[vhostusertest.EntryOutSize+8:]); f&noFlush == 0 {
+		t.Errorf("CREATE on tmpfs: flags %#x lack FOPEN_NOFLUSH", f)
+	}
+
+	c = inProcess(t, "/proc/sys/kernel", nil)
+	e, err = c.Lookup(root, "ostype")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if f := openFlags(c, e.NodeID); f&noFlush != 0 {
+		t.Errorf("OPEN of a procfs file: flags %#x have FOPEN_NOFLUSH", f)
+	}
+}
+
+// TestOpNames: the request counts logRequests prints name the opcodes right.
+func TestOpNames(t *testing.T) {
+	for op, want := range map[uint32]string{
+		vhostusertest.OpLookup: "LOOKUP", vhostusertest.OpGetattr: "GETATTR", vhostusertest.OpOpen: "OPEN",
+		vhostusertest.OpRelease: "RELEASE", opFlush: "FLUSH", opInit: "INIT", vhostusertest.OpOpendir: "OPENDIR",
+		vhostusertest.OpReleasedir: "RELEASEDIR", opSetlkw: "SETLKW", vhostusertest.OpCreate: "CREATE",
+		opFallocate: "FALLOCATE", opCopyFileRange: "COPY_FILE_RANGE", 52: "STATX", 53: "other", 4096: "other",
+	} {
+		if got := opName(op); got != want {
+			t.Errorf("opName(%d) = %q, want %q", op, got, want)
+		}
+	}
+}

@@ -94,14 +94,14 @@ func (n *Netns) MustRun(args ...string) string {
 // Proc is a background process in a namespace.
 type Proc struct {
 	Cmd *exec.Cmd
-	out *syncBuffer
+	out *cmdtest.Buffer
 }
 
 // Start starts a background process in the namespace; it is killed and reaped at cleanup.
 func (n *Netns) Start(args ...string) *Proc {
 	n.t.Helper()
 	c := n.command(context.Background(), args...)
-	out := &syncBuffer{}
+	out := &cmdtest.Buffer{}
 	c.Stdout, c.Stderr = out, out
 	c.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	if err := c.Start(); err != nil {
