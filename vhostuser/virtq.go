@@ -452,6 +452,54 @@ func (q *Queue) WaitKick() error {
 // ~1.1. The cost is one OS thread per waiting queue, and a slot other goroutines wait for until
 // the runtime hands it off (about 20 µs, at most 10 ms when the process is otherwise idle).
 func (q *Queue) WaitKickThread() error {
+	for {
+		kicked, err := q.WaitKickThreadFor(-1)
+		if kicked || err != nil {
+			return err
+		}
+	}
+}
+
+// WaitKickThreadFor is WaitKickThread that gives up after d (d < 0: never) and reports whether
+// the guest kicked (or the queue stopped, with an error) meanwhile. A wait that ends within
+// 10 ms is also what keeps the runtime from taking the goroutine's P away: sysmon takes the P of
+// a goroutine in the same system call for 10 ms, and then polls every 20 µs for a millisecond.
+func (q *Queue) WaitKickThreadFor(d time.Duration) (bool, error) {
+	if q.kickFD < 0 {
+		return true, q.WaitKick()
+	}
+	q.epOnce.Do(q.makeEpoll)
+	if q.epErr != nil {
+		return false, fmt.Errorf("queue %d kick: %w", q.Index, q.epErr)
+	}
+	ms := -1
+	if d >= 0 {
+		ms = int((d + time.Millisecond - 1) / time.Millisecond)
+	}
+	var ev [2]unix.EpollEvent
+	for {
+		n, err := unix.EpollWait(q.epFD, ev[:], ms)
+		if q.stopped.Load() {
+			return false, fmt.Errorf("queue %d stopped", q.Index)
+		}
+		if n > 0 {
+			return true, nil
+		}
+		if err == nil {
+			return false, nil // timed out
+		}
+		if err != unix.EINTR {
+			return false, fmt.Errorf("queue %d kick: %w", q.Index, err)
+		}
+	}
+}
+
+// WaitKickPark waits for a kick (or the queue's stop) with the goroutine parked in the
+// runtime's netpoller instead of its thread blocked in a system call: the way to wait when the
+// guest has gone quiet. Parked, the goroutine holds no P, so a daemon whose queues all wait lets
+// the runtime sleep (sysmon stops polling), where a thread blocked in epoll_wait keeps its P
+// busy in the runtime's eyes; the price is a hand-off through the netpoller's thread on wake-up.
+func (q *Queue) WaitKickPark() error {
 	if q.kickFD < 0 {
 		return q.WaitKick()
 	}
@@ -459,19 +507,34 @@ func (q *Queue) WaitKickThread() error {
 	if q.epErr != nil {
 		return fmt.Errorf("queue %d kick: %w", q.Index, q.epErr)
 	}
-	var ev [2]unix.EpollEvent
-	for {
-		n, err := unix.EpollWait(q.epFD, ev[:], -1)
-		if q.stopped.Load() {
-			return fmt.Errorf("queue %d stopped", q.Index)
-		}
-		if n > 0 {
-			return nil
-		}
-		if err != nil && err != unix.EINTR {
-			return fmt.Errorf("queue %d kick: %w", q.Index, err)
-		}
+	// The set is in the netpoller only while parked: registered, every kick would also wake
+	// the runtime's thread blocked in the netpoller, parked or not.
+	d, err := unix.FcntlInt(uintptr(q.epFD), unix.F_DUPFD_CLOEXEC, 0)
+	if err != nil {
+		return fmt.Errorf("queue %d kick: %w", q.Index, err)
 	}
+	if err := unix.SetNonblock(d, true); err != nil { // the netpoller takes only these
+		unix.Close(d)
+		return fmt.Errorf("queue %d kick: %w", q.Index, err)
+	}
+	f := os.NewFile(uintptr(d), "kick-epoll")
+	defer f.Close()
+	rc, err := f.SyscallConn()
+	if err != nil {
+		return fmt.Errorf("queue %d kick: %w", q.Index, err)
+	}
+	var ev [2]unix.EpollEvent
+	err = rc.Read(func(fd uintptr) bool {
+		n, _ := unix.EpollWait(int(fd), ev[:], 0) // consumes the kick's edge, like WaitKickThread
+		return n > 0
+	})
+	if q.stopped.Load() {
+		return fmt.Errorf("queue %d stopped", q.Index)
+	}
+	if err != nil {
+		return fmt.Errorf("queue %d kick: %w", q.Index, err)
+	}
+	return nil
 }
 
 // makeEpoll makes WaitKickThread's epoll set. The kick eventfd is in it edge-triggered: every

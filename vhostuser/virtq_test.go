@@ -311,8 +311,35 @@ func FuzzChain(f *testing.F) {
 }
 
 // TestWaitKickThread: a wait returns for each kick (the counter is never read, so a second wait
-// must not return for the first kick again), and for a stopped queue.
+// must not return for the first kick again), and for a stopped queue; the same for a wait with a
+// timeout (which returns unkicked when it runs out), for a wait parked in the netpoller, and for
+// the two taking turns on one queue (they share the epoll set, so a kick one consumed must not
+// wake the other).
 func TestWaitKickThread(t *testing.T) {
+	timed := func(q *Queue) error {
+		for {
+			kicked, err := q.WaitKickThreadFor(5 * time.Millisecond)
+			if kicked || err != nil {
+				return err
+			}
+		}
+	}
+	turn := 0
+	mixed := func(q *Queue) error {
+		turn++
+		if turn%2 == 0 {
+			return q.WaitKickPark()
+		}
+		return q.WaitKickThread()
+	}
+	for name, waitOnce := range map[string]func(*Queue) error{
+		"thread": (*Queue).WaitKickThread, "timed": timed, "park": (*Queue).WaitKickPark, "mixed": mixed,
+	} {
+		t.Run(name, func(t *testing.T) { testWaitKick(t, waitOnce) })
+	}
+}
+
+func testWaitKick(t *testing.T, waitOnce func(*Queue) error) {
 	m, _ := testMem(t)
 	kick, err := unix.Eventfd(0, unix.EFD_CLOEXEC|unix.EFD_NONBLOCK)
 	if err != nil {
@@ -325,7 +352,7 @@ func TestWaitKickThread(t *testing.T) {
 	defer q.release()
 	wait := func() <-chan error {
 		c := make(chan error, 1)
-		go func() { c <- q.WaitKickThread() }()
+		go func() { c <- waitOnce(q) }()
 		return c
 	}
 	one := []byte{1, 0, 0, 0, 0, 0, 0, 0}
@@ -333,7 +360,14 @@ func TestWaitKickThread(t *testing.T) {
 	if err := <-wait(); err != nil {
 		t.Fatal(err)
 	}
-	for i := 0; i < 3; i++ {
+	t0 := time.Now()
+	if kicked, err := q.WaitKickThreadFor(20 * time.Millisecond); kicked || err != nil {
+		t.Fatalf("a timed wait without a kick: kicked %v, %v", kicked, err)
+	}
+	if d := time.Since(t0); d < 20*time.Millisecond {
+		t.Fatalf("a timed wait of 20 ms returned after %v", d)
+	}
+	for i := 0; i < 4; i++ {
 		c := wait()
 		select {
 		case err := <-c:
@@ -360,7 +394,10 @@ func TestWaitKickThread(t *testing.T) {
 	case <-time.After(5 * time.Second):
 		t.Fatal("stop did not end the wait")
 	}
-	if err := q.WaitKickThread(); err == nil {
+	if err := waitOnce(q); err == nil {
 		t.Fatal("wait after stop returned no error")
+	}
+	if _, err := q.WaitKickThreadFor(time.Millisecond); err == nil {
+		t.Fatal("timed wait after stop returned no error")
 	}
 }

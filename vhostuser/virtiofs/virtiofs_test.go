@@ -669,3 +669,29 @@ func TestOpNames(t *testing.T) {
 		}
 	}
 }
+
+// TestParkedQueueAnswers: a queue the guest left quiet for longer than idleAfter waits parked in
+// the netpoller; the next request is answered, and stopping the daemon ends the parked wait.
+func TestParkedQueueAnswers(t *testing.T) {
+	share := t.TempDir()
+	cfg := Config{Socket: filepath.Join(t.TempDir(), "fs.sock"), SharedDir: share, Logger: testLogger(t)}
+	s, err := Serve(context.Background(), cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	c := client(t, cfg.Socket)
+	for i := 0; i < 3; i++ {
+		if _, err := c.Getattr(root); err != nil {
+			t.Fatalf("getattr %d: %v", i, err)
+		}
+		time.Sleep(idleAfter + 150*time.Millisecond) // the popper parks
+	}
+	done := make(chan error, 1)
+	go func() { done <- s.Close() }()
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		t.Fatal("stopping the daemon did not end a parked wait")
+	}
+}
