@@ -16,7 +16,6 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -29,22 +28,7 @@ import (
 )
 
 // Console collects what a guest writes to its console.
-type Console struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (c *Console) Write(p []byte) (int, error) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.b.Write(p)
-}
-
-func (c *Console) String() string {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.b.String()
-}
+type Console struct{ cmdtest.Buffer }
 
 func (c *Console) WaitFor(t testing.TB, s string) {
 	t.Helper()

@@ -31,6 +31,13 @@ func testLogger(t testing.TB) zerolog.Logger {
 // inProcess serves share from this process (no sandbox) and returns a FUSE client on it.
 func inProcess(t testing.TB, share string, mod func(*Config)) *vhostusertest.FUSE {
 	t.Helper()
+	_, c := inProcessServer(t, share, mod)
+	return c
+}
+
+// inProcessServer is inProcess that also returns the server, for tests that stop it themselves.
+func inProcessServer(t testing.TB, share string, mod func(*Config)) (*Server, *vhostusertest.FUSE) {
+	t.Helper()
 	cfg := Config{Socket: filepath.Join(t.TempDir(), "fs.sock"), SharedDir: share, Logger: testLogger(t)}
 	if mod != nil {
 		mod(&cfg)
@@ -40,7 +47,19 @@ func inProcess(t testing.TB, share string, mod func(*Config)) *vhostusertest.FUS
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { s.Close() })
-	return client(t, cfg.Socket)
+	return s, client(t, cfg.Socket)
+}
+
+// stopWithin stops s and fails the test, saying what was waiting, when that takes longer than d.
+func stopWithin(t testing.TB, s *Server, d time.Duration, waiting string) {
+	t.Helper()
+	done := make(chan error, 1)
+	go func() { done <- s.Close() }()
+	select {
+	case <-done:
+	case <-time.After(d):
+		t.Fatalf("the daemon did not stop while %s", waiting)
+	}
 }
 
 func client(t testing.TB, sock string) *vhostusertest.FUSE {
@@ -527,13 +546,7 @@ func TestStopEndsLockWait(t *testing.T) {
 	if err := syscall.FcntlFlock(holder.Fd(), unix.F_OFD_SETLK, &flk); err != nil {
 		t.Fatal(err)
 	}
-	cfg := Config{Socket: filepath.Join(t.TempDir(), "fs.sock"), SharedDir: share, Logger: testLogger(t)}
-	s, err := Serve(context.Background(), cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer s.Close()
-	c := client(t, cfg.Socket)
+	s, c := inProcessServer(t, share, nil)
 	e, err := c.Lookup(root, "f")
 	if err != nil {
 		t.Fatal(err)
@@ -546,13 +559,7 @@ func TestStopEndsLockWait(t *testing.T) {
 		t.Fatal(err)
 	}
 	time.Sleep(50 * time.Millisecond) // let the wait begin
-	done := make(chan error, 1)
-	go func() { done <- s.Close() }()
-	select {
-	case <-done:
-	case <-time.After(20 * time.Second):
-		t.Fatal("the daemon did not stop while a guest waited for a lock")
-	}
+	stopWithin(t, s, 20*time.Second, "a guest waited for a lock")
 }
 
 // TestLockWaitDoesNotStallQueue: a SETLKW that waits for a lock another open holds does not hold
@@ -673,25 +680,12 @@ func TestOpNames(t *testing.T) {
 // TestParkedQueueAnswers: a queue the guest left quiet for longer than idleAfter waits parked in
 // the netpoller; the next request is answered, and stopping the daemon ends the parked wait.
 func TestParkedQueueAnswers(t *testing.T) {
-	share := t.TempDir()
-	cfg := Config{Socket: filepath.Join(t.TempDir(), "fs.sock"), SharedDir: share, Logger: testLogger(t)}
-	s, err := Serve(context.Background(), cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer s.Close()
-	c := client(t, cfg.Socket)
+	s, c := inProcessServer(t, t.TempDir(), nil)
 	for i := 0; i < 3; i++ {
 		if _, err := c.Getattr(root); err != nil {
 			t.Fatalf("getattr %d: %v", i, err)
 		}
 		time.Sleep(idleAfter + 150*time.Millisecond) // the popper parks
 	}
-	done := make(chan error, 1)
-	go func() { done <- s.Close() }()
-	select {
-	case <-done:
-	case <-time.After(10 * time.Second):
-		t.Fatal("stopping the daemon did not end a parked wait")
-	}
+	stopWithin(t, s, 10*time.Second, "its queues waited parked")
 }
