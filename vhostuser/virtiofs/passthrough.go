@@ -847,7 +847,7 @@ func (r *fileRead) Bytes(buf []byte) ([]byte, fuse.Status) {
 
 // Readv is what go-fuse's protocol server calls for a virtio-fs reply (its withReadv interface).
 func (r *fileRead) Readv(dst [][]byte) (int, fuse.Status) {
-	n, err := unix.Preadv(r.h.fd, dst, r.off)
+	n, err := preadv(r.h.fd, dst, r.off)
 	if err != nil {
 		return 0, errStatus(err)
 	}
@@ -872,7 +872,7 @@ func (fs *passthrough) Writev(cancel <-chan struct{}, in *fuse.WriteIn, data [][
 		return 0, fuse.EBADF
 	}
 	defer fs.putHandle(h)
-	n, err := unix.Pwritev(h.fd, data, int64(in.Offset))
+	n, err := pwritev(h.fd, data, int64(in.Offset))
 	if err != nil {
 		return 0, errStatus(err)
 	}
