@@ -404,15 +404,10 @@ func (d *device) serve(q *vhostuser.Queue, r *runner) {
 // Waiting in short waits on a thread keeps the P busy in the runtime's eyes, so sysmon neither
 // takes it nor sleeps; parking once the guest is quiet lets an idle daemon sleep.
 func wait(q *vhostuser.Queue, lastPass *time.Time) bool {
-	for quiet := time.Duration(0); quiet < idleAfter; quiet += waitSlice {
-		kicked, err := q.WaitKickThreadFor(waitSlice)
-		if err != nil {
-			return false
-		}
-		if kicked {
-			return true
-		}
-		if time.Since(*lastPass) > yieldEvery {
+	for start := time.Now(); time.Since(start) < idleAfter; {
+		// Wake in time to pass the scheduler before sysmon's 10 ms are up.
+		d := min(waitSlice, yieldEvery-time.Since(*lastPass))
+		if d < time.Millisecond {
 			// Unlocked, the pass costs a wake-up of an idle thread that finds nothing to do;
 			// locked, a hand-off of the P to another thread and back (futex calls per pass
 			// 5 → 2, measured with the guest quiet).
@@ -420,6 +415,14 @@ func wait(q *vhostuser.Queue, lastPass *time.Time) bool {
 			runtime.Gosched()
 			runtime.LockOSThread()
 			*lastPass = time.Now()
+			continue
+		}
+		kicked, err := q.WaitKickThreadFor(d)
+		if err != nil {
+			return false
+		}
+		if kicked {
+			return true
 		}
 	}
 	err := q.WaitKickPark()
