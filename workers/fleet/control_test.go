@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/google/go-cmp/cmp"
 	"github.com/rs/zerolog"
@@ -189,5 +190,55 @@ func TestCheckOthers(t *testing.T) {
 	two := &Applied{Name: "a", Units: map[string]*AppliedUnit{"b-c": {Request: launcher.Request{Name: VMName("a", "b-c")}}}}
 	if err := c.checkOthers(two); err == nil || !strings.Contains(err.Error(), "VM name a-b-c is fleet a-b's unit c") {
 		t.Errorf("clashing VM names: %v", err)
+	}
+}
+
+// TestLockAcrossControllers: two controllers on one state folder (a `fleet up` and a daemon
+// resuming the same fleet are two processes) take a fleet's lock one at a time; other fleets'
+// locks are independent; a wait ends with its context.
+func TestLockAcrossControllers(t *testing.T) {
+	dir := t.TempDir()
+	a := NewController(ControllerConfig{StateDir: dir})
+	b := NewController(ControllerConfig{StateDir: dir})
+	ctx := context.Background()
+	lock := func(c *Controller, fleet string) <-chan func() {
+		ch := make(chan func(), 1)
+		go func() {
+			u, err := c.lock(ctx, fleet)
+			if err != nil {
+				t.Error(err)
+				u = func() {}
+			}
+			ch <- u
+		}()
+		return ch
+	}
+	unlockA, err := a.lock(ctx, "devf")
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := lock(b, "devf")
+	select {
+	case <-got:
+		t.Fatal("a second controller took the fleet's lock while the first held it")
+	case <-time.After(200 * time.Millisecond):
+	}
+	select {
+	case u := <-lock(b, "devg"):
+		u()
+	case <-time.After(5 * time.Second):
+		t.Fatal("another fleet's lock waited for this one")
+	}
+	short, cancel := context.WithTimeout(ctx, 100*time.Millisecond)
+	defer cancel()
+	if _, err := NewController(ControllerConfig{StateDir: dir}).lock(short, "devf"); err == nil {
+		t.Fatal("a lock wait outlived its context")
+	}
+	unlockA()
+	select {
+	case u := <-got:
+		u()
+	case <-time.After(5 * time.Second):
+		t.Fatal("the second controller never got the lock after the first let go")
 	}
 }

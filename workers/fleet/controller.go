@@ -20,6 +20,7 @@ import (
 
 	"github.com/rs/zerolog"
 	"golang.org/x/sync/errgroup"
+	"golang.org/x/sys/unix"
 
 	"github.com/virtkit/virtkit/agent/addr"
 	"github.com/virtkit/virtkit/agent/client"
@@ -76,7 +77,7 @@ func NewController(cfg ControllerConfig) *Controller {
 	return &Controller{cfg: cfg, locks: map[string]*sync.Mutex{}}
 }
 
-func (c *Controller) lock(fleet string) func() {
+func (c *Controller) lock(ctx context.Context, fleet string) (func(), error) {
 	c.mu.Lock()
 	l := c.locks[fleet]
 	if l == nil {
@@ -85,7 +86,47 @@ func (c *Controller) lock(fleet string) func() {
 	}
 	c.mu.Unlock()
 	l.Lock()
-	return l.Unlock
+	f, err := c.lockFile(ctx, fleet)
+	if err != nil {
+		l.Unlock()
+		return nil, err
+	}
+	return func() {
+		f.Close() // drops the flock
+		l.Unlock()
+	}, nil
+}
+
+// lockFile takes the fleet's lock across processes: StateDir/fleets/<fleet>.lock, flock'd,
+// waiting until ctx ends. A `virtkit fleet up` and a daemon that starts meanwhile and resumes
+// the same fleet are two controllers; without it both converged at once, and the later one took
+// the unit the other was booting for a changed one and was refused its launch. The file stays
+// when a fleet is purged (removing a lock file others may be waiting on would split the lock).
+func (c *Controller) lockFile(ctx context.Context, fleet string) (*os.File, error) {
+	dir := filepath.Join(c.cfg.StateDir, "fleets")
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return nil, fmt.Errorf("fleet %s: lock: %w", fleet, err)
+	}
+	f, err := os.OpenFile(filepath.Join(dir, fleet+".lock"), os.O_RDWR|os.O_CREATE, 0o644)
+	if err != nil {
+		return nil, fmt.Errorf("fleet %s: lock: %w", fleet, err)
+	}
+	for wait := time.Millisecond; ; wait = min(2*wait, 100*time.Millisecond) {
+		err = unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB)
+		if err == nil {
+			return f, nil
+		}
+		if err != unix.EWOULDBLOCK && err != unix.EINTR {
+			f.Close()
+			return nil, fmt.Errorf("fleet %s: lock: %w", fleet, err)
+		}
+		select {
+		case <-ctx.Done():
+			f.Close()
+			return nil, fmt.Errorf("fleet %s: waiting for another process working on it: %w", fleet, ctx.Err())
+		case <-time.After(wait):
+		}
+	}
 }
 
 // Applied is a fleet as last applied: stored as StateDir/fleets/<name>/fleet.json beside the
@@ -413,7 +454,10 @@ func (c *Controller) Up(ctx context.Context, f *File, source []byte, p Progress)
 	if err := c.checkOthers(a); err != nil {
 		return err
 	}
-	unlock := c.lock(a.Name)
+	unlock, err := c.lock(ctx, a.Name)
+	if err != nil {
+		return err
+	}
 	defer unlock()
 	prev, _ := c.Load(a.Name)
 	if err := c.save(a, source); err != nil {
@@ -458,7 +502,10 @@ func (c *Controller) checkOthers(a *Applied) error {
 // Resume brings fleet name back after a daemon or host restart: the stored definition's
 // autostart units that are not running are started.
 func (c *Controller) Resume(ctx context.Context, name string, p Progress) error {
-	unlock := c.lock(name)
+	unlock, err := c.lock(ctx, name)
+	if err != nil {
+		return err
+	}
 	defer unlock()
 	a, err := c.Load(name)
 	if err != nil || !a.Up {
@@ -546,7 +593,10 @@ func (a *Applied) levels(order []string) [][]string {
 // Down stops every unit of fleet name; its definition and volumes stay (Up or Resume brings it
 // back). With purge the definition and volumes are removed as well.
 func (c *Controller) Down(ctx context.Context, name string, purge bool, p Progress) error {
-	unlock := c.lock(name)
+	unlock, err := c.lock(ctx, name)
+	if err != nil {
+		return err
+	}
 	defer unlock()
 	a, err := c.Load(name)
 	if err != nil {
@@ -578,7 +628,10 @@ func (c *Controller) Down(ctx context.Context, name string, purge bool, p Progre
 
 // StartUnit starts one unit of a fleet (no-op when it runs) and waits for its health check.
 func (c *Controller) StartUnit(ctx context.Context, fleet, unit string, p Progress) error {
-	unlock := c.lock(fleet)
+	unlock, err := c.lock(ctx, fleet)
+	if err != nil {
+		return err
+	}
 	defer unlock()
 	a, err := c.Load(fleet)
 	if err != nil {
@@ -598,7 +651,10 @@ func (c *Controller) StartUnit(ctx context.Context, fleet, unit string, p Progre
 
 // StopUnit stops one unit of a fleet (its volumes stay).
 func (c *Controller) StopUnit(ctx context.Context, fleet, unit string) error {
-	unlock := c.lock(fleet)
+	unlock, err := c.lock(ctx, fleet)
+	if err != nil {
+		return err
+	}
 	defer unlock()
 	a, err := c.Load(fleet)
 	if err != nil {
