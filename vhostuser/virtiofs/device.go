@@ -427,7 +427,15 @@ func wait(q *vhostuser.Queue, lastPass *time.Time) bool {
 	}
 	err := q.WaitKickPark()
 	*lastPass = time.Now()
-	return err == nil
+	if err != nil {
+		select {
+		case <-q.Stopped():
+			return false
+		default: // parking failed (no descriptor left to register): wait on the thread
+			return q.WaitKickThread() == nil
+		}
+	}
+	return true
 }
 
 // waitSlice is how long one wait on the thread lasts at most: well under sysmon's 10 ms.
