@@ -18,10 +18,9 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
-	"syscall"
-	"time"
 
 	"github.com/virtkit/virtkit/imaging/rootfs"
+	"github.com/virtkit/virtkit/internal/flock"
 )
 
 // Cache keeps blobs under Dir/sha256/<hex>.
@@ -214,28 +213,12 @@ func (c *Cache) PutTOC(toc *rootfs.TOC) error {
 }
 
 func lock(ctx context.Context, path string) (func(), error) {
-	f, err := os.OpenFile(path, os.O_CREATE|os.O_RDWR, 0o644)
+	unlock, err := flock.Lock(ctx, path)
 	if err != nil {
+		if ctx.Err() != nil && errors.Is(err, ctx.Err()) {
+			return nil, err
+		}
 		return nil, fmt.Errorf("blobcache: lock: %w", err)
 	}
-	delay := time.Millisecond
-	for {
-		err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB)
-		if err == nil {
-			return func() { f.Close() }, nil
-		}
-		if !errors.Is(err, syscall.EWOULDBLOCK) {
-			f.Close()
-			return nil, fmt.Errorf("blobcache: lock: %w", err)
-		}
-		select {
-		case <-ctx.Done():
-			f.Close()
-			return nil, ctx.Err()
-		case <-time.After(delay):
-		}
-		if delay < 100*time.Millisecond {
-			delay *= 2
-		}
-	}
+	return unlock, nil
 }

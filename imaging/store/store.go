@@ -19,8 +19,9 @@ import (
 	"regexp"
 	"sort"
 	"strings"
-	"syscall"
 	"time"
+
+	"github.com/virtkit/virtkit/internal/flock"
 )
 
 // ImageConfig is what a guest needs to run an image, taken from its OCI config, and where it came
@@ -237,32 +238,16 @@ func syncDir(dir string) error {
 	return nil
 }
 
-// lock takes the exclusive build lock of fp, polling so that ctx can cancel the wait.
+// lock takes the exclusive build lock of fp; ending ctx ends the wait.
 func (s *Store) lock(ctx context.Context, fp string) (func(), error) {
-	f, err := os.OpenFile(filepath.Join(s.Dir, ".locks", fp), os.O_CREATE|os.O_RDWR, 0o644)
+	unlock, err := flock.Lock(ctx, filepath.Join(s.Dir, ".locks", fp))
 	if err != nil {
+		if ctx.Err() != nil && errors.Is(err, ctx.Err()) {
+			return nil, fmt.Errorf("store: wait for the build of %s: %w", fp, err)
+		}
 		return nil, fmt.Errorf("store: lock %s: %w", fp, err)
 	}
-	delay := time.Millisecond
-	for {
-		err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB)
-		if err == nil {
-			return func() { f.Close() }, nil
-		}
-		if !errors.Is(err, syscall.EWOULDBLOCK) {
-			f.Close()
-			return nil, fmt.Errorf("store: lock %s: %w", fp, err)
-		}
-		select {
-		case <-ctx.Done():
-			f.Close()
-			return nil, fmt.Errorf("store: wait for the build of %s: %w", fp, ctx.Err())
-		case <-time.After(delay):
-		}
-		if delay < 100*time.Millisecond {
-			delay *= 2
-		}
-	}
+	return unlock, nil
 }
 
 // List returns the bundles, most recently used first. Folders that are not complete bundles

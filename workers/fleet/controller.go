@@ -20,11 +20,11 @@ import (
 
 	"github.com/rs/zerolog"
 	"golang.org/x/sync/errgroup"
-	"golang.org/x/sys/unix"
 
 	"github.com/virtkit/virtkit/agent/addr"
 	"github.com/virtkit/virtkit/agent/client"
 	"github.com/virtkit/virtkit/broker"
+	"github.com/virtkit/virtkit/internal/flock"
 	"github.com/virtkit/virtkit/workers/launcher"
 )
 
@@ -86,47 +86,35 @@ func (c *Controller) lock(ctx context.Context, fleet string) (func(), error) {
 	}
 	c.mu.Unlock()
 	l.Lock()
-	f, err := c.lockFile(ctx, fleet)
+	unlockFile, err := c.lockFile(ctx, fleet)
 	if err != nil {
 		l.Unlock()
 		return nil, err
 	}
 	return func() {
-		f.Close() // drops the flock
+		unlockFile()
 		l.Unlock()
 	}, nil
 }
 
-// lockFile takes the fleet's lock across processes: StateDir/fleets/<fleet>.lock, flock'd,
+// lockFile takes the fleet's lock across processes: a flock on StateDir/fleets/<fleet>.lock,
 // waiting until ctx ends. A `virtkit fleet up` and a daemon that starts meanwhile and resumes
 // the same fleet are two controllers; without it both converged at once, and the later one took
 // the unit the other was booting for a changed one and was refused its launch. The file stays
 // when a fleet is purged (removing a lock file others may be waiting on would split the lock).
-func (c *Controller) lockFile(ctx context.Context, fleet string) (*os.File, error) {
+func (c *Controller) lockFile(ctx context.Context, fleet string) (func(), error) {
 	dir := filepath.Join(c.cfg.StateDir, "fleets")
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return nil, fmt.Errorf("fleet %s: lock: %w", fleet, err)
 	}
-	f, err := os.OpenFile(filepath.Join(dir, fleet+".lock"), os.O_RDWR|os.O_CREATE, 0o644)
+	unlock, err := flock.Lock(ctx, filepath.Join(dir, fleet+".lock"))
 	if err != nil {
+		if ctx.Err() != nil && errors.Is(err, ctx.Err()) {
+			return nil, fmt.Errorf("fleet %s: waiting for another process working on it: %w", fleet, err)
+		}
 		return nil, fmt.Errorf("fleet %s: lock: %w", fleet, err)
 	}
-	for wait := time.Millisecond; ; wait = min(2*wait, 100*time.Millisecond) {
-		err = unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB)
-		if err == nil {
-			return f, nil
-		}
-		if err != unix.EWOULDBLOCK && err != unix.EINTR {
-			f.Close()
-			return nil, fmt.Errorf("fleet %s: lock: %w", fleet, err)
-		}
-		select {
-		case <-ctx.Done():
-			f.Close()
-			return nil, fmt.Errorf("fleet %s: waiting for another process working on it: %w", fleet, ctx.Err())
-		case <-time.After(wait):
-		}
-	}
+	return unlock, nil
 }
 
 // Applied is a fleet as last applied: stored as StateDir/fleets/<name>/fleet.json beside the
