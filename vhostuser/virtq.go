@@ -468,9 +468,8 @@ func (q *Queue) WaitKickThreadFor(d time.Duration) (bool, error) {
 	if q.kickFD < 0 {
 		return true, q.WaitKick()
 	}
-	q.epOnce.Do(q.makeEpoll)
-	if q.epErr != nil {
-		return false, fmt.Errorf("queue %d kick: %w", q.Index, q.epErr)
+	if err := q.epoll(); err != nil {
+		return false, err
 	}
 	ms := -1
 	if d >= 0 {
@@ -503,9 +502,8 @@ func (q *Queue) WaitKickPark() error {
 	if q.kickFD < 0 {
 		return q.WaitKick()
 	}
-	q.epOnce.Do(q.makeEpoll)
-	if q.epErr != nil {
-		return fmt.Errorf("queue %d kick: %w", q.Index, q.epErr)
+	if err := q.epoll(); err != nil {
+		return err
 	}
 	// The set is in the netpoller only while parked: registered, every kick would also wake
 	// the runtime's thread blocked in the netpoller, parked or not.
@@ -533,6 +531,15 @@ func (q *Queue) WaitKickPark() error {
 	}
 	if err != nil {
 		return fmt.Errorf("queue %d kick: %w", q.Index, err)
+	}
+	return nil
+}
+
+// epoll makes the queue's epoll set on first use (makeEpoll) and reports why there is none.
+func (q *Queue) epoll() error {
+	q.epOnce.Do(q.makeEpoll)
+	if q.epErr != nil {
+		return fmt.Errorf("queue %d kick: %w", q.Index, q.epErr)
 	}
 	return nil
 }

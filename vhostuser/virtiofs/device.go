@@ -165,9 +165,7 @@ func (d *device) logRequests() {
 }
 
 // count notes one request with opcode op.
-func (d *device) count(op uint32) {
-	d.ops[min(op, uint32(len(d.ops)-1))].Add(1)
-}
+func (d *device) count(op uint32) { d.ops[opIndex(op)].Add(1) }
 
 // opNames names the FUSE opcodes for logRequests; the last slot counts every other number.
 var opNames = [...]string{"op0", "LOOKUP", "FORGET", "GETATTR", "SETATTR", "READLINK", "SYMLINK",
@@ -178,7 +176,10 @@ var opNames = [...]string{"op0", "LOOKUP", "FORGET", "GETATTR", "SETATTR", "READ
 	"READDIRPLUS", "RENAME2", "LSEEK", "COPY_FILE_RANGE", "SETUPMAPPING", "REMOVEMAPPING",
 	"SYNCFS", "TMPFILE", "STATX", "other"}
 
-func opName(op uint32) string { return opNames[min(op, uint32(len(opNames)-1))] }
+func opName(op uint32) string { return opNames[opIndex(op)] }
+
+// opIndex is op's slot in opNames and device.ops: opcodes past the table share the last one.
+func opIndex(op uint32) int { return int(min(op, uint32(len(opNames)-1))) }
 
 // FUSE opcodes the device looks at before go-fuse decodes the request.
 const (
@@ -445,7 +446,7 @@ const waitSlice = 8 * time.Millisecond
 // waitSlice plus a yield (a thread hand-off and back) every yieldEvery, ~0.7 wake-ups a
 // millisecond, against ~60 for a wake from a park; so a guest quiet for less than ~100 ms is
 // cheaper to wait for on the thread.
-var idleAfter = 100 * time.Millisecond
+const idleAfter = 100 * time.Millisecond
 
 // yieldEvery is how often the popping goroutine passes through the scheduler (see loop).
 const yieldEvery = 8 * time.Millisecond
