@@ -1,6 +1,6 @@
 // Package flock takes exclusive locks that other processes see: flock(2) on a lock file, held
-// until the returned function closes it (or the process ends). The image store, the layer cache
-// and the fleet controller lock with it.
+// until the returned function closes it (or the process ends). The image store, the layer cache,
+// the fleet controller and the test fixtures lock with it.
 package flock
 
 import (

@@ -8,16 +8,17 @@ package ext4test
 import (
 	"bufio"
 	"bytes"
+	"context"
 	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
-	"syscall"
 	"testing"
 
 	"github.com/virtkit/virtkit/cmd/cmdtest"
+	"github.com/virtkit/virtkit/internal/flock"
 )
 
 // Fsck runs `e2fsck -fn` and fails the test on any complaint.
@@ -264,14 +265,11 @@ func FixtureDir(t testing.TB) string {
 // lock serialises fixture builds across test processes.
 func lock(t testing.TB, name string) func() {
 	t.Helper()
-	f, err := os.OpenFile(filepath.Join(FixtureDir(t), "."+name+".lock"), os.O_CREATE|os.O_RDWR, 0o644)
+	unlock, err := flock.Lock(context.Background(), filepath.Join(FixtureDir(t), "."+name+".lock"))
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX); err != nil {
-		t.Fatal(err)
-	}
-	return func() { syscall.Flock(int(f.Fd()), syscall.LOCK_UN); f.Close() }
+	return unlock
 }
 
 // DebianTar returns a tar of a minimal Debian bookworm (debootstrap --variant=minbase) made by
