@@ -2,7 +2,8 @@
 # Compare `virtkit virtiofsd` with QEMU's C virtiofsd on the same share, side by side, and print
 # the hybrid-vsock backend's numbers:
 #   - FUSE ops/s through the Go vhost-user frontend harness (no VM): lookup, getattr, 4 KiB and
-#     1 MiB reads and writes, one request at a time;
+#     1 MiB reads and writes, one request at a time; 1 MiB ones also as a guest lays them out
+#     (-pages: 256 page-sized descriptors apart in guest memory);
 #   - file work inside a TCG guest (1000 creates, 1000 stats after the 1 s cache expired, 32 MiB
 #     write and cold read, unlink);
 #   - vsock connection set-up and echo MB/s with a TCG guest.
@@ -46,7 +47,7 @@ for line in open(sys.argv[1]):
         for v, unit in re.findall(r'([\d.]+) (\S+)', m.group(2)):
             vs.setdefault((m.group(1), unit), []).append(float(v))
 med = statistics.median
-ops = ["lookup", "getattr", "read4k", "read1m", "write4k", "write1m"]
+ops = ["lookup", "getattr", "read4k", "read1m", "read1m-pages", "write4k", "write1m", "write1m-pages"]
 
 def table(title, first, data, keys, fmt, lower_better=False):
     """Prints virtkit against c-virtiofsd for each key with both, and the ratio (> 1: virtkit better)."""

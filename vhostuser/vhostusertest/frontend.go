@@ -406,12 +406,13 @@ func (q *VQ) Add(bufs []Buf) (uint16, bool) {
 	return head, true
 }
 
-// AddIndirect publishes one indirect descriptor pointing at a table built from bufs.
-func (q *VQ) AddIndirect(bufs []Buf) (uint16, bool) {
+// AddIndirect publishes one indirect descriptor pointing at a table built from bufs at the
+// guest address table, which the caller must not reuse before the chain completes. It reports
+// false when the ring has no free descriptor.
+func (q *VQ) AddIndirect(table uint64, bufs []Buf) (uint16, bool) {
 	if len(q.free) == 0 {
 		return 0, false
 	}
-	table := q.f.Alloc(16*uint64(len(bufs)), 16)
 	m := q.mem()
 	for i, b := range bufs {
 		d := m[table+16*uint64(i):]

@@ -6,6 +6,7 @@ import (
 	"crypto/rand"
 	"encoding/binary"
 	"errors"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -81,11 +82,19 @@ func isErrno(err error, e syscall.Errno) bool {
 	return errors.As(err, &fe) && syscall.Errno(fe) == e
 }
 
-// TestFUSEOps drives the usual file operations through the virtqueue.
+// TestFUSEOps drives the usual file operations through the virtqueue, with requests laid out
+// as two descriptors and as a Linux guest lays them out (file data in scattered pages).
 func TestFUSEOps(t *testing.T) {
+	for _, pages := range []bool{false, true} {
+		t.Run(fmt.Sprintf("pages=%v", pages), func(t *testing.T) { testFUSEOps(t, pages) })
+	}
+}
+
+func testFUSEOps(t *testing.T, pages bool) {
 	share := t.TempDir()
 	os.WriteFile(filepath.Join(share, "hello.txt"), []byte("hello"), 0o644)
 	c := inProcess(t, share, nil)
+	c.Pages = pages
 	e, err := c.Lookup(root, "hello.txt")
 	if err != nil {
 		t.Fatal(err)
@@ -120,6 +129,14 @@ func TestFUSEOps(t *testing.T) {
 	if err != nil || !bytes.Equal(got, data) {
 		t.Fatalf("read back %d bytes %v", len(got), err)
 	}
+	// Part pages: 4097 bytes from offset 1 (with Pages, a full page and one byte of another).
+	if got, err = c.ReadInto(got, f.NodeID, fh, 1, 4097); err != nil || !bytes.Equal(got, data[1:4098]) {
+		t.Fatalf("read of 4097 bytes at 1: %d bytes %v", len(got), err)
+	}
+	if n, err := c.Write(f.NodeID, fh, 3, data[:5000]); err != nil || n != 5000 {
+		t.Fatalf("write of 5000 bytes at 3: %d %v", n, err)
+	}
+	copy(data[3:], data[:5000])
 	c.Release(f.NodeID, fh)
 	onHost, _ := os.ReadFile(filepath.Join(share, "dir", "big"))
 	if !bytes.Equal(onHost, data) {
