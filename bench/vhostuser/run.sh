@@ -27,7 +27,7 @@ for i in $(seq "$VK_BENCH_GUEST_ROUNDS"); do
 done
 go test -run '^$' -bench 'BenchmarkVsockGuest' -benchtime 20x -count 3 -timeout 60m ./bench/vhostuser/ | tee -a "$out"
 python3 - "$out" <<'PY'
-import re, sys, statistics
+import re, sys, statistics, random
 fuse, fcpu, guest, vs = {}, {}, {}, {}
 for line in open(sys.argv[1]):
     m = re.match(r'BenchmarkFUSE/daemon=(\S+)/op=(\S+?)-\d+\s.*?([\d.]+) ops/s', line)
@@ -64,13 +64,23 @@ table("Daemon CPU per request through the harness (median µs; lower is better; 
       "op", fcpu, ops, ".1f", lower_better=True)
 table("File work in a TCG guest (median)", "metric", guest, sorted({k[0] for k in guest}), ".1f")
 # Rounds alternate the daemons, so round i of one faced the same minute of the host as round i of
-# the other: the spread of those paired ratios shows how much a median hides.
-print("\nFile work in a TCG guest, paired rounds (virtkit / c-virtiofsd: min, median, max)")
-for k in sorted({k[0] for k in guest}):
-    a, b = guest.get((k, "virtkit"), []), guest.get((k, "c-virtiofsd"), [])
-    rs = sorted(x / y for x, y in zip(a, b) if y)
-    if rs:
-        print("%-18s %7.2fx %7.2fx %7.2fx" % (k, rs[0], med(rs), rs[-1]))
+# the other: the spread of those paired ratios shows how much a median hides, and resampling the
+# pairs (bootstrap, fixed seed) gives a 95% interval for their median.
+rng = random.Random(1)
+
+def paired(title, data, keys, invert=False):
+    print("\n" + title)
+    print("%-18s %8s %8s %8s   %s" % ("", "min", "median", "max", "95% interval of the median"))
+    for k in keys:
+        a, b = data.get((k, "virtkit"), []), data.get((k, "c-virtiofsd"), [])
+        rs = sorted((y / x if invert else x / y) for x, y in zip(a, b) if x and y)
+        if not rs:
+            continue
+        boot = sorted(med(rng.choices(rs, k=len(rs))) for _ in range(2000))
+        print("%-18s %7.2fx %7.2fx %7.2fx   %.2fx-%.2fx" % (k, rs[0], med(rs), rs[-1], boot[50], boot[1949]))
+
+paired("FUSE through the harness, paired rounds (ops/s, virtkit / c-virtiofsd)", fuse, ops)
+paired("File work in a TCG guest, paired rounds (virtkit / c-virtiofsd)", guest, sorted({k[0] for k in guest}))
 print("\nhybrid vsock with a TCG guest (median; no peer backend exists on this host: no /dev/vhost-vsock, no Cloud Hypervisor)")
 for (name, unit), v in sorted(vs.items()):
     if unit in ("MB/s", "us/connect"):
