@@ -3,7 +3,8 @@
 # the hybrid-vsock backend's numbers:
 #   - FUSE ops/s through the Go vhost-user frontend harness (no VM): lookup, getattr, 4 KiB and
 #     1 MiB reads and writes, one request at a time; 1 MiB ones also as a guest lays them out
-#     (-pages: 256 page-sized descriptors apart in guest memory);
+#     (-pages: 256 page-sized descriptors apart in guest memory), and those at a TCG guest's pace
+#     (5 ms apart: latency and daemon CPU per request, the daemon sleeping between requests);
 #   - file work inside a TCG guest (1000 creates, 1000 stats after the 1 s cache expired, 32 MiB
 #     write and cold read, unlink);
 #   - vsock connection set-up and echo MB/s with a TCG guest.
@@ -13,14 +14,15 @@
 #   sudo ./bench/vhostuser/run.sh          # VK_BENCH_ROUNDS=5, VK_BENCH_OPS=3000 by default
 set -eu
 cd "$(dirname "$0")/../.."
-: "${VK_BENCH_ROUNDS:=5}" "${VK_BENCH_OPS:=3000}" "${VK_BENCH_GUEST_ROUNDS:=5}"
+: "${VK_BENCH_ROUNDS:=5}" "${VK_BENCH_OPS:=3000}" "${VK_BENCH_PACED_OPS:=500}" "${VK_BENCH_GUEST_ROUNDS:=5}"
 out=$(mktemp)
 trap 'rm -f "$out"' EXIT
 : >"$out"
 # One round = each daemon once, back to back; -count would run all of one daemon's rounds first
 # and let a slow minute on the host fall on one side only.
 for i in $(seq "$VK_BENCH_ROUNDS"); do
-	go test -run '^$' -bench 'BenchmarkFUSE' -benchtime "${VK_BENCH_OPS}x" -timeout 60m ./bench/vhostuser/ | tee -a "$out"
+	go test -run '^$' -bench 'BenchmarkFUSE$' -benchtime "${VK_BENCH_OPS}x" -timeout 60m ./bench/vhostuser/ | tee -a "$out"
+	go test -run '^$' -bench 'BenchmarkFUSEPaced' -benchtime "${VK_BENCH_PACED_OPS}x" -timeout 60m ./bench/vhostuser/ | tee -a "$out"
 done
 for i in $(seq "$VK_BENCH_GUEST_ROUNDS"); do
 	go test -run '^$' -bench 'BenchmarkGuestFS' -benchtime 1x -timeout 60m ./bench/vhostuser/ | tee -a "$out"
@@ -28,8 +30,13 @@ done
 go test -run '^$' -bench 'BenchmarkVsockGuest' -benchtime 20x -count 3 -timeout 60m ./bench/vhostuser/ | tee -a "$out"
 python3 - "$out" <<'PY'
 import re, sys, statistics, random
-fuse, fcpu, guest, vs = {}, {}, {}, {}
+fuse, fcpu, guest, vs, plat, pcpu = {}, {}, {}, {}, {}, {}
 for line in open(sys.argv[1]):
+    m = re.match(r'BenchmarkFUSEPaced/daemon=(\S+)/op=(\S+?)-\d+\s.*?([\d.]+) daemon-us/op\s+([\d.]+) p50-us', line)
+    if m:
+        pcpu.setdefault((m.group(2), m.group(1)), []).append(float(m.group(3)))
+        plat.setdefault((m.group(2), m.group(1)), []).append(float(m.group(4)))
+        continue
     m = re.match(r'BenchmarkFUSE/daemon=(\S+)/op=(\S+?)-\d+\s.*?([\d.]+) ops/s', line)
     if m:
         fuse.setdefault((m.group(2), m.group(1)), []).append(float(m.group(3)))
@@ -62,6 +69,11 @@ def table(title, first, data, keys, fmt, lower_better=False):
 table("FUSE through the harness (median ops/s over rounds)", "op", fuse, ops, ".0f")
 table("Daemon CPU per request through the harness (median µs; lower is better; steadier than ops/s here)",
       "op", fcpu, ops, ".1f", lower_better=True)
+paced = ["write1m-pages", "read1m-pages"]
+table("1 MiB requests 5 ms apart, as from a TCG guest: median latency (µs; lower is better)",
+      "op", plat, paced, ".1f", lower_better=True)
+table("1 MiB requests 5 ms apart: daemon CPU per request, the waits included (median µs; lower is better)",
+      "op", pcpu, paced, ".1f", lower_better=True)
 table("File work in a TCG guest (median)", "metric", guest, sorted({k[0] for k in guest}), ".1f")
 # Rounds alternate the daemons, so round i of one faced the same minute of the host as round i of
 # the other: the spread of those paired ratios shows how much a median hides, and resampling the
