@@ -393,11 +393,7 @@ func (c *FUSE) Open(node uint64, flags uint32) (uint64, error) {
 
 // Read reads up to n bytes at off.
 func (c *FUSE) Read(node, fh, off uint64, n uint32) ([]byte, error) {
-	in := make([]byte, 40)
-	binary.LittleEndian.PutUint64(in, fh)
-	binary.LittleEndian.PutUint64(in[8:], off)
-	binary.LittleEndian.PutUint32(in[16:], n)
-	return c.Do(OpRead, node, in, int(n))
+	return c.ReadInto(nil, node, fh, off, n)
 }
 
 // ReadInto is Read with the data appended to dst[:0].
